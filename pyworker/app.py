@@ -1,0 +1,198 @@
+"""The worker: its aiohttp application and the request path of every route.
+
+The request path runs in this order, cheapest and most hostile input first: body size (413),
+body shape (422), signature (401), readiness (503), admission (429), then the model server.
+Only a request that passed the signature check is accounted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from pyworker.accounting import Ledger, Outcome
+from pyworker.admission import Refusal, RouteGate
+from pyworker.auth import SignatureVerifier, fetch_public_key
+from pyworker.config import RouteConfig, WorkerConfig
+from pyworker.envelope import EnvelopeError, parse_envelope
+from pyworker.environment import Environment
+from pyworker.readiness import become_ready
+from pyworker.responses import error_response, json_response
+from pyworker.state import WorkerStatus
+from pyworker.upstream import ClientGone, ModelClient, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NOT_READY_RETRY_AFTER = 5.0
+CLIENT_CLOSED = 499  # nginx's word for "client closed request"; seen only in our accounting
+
+
+class Worker:
+    """Everything one worker process holds: config, state, accounting and clients."""
+
+    def __init__(self, config: WorkerConfig, environment: Environment) -> None:
+        self.config = config
+        self.environment = environment
+        self.status = WorkerStatus()
+        self.ledger = Ledger()
+        self.verifier = SignatureVerifier()
+        self.key_loaded = asyncio.Event()
+        self.model = ModelClient(config.model_server.base_url, config.model_server.connect_timeout)
+        self.gates = {
+            route.path: RouteGate(route.concurrency_limit, route.max_queue, route.max_queue_time)
+            for route in config.routes
+        }
+        self.url = environment.public_url()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def create_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_size)
+        for route in self.config.routes:
+            app.router.add_post(route.path, self.route_handler(route))
+        app.router.add_get("/health", self.health)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    def spawn(self, coroutine: Awaitable[None], name: str) -> None:
+        """Run a background task for the worker's lifetime; a crash is logged, never silent."""
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _start(self, app: web.Application) -> None:
+        if self.environment.unsecured:
+            logger.warning("UNSECURED: auth_data signatures are not checked")
+        else:
+            self.spawn(self._load_key(), "public-key")
+        key_loaded = None if self.environment.unsecured else self.key_loaded
+        model_server = self.config.model_server
+        self.spawn(
+            become_ready(
+                self.status, self.model, key_loaded, model_server.health_path, self.config.perf
+            ),
+            "readiness",
+        )
+
+    async def _load_key(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            await fetch_public_key(session, self.environment.report_addr[0], self.verifier)
+        self.status.public_key_loaded = True
+        self.key_loaded.set()
+
+    async def _stop(self, app: web.Application) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.model.close()
+
+    # --- routes of the worker itself ----------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return json_response(200, {"ok": True, "state": self.status.state})
+
+    # --- the request path ---------------------------------------------------------------
+    def route_handler(self, route: RouteConfig) -> Handler:
+        gate = self.gates[route.path]
+        max_body = self.config.max_body_size
+        ledger, status, verifier = self.ledger, self.status, self.verifier
+        check_signatures = not self.environment.unsecured
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if request.content_length is not None and request.content_length > max_body:
+                return error_response(413, f"request body over {max_body} bytes")
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return error_response(413, f"request body over {max_body} bytes")
+            try:
+                envelope = parse_envelope(body)
+            except EnvelopeError as error:
+                return json_response(422, error.body())
+            auth = envelope.auth
+            if check_signatures:
+                if not verifier.has_key:
+                    return error_response(
+                        503, "public key not loaded yet", retry_after=NOT_READY_RETRY_AFTER
+                    )
+                if not verifier.verify(auth):
+                    return error_response(401, "invalid signature")
+            if envelope.session_id is not None:
+                return error_response(410, "invalid session")
+            if not status.ready:
+                return error_response(
+                    503,
+                    f"worker is not ready: {status.state}",
+                    retry_after=NOT_READY_RETRY_AFTER,
+                    state=str(status.state),
+                )
+            payload = envelope.payload
+            if route.request_hook is not None:
+                try:
+                    payload = await _call(route.request_hook, payload)
+                except ValueError as error:
+                    return error_response(422, f"invalid payload: {error}")
+            workload = route.compute_workload(payload, auth.cost)
+            refusal = gate.refuse(workload, status.max_perf)
+            if refusal is not None:
+                ledger.reject(auth.request_idx, route.path, workload, 429)
+                return _refused(refusal, gate, status.max_perf)
+
+            record = ledger.receive(auth.request_idx, route.path, workload)
+            outcome, code = Outcome.ERROR, 500
+            try:
+                async with gate.slot(workload):
+                    ledger.start(record)
+                    relayed = await self.model.relay(
+                        request,
+                        route.model_path,
+                        orjson.dumps(payload),
+                        route.read_timeout,
+                        route.response_hook,
+                    )
+                code = relayed.status
+                outcome = Outcome.SUCCESS if code < 400 else Outcome.ERROR
+                return relayed.response
+            except UpstreamError as error:
+                code = error.status
+                return error_response(error.status, error.message)
+            except ClientGone:
+                outcome, code = Outcome.CANCELLED, CLIENT_CLOSED
+                return web.Response(status=CLIENT_CLOSED)
+            except asyncio.CancelledError:
+                outcome, code = Outcome.CANCELLED, CLIENT_CLOSED
+                raise
+            except Exception:
+                logger.exception("request on %s failed inside the worker", route.path)
+                return error_response(500, "internal error in the worker")
+            finally:
+                ledger.finish(record, outcome, code)
+
+        return handle
+
+
+async def _call(hook: Callable[[Any], Any], value: Any) -> Any:
+    result = hook(value)
+    return await result if inspect.isawaitable(result) else result
+
+
+def _refused(refusal: Refusal, gate: RouteGate, perf: float) -> web.Response:
+    wait = gate.workload / perf if perf > 0 else None
+    return error_response(429, refusal.value, retry_after=wait or 1.0, estimated_wait=wait)

@@ -1,0 +1,113 @@
+"""Verifying the `auth_data` that the autoscaler's `/route/` signed.
+
+The reference scheme signs only `{"url": ...}`: every request to one worker carries one of a
+few signatures, so a bounded cache of verified (url, signature) pairs makes the common case
+cost a dictionary lookup instead of an RSA operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections import OrderedDict
+
+import aiohttp
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+
+class AuthData(BaseModel):
+    """The autoscaler's answer to `/route/`, passed through by the client. Extra keys ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    cost: float = Field(ge=0, allow_inf_nan=False)
+    endpoint: str
+    reqnum: int
+    request_idx: int
+    signature: str
+    url: str
+
+
+def reference_message(url: str) -> bytes:
+    """The exact bytes the reference autoscaler signs: `{"url": url}`, 4-space indent, sorted."""
+    return json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+
+
+class SignatureVerifier:
+    """RSA PKCS#1 v1.5 / SHA-256 checks of the reference message; successes kept in an LRU."""
+
+    def __init__(self, cache_size: int = 4096) -> None:
+        self._key: rsa.RSAPublicKey | None = None
+        self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None
+
+    def load_pem(self, pem: bytes) -> None:
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except UnsupportedAlgorithm as error:
+            raise ValueError(f"unsupported public key: {error}") from None
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError("the autoscaler's public key is not an RSA key")
+        self._key = key
+        self._cache.clear()
+
+    def verify(self, auth: AuthData) -> bool:
+        if self._key is None:
+            return False
+        pair = (auth.url, auth.signature)
+        if pair in self._cache:
+            self._cache.move_to_end(pair)
+            return True
+        try:
+            signature = base64.b64decode(auth.signature, validate=True)
+            self._key.verify(
+                signature, reference_message(auth.url), padding.PKCS1v15(), hashes.SHA256()
+            )
+        except (InvalidSignature, binascii.Error, ValueError):
+            return False
+        self._cache[pair] = None
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return True
+
+
+async def fetch_public_key(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    verifier: SignatureVerifier,
+    *,
+    attempt_timeout: float = 5.0,
+    first_delay: float = 0.5,
+    max_delay: float = 30.0,
+) -> None:
+    """Fetch `{base_url}/pubkey/` until it loads, backing off exponentially between tries."""
+    url = f"{base_url}/pubkey/"
+    delay = first_delay
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            timeout = aiohttp.ClientTimeout(total=attempt_timeout)
+            async with session.get(url, timeout=timeout) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise ValueError(f"HTTP {response.status}")
+            verifier.load_pem(body)
+            logger.info("public key loaded from %s", url)
+            return
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            logger.warning("public key from %s: attempt %d failed: %s", url, attempt, error)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)

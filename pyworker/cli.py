@@ -1,0 +1,64 @@
+"""The `pyworker` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pyworker import __version__
+from pyworker.environment import Environment, InvalidEnvironment
+from pyworker.loader import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyworker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pyworker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="serve a worker in front of its model server")
+    run.add_argument("target", help="a workers/ folder name, a .toml or .py config, or a module")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set routes.0.max_queue_time=30",
+    )
+    run.add_argument("--port", type=int, help="listen port (default: WORKER_PORT or 3000)")
+    run.add_argument("--host", help="listen address (default: 0.0.0.0, or 127.0.0.1 locally)")
+    run.add_argument("--log-level", default=os.environ.get("PYWORKER_LOG_LEVEL", "INFO"))
+    run.set_defaults(handler=command_run)
+    return parser
+
+
+def command_run(arguments: argparse.Namespace) -> int:
+    from pyworker.server import run
+
+    environ = dict(os.environ)
+    if arguments.port is not None:
+        environ["WORKER_PORT"] = str(arguments.port)
+    if arguments.host:
+        environ["WORKER_HOST"] = arguments.host
+    try:
+        environment = Environment.from_env(environ)
+        config = load_config(arguments.target, arguments.overrides, environ)
+    except (ConfigError, InvalidEnvironment) as error:
+        print(f"pyworker: {error}", file=sys.stderr)
+        return 2
+    return run(config, environment)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(arguments, "log_level", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler = arguments.handler
+    result: int = handler(arguments)
+    return result

@@ -1,0 +1,83 @@
+"""Parsing the client's request body: `{"auth_data": {...}, "payload": {...}, "session_id": ...}`.
+
+Every problem is collected and named by field, in the reference's shape
+(`{"auth_data": {"reqnum": "missing parameter"}}`), so a client fixes all of them at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from pyworker.auth import AuthData
+
+FieldErrors = dict[str, Any]
+
+
+class EnvelopeError(ValueError):
+    """The body cannot be served; `fields` says why, field by field."""
+
+    def __init__(self, message: str, fields: FieldErrors | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, **self.fields}
+
+
+@dataclass(slots=True, frozen=True)
+class Envelope:
+    auth: AuthData
+    payload: dict[str, Any]
+    session_id: str | None
+
+
+def parse_envelope(body: bytes) -> Envelope:
+    if not body.strip():
+        raise EnvelopeError("request body is empty: expected a JSON object")
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise EnvelopeError(f"request body is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise EnvelopeError("request body must be a JSON object")
+
+    fields: FieldErrors = {}
+    auth = _auth_data(document.get("auth_data"), fields)
+    payload = document.get("payload")
+    if payload is None:
+        fields["payload"] = "missing parameter"
+    elif not isinstance(payload, dict):
+        fields["payload"] = "must be a JSON object"
+    session_id = document.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        fields["session_id"] = "must be a string or null"
+    if fields or auth is None or not isinstance(payload, dict):
+        raise EnvelopeError("invalid request", fields)
+    return Envelope(auth=auth, payload=payload, session_id=session_id)
+
+
+def _auth_data(raw: object, fields: FieldErrors) -> AuthData | None:
+    if raw is None:
+        fields["auth_data"] = "missing parameter"
+        return None
+    if not isinstance(raw, dict):
+        fields["auth_data"] = "must be a JSON object"
+        return None
+    try:
+        return AuthData.model_validate(raw)
+    except ValidationError as error:
+        fields["auth_data"] = describe_errors(error)
+        return None
+
+
+def describe_errors(error: ValidationError) -> dict[str, str]:
+    described: dict[str, str] = {}
+    for item in error.errors(include_url=False):
+        name = ".".join(str(part) for part in item["loc"])
+        described[name] = "missing parameter" if item["type"] == "missing" else item["msg"]
+    return described

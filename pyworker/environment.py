@@ -1,0 +1,119 @@
+"""The process environment of PROTOCOL.md, read once at start-up into a typed model.
+
+A worker on Vast.ai is told everything through environment variables. Off the platform (no
+`CONTAINER_ID` and no `REPORT_ADDR`) the worker runs in *local mode*: it reports nowhere,
+cannot fetch an autoscaler key and so skips signatures, and listens on loopback only, so that
+an unsigned worker is never exposed by accident.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+DEFAULT_REPORT_ADDR = "https://run.vast.ai"
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+class InvalidEnvironment(ValueError):
+    """An environment variable has a value the worker cannot use."""
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool | None:
+    raw = environ.get(name)
+    if raw is None:
+        return None
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise InvalidEnvironment(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+def _integer(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidEnvironment(f"{name}={raw!r} is not an integer") from None
+
+
+def _port(environ: Mapping[str, str], name: str) -> int | None:
+    value = _integer(environ, name)
+    if value is not None and not 0 <= value <= 65535:
+        raise InvalidEnvironment(f"{name}={value} is not a TCP port (0-65535)")
+    return value
+
+
+class Environment(BaseModel):
+    """What the platform told this worker. Build it with `Environment.from_env()`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    worker_port: int = Field(default=3000, ge=0, le=65535)
+    worker_http_port: int = Field(default=3001, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    public_ipaddr: str | None = None
+    public_port: int | None = None
+    use_ssl: bool = False
+    report_addr: tuple[str, ...] = ()
+    container_id: int = 0
+    master_token: SecretStr | None = None
+    unsecured: bool = True
+    local: bool = True
+    model_health_endpoint: str | None = None
+    model_log: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Environment:
+        env = os.environ if environ is None else environ
+        container_id = _integer(env, "CONTAINER_ID")
+        raw_addr = env.get("REPORT_ADDR", "").strip()
+        local = container_id is None and not raw_addr
+        if local:
+            report_addr: tuple[str, ...] = ()
+        else:
+            addresses = raw_addr or DEFAULT_REPORT_ADDR
+            report_addr = tuple(a.strip().rstrip("/") for a in addresses.split(",") if a.strip())
+        for address in report_addr:
+            if not address.startswith(("http://", "https://")):
+                raise InvalidEnvironment(f"REPORT_ADDR entry {address!r} is not an http(s) URL")
+        unsecured = _flag(env, "UNSECURED")
+        if unsecured is None:
+            unsecured = local
+        if not unsecured and not report_addr:
+            raise InvalidEnvironment(
+                "UNSECURED=false needs REPORT_ADDR: the public key comes from its /pubkey/"
+            )
+        worker_port = _port(env, "WORKER_PORT")
+        port = 3000 if worker_port is None else worker_port
+        http_port = _port(env, "WORKER_HTTP_PORT")
+        token = env.get("MASTER_TOKEN") or None
+        return cls(
+            worker_port=port,
+            worker_http_port=port + 1 if http_port is None else http_port,
+            host=env.get("WORKER_HOST") or ("127.0.0.1" if local else "0.0.0.0"),
+            public_ipaddr=env.get("PUBLIC_IPADDR") or None,
+            public_port=_port(env, f"VAST_TCP_PORT_{port}"),
+            use_ssl=bool(_flag(env, "USE_SSL")),
+            report_addr=report_addr,
+            container_id=container_id or 0,
+            master_token=SecretStr(token) if token else None,
+            unsecured=unsecured,
+            local=local,
+            model_health_endpoint=env.get("MODEL_HEALTH_ENDPOINT") or None,
+            model_log=env.get("MODEL_LOG") or None,
+        )
+
+    def public_url(self, bound_port: int | None = None) -> str:
+        """The worker's address as the autoscaler hands it to clients."""
+        scheme = "https" if self.use_ssl else "http"
+        host = self.public_ipaddr or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
+        port = self.public_port or bound_port or self.worker_port
+        return f"{scheme}://{host}:{port}"

@@ -1,0 +1,164 @@
+"""Forwarding a payload to the model server and relaying its answer to the client.
+
+One pooled keep-alive session serves every request, with no cap on connections (a cap would
+throttle a thousand concurrent generations). Bodies are relayed as the model server sent
+them (no decompression), streams chunk by chunk as they arrive.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from pyworker.config import ResponseHook
+
+logger = logging.getLogger(__name__)
+
+# Headers that describe one hop, or that aiohttp recomputes for the body it sends.
+DROPPED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "date",
+        "server",
+    }
+)
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+BUFFERED_LIMIT = 8 * 1024 * 1024
+REQUEST_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+
+
+class UpstreamError(Exception):
+    """The model server could not give an answer; `status` is what the client gets."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its answer was being written."""
+
+
+@dataclass(slots=True)
+class Relayed:
+    response: web.StreamResponse
+    status: int
+    """The model server's status, or 502 if its stream broke after the headers were sent."""
+    body: bytes | None = None
+    """The answer when it was buffered (not streamed), for produced-work accounting."""
+
+
+class ModelClient:
+    """The pooled HTTP client to the model server."""
+
+    def __init__(self, base_url: str, connect_timeout: float) -> None:
+        self.base_url = base_url
+        self.connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def relay(
+        self,
+        request: web.Request,
+        path: str,
+        body: bytes,
+        read_timeout: float | None,
+        response_hook: ResponseHook | None = None,
+    ) -> Relayed:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.connect_timeout, sock_read=read_timeout
+        )
+        try:
+            async with self.session.post(
+                self.base_url + path, data=body, headers=REQUEST_HEADERS, timeout=timeout
+            ) as upstream:
+                if _is_stream(upstream):
+                    return await _relay_stream(request, upstream)
+                answer = await upstream.read()
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamError(502, "model server unreachable: connect timed out") from None
+        except aiohttp.ClientConnectorError as error:
+            raise UpstreamError(502, f"model server unreachable: {error.os_error}") from None
+        except TimeoutError:
+            raise UpstreamError(504, "model server timed out") from None
+        except aiohttp.ClientError as error:
+            raise UpstreamError(502, f"model server failed: {error.__class__.__name__}") from None
+        if response_hook is not None:
+            changed = response_hook(upstream.status, answer)
+            answer = await changed if inspect.isawaitable(changed) else changed
+        response = web.Response(
+            status=upstream.status, body=answer, headers=_relayed_headers(upstream.headers)
+        )
+        return Relayed(response, upstream.status, answer)
+
+
+def _is_stream(upstream: aiohttp.ClientResponse) -> bool:
+    length = upstream.content_length
+    if length is None or length > BUFFERED_LIMIT:
+        return True
+    return upstream.content_type in STREAM_TYPES
+
+
+def _relayed_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    return CIMultiDict(
+        (name, value) for name, value in headers.items() if name.lower() not in DROPPED_HEADERS
+    )
+
+
+async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse) -> Relayed:
+    response = web.StreamResponse(
+        status=upstream.status, headers=_relayed_headers(upstream.headers)
+    )
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise ClientGone from None
+    status = upstream.status
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise ClientGone from None
+    except (aiohttp.ClientError, TimeoutError) as error:
+        # Headers are gone already: the only honest signal left is to cut the connection.
+        logger.warning("model server stream broke after headers: %s", error.__class__.__name__)
+        if request.transport is not None:
+            request.transport.close()
+        return Relayed(response, 502)
+    try:
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise ClientGone from None
+    return Relayed(response, status)

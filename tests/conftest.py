@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from pyworker.app import Worker
+from pyworker.auth import reference_message
+from pyworker.config import WorkerConfig
+from pyworker.environment import Environment
+from pyworker.server import RUNNER_OPTIONS
+from tests.support.model_server import Recorder, create_app
+
+
+class KeyPair:
+    def __init__(self) -> None:
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.pem = self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, url: str) -> str:
+        signature = self.private.sign(reference_message(url), padding.PKCS1v15(), hashes.SHA256())
+        return base64.b64encode(signature).decode()
+
+    def auth_data(self, url: str = "http://127.0.0.1:1", **fields: Any) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "cost": 10,
+            "endpoint": "test",
+            "reqnum": 1,
+            "request_idx": 1,
+            "url": url,
+            "signature": self.sign(url),
+        }
+        data.update(fields)
+        return data
+
+
+_KEYPAIR: KeyPair | None = None
+
+
+@pytest.fixture
+def keypair() -> KeyPair:
+    global _KEYPAIR
+    if _KEYPAIR is None:
+        _KEYPAIR = KeyPair()  # 2048-bit generation is slow: one per session is enough
+    return _KEYPAIR
+
+
+class ModelServer:
+    def __init__(self, server: TestServer, recorder: Recorder) -> None:
+        self.server = server
+        self.recorder = recorder
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def model_server() -> AsyncIterator[ModelServer]:
+    recorder = Recorder()
+    server = TestServer(create_app(recorder), host="127.0.0.1")
+    await server.start_server()
+    yield ModelServer(server, recorder)
+    recorder.release.set()
+    await server.close()
+
+
+@pytest.fixture
+async def pubkey_server(keypair: KeyPair) -> AsyncIterator[str]:
+    async def pubkey(request: web.Request) -> web.Response:
+        return web.Response(body=keypair.pem, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/pubkey/", pubkey)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+class RunningWorker:
+    def __init__(self, worker: Worker, server: TestServer, session: aiohttp.ClientSession) -> None:
+        self.worker = worker
+        self.server = server
+        self.session = session
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> Any:
+        if isinstance(body, dict | list):
+            kwargs["json"] = body
+        elif body is not None:
+            kwargs["data"] = body
+        return self.session.post(self.url + path, **kwargs)
+
+
+WorkerFactory = Callable[..., Awaitable[RunningWorker]]
+
+
+@pytest.fixture
+async def start_worker(
+    model_server: ModelServer, pubkey_server: str
+) -> AsyncIterator[WorkerFactory]:
+    started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+
+    async def start(
+        routes: list[dict[str, Any]] | None = None,
+        secured: bool = True,
+        wait_ready: bool = True,
+        **config: Any,
+    ) -> RunningWorker:
+        raw: dict[str, Any] = {
+            "model_server": {"base_url": model_server.url},
+            "routes": routes
+            or [
+                {"path": "/echo"},
+                {"path": "/slow", "workload": "cost"},
+                {"path": "/stream"},
+                {"path": "/compressed"},
+            ],
+        }
+        raw.update(config)
+        environ = {"REPORT_ADDR": pubkey_server, "UNSECURED": "false" if secured else "true"}
+        worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
+        server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
+        await server.start_server()
+        connector = aiohttp.TCPConnector(limit=0)
+        session = aiohttp.ClientSession(connector=connector)
+        started.append((server, session))
+        if wait_ready:
+            await wait_until(lambda: worker.status.ready)
+        return RunningWorker(worker, server, session)
+
+    yield start
+    for server, session in started:
+        await session.close()
+        await server.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds, failing the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.01)
