@@ -1,0 +1,84 @@
+"""`pyworker run` as a real process in front of a model server, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import KeyPair, ModelServer
+
+
+def _environ(**extra: str) -> dict[str, str]:
+    environ = {
+        k: v for k, v in os.environ.items() if k not in ("CONTAINER_ID", "REPORT_ADDR", "UNSECURED")
+    }
+    environ.update(extra)
+    return environ
+
+
+async def _start(config: Path, **env: str) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pyworker", "run", str(config), "--port", "0",
+        stdout=asyncio.subprocess.PIPE,
+        env=_environ(**env),
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    match = re.search(rb"listening on (http://\S+)", line)
+    assert match, line
+    return process, match.group(1).decode()
+
+
+async def test_run_serves_a_toml_worker_and_stops_on_sigterm(
+    tmp_path: Path, model_server: ModelServer, keypair: KeyPair
+) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'[model_server]\nbase_url = "{model_server.url}"\nhealth_path = "/health"\n'
+        '[[routes]]\npath = "/echo"\n'
+    )
+    process, url = await _start(config)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(500):
+                async with session.get(url + "/health") as response:
+                    if (await response.json())["state"] == "ready":
+                        break
+                await asyncio.sleep(0.02)
+            body = {"auth_data": keypair.auth_data(), "payload": {"prompt": "hi"}}
+            async with session.post(url + "/echo", json=body) as response:
+                assert response.status == 200
+                assert await response.json() == {"received": {"prompt": "hi"}}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+    assert model_server.recorder.payloads == [{"prompt": "hi"}]
+
+
+async def test_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[[routes]]\npath = "/echo"\nmax_queue_time = "soon"\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pyworker", "run", str(config),
+        stderr=asyncio.subprocess.PIPE, env=_environ(),
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert b"routes.0.max_queue_time" in stderr
+
+
+async def test_bad_environment_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[[routes]]\npath = "/echo"\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pyworker", "run", str(config),
+        stderr=asyncio.subprocess.PIPE, env=_environ(WORKER_PORT="http"),
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2 and b"WORKER_PORT" in stderr
