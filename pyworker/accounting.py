@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -64,7 +65,12 @@ class Interval:
 class Ledger:
     """Requests in progress, interval counters, and finished requests awaiting their report."""
 
-    def __init__(self, max_finished: int = 10_000) -> None:
+    def __init__(
+        self,
+        max_finished: int = 10_000,
+        observer: Callable[[RequestRecord], None] | None = None,
+    ) -> None:
+        self.observer = observer
         self._in_progress: dict[int, RequestRecord] = {}
         self._finished: deque[RequestRecord] = deque(maxlen=max_finished)
         self._serials = itertools.count(1)
@@ -116,6 +122,8 @@ class Ledger:
         if len(self._finished) == self._finished.maxlen:
             self.dropped_finished += 1
         self._finished.append(record)
+        if self.observer is not None:
+            self.observer(record)
 
     # --- what the reporter reads ------------------------------------------------------
     @property

@@ -19,13 +19,22 @@ import orjson
 from aiohttp import web
 
 from pyworker.accounting import Ledger, Outcome
+from pyworker.admin import UPDATE_PATH, update_handler
 from pyworker.admission import Refusal, RouteGate
 from pyworker.auth import SignatureVerifier, fetch_public_key
 from pyworker.config import RouteConfig, WorkerConfig
+from pyworker.drain import DrainHook
 from pyworker.envelope import EnvelopeError, parse_envelope
 from pyworker.environment import Environment
-from pyworker.readiness import become_ready
+from pyworker.gpu import GpuMonitor
+from pyworker.inflight import InFlight
+from pyworker.metrics import RequestMetrics
+from pyworker.observability import register_observability_routes
+from pyworker.readiness import Readiness
+from pyworker.reporter import Reporter
 from pyworker.responses import error_response, json_response
+from pyworker.session_routes import SessionRoutes
+from pyworker.sessions import SessionStore
 from pyworker.state import WorkerStatus
 from pyworker.upstream import ClientGone, ModelClient, UpstreamError
 
@@ -39,11 +48,14 @@ CLIENT_CLOSED = 499  # nginx's word for "client closed request"; seen only in ou
 class Worker:
     """Everything one worker process holds: config, state, accounting and clients."""
 
-    def __init__(self, config: WorkerConfig, environment: Environment) -> None:
+    def __init__(
+        self, config: WorkerConfig, environment: Environment, gpu: GpuMonitor | None = None
+    ) -> None:
         self.config = config
         self.environment = environment
         self.status = WorkerStatus()
-        self.ledger = Ledger()
+        self.metrics = RequestMetrics(route.path for route in config.routes)
+        self.ledger = Ledger(observer=self.metrics.observe)
         self.verifier = SignatureVerifier()
         self.key_loaded = asyncio.Event()
         self.model = ModelClient(config.model_server.base_url, config.model_server.connect_timeout)
@@ -52,6 +64,20 @@ class Worker:
             for route in config.routes
         }
         self.url = environment.public_url()
+        self.sessions = SessionStore(config.sessions, self.ledger, self.model)
+        self.in_flight = InFlight()
+        self.drain_hooks: list[DrainHook] = []
+        """Awaited once, after the requests in flight, when the worker drains (pyworker.drain)."""
+        self.gpu = gpu or GpuMonitor()
+        self.readiness = Readiness(
+            config,
+            self.status,
+            self.model,
+            self.gpu,
+            None if environment.unsecured else self.key_loaded,
+        )
+        self.reporter = Reporter(environment, self.status, self.ledger, lambda: self.url)
+        self.drain_hooks.append(self.reporter.final_report)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -60,6 +86,9 @@ class Worker:
         for route in self.config.routes:
             app.router.add_post(route.path, self.route_handler(route))
         app.router.add_get("/health", self.health)
+        register_observability_routes(app, self)
+        SessionRoutes(self).register(app)
+        app.router.add_post(UPDATE_PATH, update_handler(self.environment))
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -81,14 +110,8 @@ class Worker:
             logger.warning("UNSECURED: auth_data signatures are not checked")
         else:
             self.spawn(self._load_key(), "public-key")
-        key_loaded = None if self.environment.unsecured else self.key_loaded
-        model_server = self.config.model_server
-        self.spawn(
-            become_ready(
-                self.status, self.model, key_loaded, model_server.health_path, self.config.perf
-            ),
-            "readiness",
-        )
+        self.spawn(self.readiness.run(), "readiness")
+        self.spawn(self.reporter.run(), "reporter")
 
     async def _load_key(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -103,6 +126,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.model.close()
+        await self.gpu.aclose()
 
     # --- routes of the worker itself ----------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -134,8 +158,11 @@ class Worker:
                     )
                 if not verifier.verify(auth):
                     return error_response(401, "invalid signature")
+            session = None
             if envelope.session_id is not None:
-                return error_response(410, "invalid session")
+                session = self.sessions.extend(envelope.session_id)
+                if session is None:
+                    return error_response(410, "invalid session")
             if not status.ready:
                 return error_response(
                     503,
@@ -156,6 +183,7 @@ class Worker:
                 return _refused(refusal, gate, status.max_perf)
 
             record = ledger.receive(auth.request_idx, route.path, workload)
+            self.in_flight.enter(session)  # from here a drain waits for it, a session close cuts it
             outcome, code = Outcome.ERROR, 500
             try:
                 async with gate.slot(workload):
@@ -183,6 +211,7 @@ class Worker:
                 logger.exception("request on %s failed inside the worker", route.path)
                 return error_response(500, "internal error in the worker")
             finally:
+                self.in_flight.leave()
                 ledger.finish(record, outcome, code)
 
         return handle

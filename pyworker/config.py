@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,13 +29,43 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
+class PatternConfig(_Model):
+    """A log pattern: a substring, or a regex with `regex = true`."""
+
+    text: str = Field(min_length=1)
+    regex: bool = False
+    fatal: bool = True
+
+
+Pattern: TypeAlias = str | PatternConfig
+
+
 class ModelServerConfig(_Model):
-    """Where the model server is and how to tell it is alive."""
+    """Where the model server is and how to tell it is loaded, alive, or broken."""
 
     base_url: str = "http://127.0.0.1:8000"
     log_file: str | None = None
     health_path: str | None = None
+    model_id: str | None = None
+    """Names the model in the benchmark cache key, so another model is measured again."""
+    ready_on: Literal["log", "health"] | None = None
+    """What says the model is loaded: a load line in the log, or the health path alone.
+    By default the log when `log_file` and load patterns are set, else the health path."""
+    load_patterns: list[Pattern] = Field(default_factory=list)
+    error_patterns: list[Pattern] = Field(default_factory=list)
+    info_patterns: list[Pattern] = Field(default_factory=list)
     connect_timeout: float = Field(default=5.0, gt=0, le=300)
+    health_interval: float = Field(default=2.0, gt=0)
+    health_failures: int = Field(default=3, ge=1)
+    """Consecutive failed health checks of a ready worker that make it ERRORED."""
+    ready_timeout: float = Field(default=600.0, gt=0)
+    """How long a loaded model may take to answer its health check before that is an error."""
+
+    @property
+    def readiness_source(self) -> Literal["log", "health"]:
+        if self.ready_on is not None:
+            return self.ready_on
+        return "log" if self.log_file and self.load_patterns else "health"
 
     @field_validator("base_url")
     @classmethod
@@ -134,6 +164,27 @@ class BenchmarkConfig(_Model):
     rounds: int = Field(default=3, ge=1, le=100)
     concurrency: int = Field(default=8, ge=1, le=1024)
     timeout: float = Field(default=300.0, gt=0)
+    connect_wait: float = Field(default=300.0, gt=0)
+    """How long to wait out "connection refused" while the model's port opens."""
+    cache_file: str | None = None
+    """Default: $PYWORKER_CACHE_DIR/benchmark.json, else ~/.cache/pyworker/benchmark.json."""
+    reference_file: str | None = ".has_benchmark"
+    """The reference worker's marker (its perf as text), kept so its tooling works."""
+
+
+class SessionConfig(_Model):
+    """Bounds on sessions (PROTOCOL.md "Session routes"), so no client can exhaust the worker."""
+
+    max_sessions: int = Field(default=1000, ge=0)
+    """Open sessions at most; `/session/create` answers 429 beyond. 0 disables sessions."""
+    max_lifetime: float = Field(default=86_400.0, gt=0, allow_inf_nan=False)
+    """The longest `lifetime` a session may ask for, and the furthest its expiry may reach."""
+    sweep_interval: float = Field(default=1.0, gt=0, le=60)
+    close_timeout: float = Field(default=10.0, gt=0, le=300)
+    """How long the `on_close_route` call to the model server may take."""
+    max_body_size: int = Field(default=64 * 1024, ge=1024, le=MiB)
+    remember_closed: int = Field(default=10_000, ge=0, le=1_000_000)
+    """How many closed session ids are kept to answer 410 "already closed"."""
 
 
 class WorkerConfig(_Model):
@@ -144,7 +195,11 @@ class WorkerConfig(_Model):
     routes: list[RouteConfig] = Field(min_length=1)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     max_body_size: int = Field(default=32 * MiB, ge=1024)
+    sessions: SessionConfig = Field(default_factory=SessionConfig)
     perf: float | None = Field(default=None, gt=0)
+    """A known throughput: the benchmark is skipped."""
+    gpu_ram: float | None = Field(default=None, gt=0)
+    """GB of free VRAM the model needs at start; less is reported as an error."""
 
     @model_validator(mode="after")
     def _unique_paths(self) -> WorkerConfig:

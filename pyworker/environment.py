@@ -44,6 +44,19 @@ def _integer(environ: Mapping[str, str], name: str) -> int | None:
         raise InvalidEnvironment(f"{name}={raw!r} is not an integer") from None
 
 
+def _seconds(environ: Mapping[str, str], name: str) -> float | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidEnvironment(f"{name}={raw!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise InvalidEnvironment(f"{name}={raw!r} must be a finite number >= 0")
+    return value
+
+
 def _port(environ: Mapping[str, str], name: str) -> int | None:
     value = _integer(environ, name)
     if value is not None and not 0 <= value <= 65535:
@@ -58,6 +71,9 @@ class Environment(BaseModel):
 
     worker_port: int = Field(default=3000, ge=0, le=65535)
     worker_http_port: int = Field(default=3001, ge=0, le=65535)
+    """The plain-HTTP side port serving `/session/end` only (WORKER_HTTP_PORT)."""
+    worker_http_host: str = "127.0.0.1"
+    """Where the side port listens (WORKER_HTTP_HOST): loopback unless told otherwise."""
     host: str = "127.0.0.1"
     public_ipaddr: str | None = None
     public_port: int | None = None
@@ -69,6 +85,12 @@ class Environment(BaseModel):
     local: bool = True
     model_health_endpoint: str | None = None
     model_log: str | None = None
+    tls_cert_file: str = "/etc/instance.crt"
+    tls_key_file: str = "/etc/instance.key"
+    grace_period: float = Field(default=30.0, ge=0)
+    """Seconds a draining worker waits for requests in flight (PYWORKER_GRACE)."""
+    update_marker: str = "/.force_update"
+    """The file `/pyworker/update` writes; the start script reinstalls when it exists."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -94,10 +116,14 @@ class Environment(BaseModel):
         worker_port = _port(env, "WORKER_PORT")
         port = 3000 if worker_port is None else worker_port
         http_port = _port(env, "WORKER_HTTP_PORT")
+        if http_port is None:
+            http_port = port + 1 if 0 < port < 65535 else 0  # port 0: any free port for both
+        grace = _seconds(env, "PYWORKER_GRACE")
         token = env.get("MASTER_TOKEN") or None
         return cls(
             worker_port=port,
-            worker_http_port=port + 1 if http_port is None else http_port,
+            worker_http_port=http_port,
+            worker_http_host=env.get("WORKER_HTTP_HOST") or "127.0.0.1",
             host=env.get("WORKER_HOST") or ("127.0.0.1" if local else "0.0.0.0"),
             public_ipaddr=env.get("PUBLIC_IPADDR") or None,
             public_port=_port(env, f"VAST_TCP_PORT_{port}"),
@@ -109,6 +135,10 @@ class Environment(BaseModel):
             local=local,
             model_health_endpoint=env.get("MODEL_HEALTH_ENDPOINT") or None,
             model_log=env.get("MODEL_LOG") or None,
+            tls_cert_file=env.get("TLS_CERT_FILE") or "/etc/instance.crt",
+            tls_key_file=env.get("TLS_KEY_FILE") or "/etc/instance.key",
+            grace_period=30.0 if grace is None else grace,
+            update_marker=env.get("PYWORKER_UPDATE_MARKER") or "/.force_update",
         )
 
     def public_url(self, bound_port: int | None = None) -> str:

@@ -1,10 +1,16 @@
-"""Running a worker process: the event loop, the listening socket, and stopping on a signal."""
+"""Running a worker process: the event loop, the listening sockets, and stopping on a signal.
+
+SIGTERM or SIGINT drains the worker (pyworker.drain) and exits 0; a second signal during the
+drain exits at once with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -12,12 +18,17 @@ from aiohttp import web
 
 from pyworker.app import Worker
 from pyworker.config import WorkerConfig
+from pyworker.drain import drain
 from pyworker.environment import Environment
+from pyworker.session_routes import create_side_app
+from pyworker.tls import TLSError, server_ssl_context
 
 logger = logging.getLogger(__name__)
 
 # Handlers are cancelled when their client hangs up, so the upstream call stops at once.
 RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "access_log": None}
+SHUTDOWN_TIMEOUT = 5.0
+"""After the drain: how long a handler still running may take before it is cancelled."""
 
 
 def install_fast_loop() -> None:
@@ -28,19 +39,44 @@ def install_fast_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(worker: Worker, host: str, port: int, stop: asyncio.Event) -> None:
-    runner = web.AppRunner(worker.create_app(), **RUNNER_OPTIONS)
+async def serve(
+    worker: Worker,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    runner = web.AppRunner(worker.create_app(), shutdown_timeout=SHUTDOWN_TIMEOUT, **RUNNER_OPTIONS)
     await runner.setup()
+    side = web.AppRunner(create_side_app(worker), access_log=None)
+    await side.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, port, backlog=4096, reuse_address=True, ssl_context=ssl_context
+        )
         await site.start()
         bound = _bound_port(runner, port)
         worker.url = worker.environment.public_url(bound)
-        print(f"pyworker {worker.config.name} listening on http://{host}:{bound}", flush=True)
+        scheme = "https" if ssl_context is not None else "http"
+        print(f"pyworker {worker.config.name} listening on {scheme}://{host}:{bound}", flush=True)
+        await _start_side_port(side, worker)
         await stop.wait()
         logger.info("stopping")
+        await drain(worker, worker.environment.grace_period)
     finally:
+        await side.cleanup()
         await runner.cleanup()
+
+
+async def _start_side_port(side: web.AppRunner, worker: Worker) -> None:
+    """The plain-HTTP `/session/end` listener; a worker still serves if its port is taken."""
+    host, port = worker.environment.worker_http_host, worker.environment.worker_http_port
+    try:
+        await web.TCPSite(side, host, port, reuse_address=True).start()
+    except OSError as error:
+        logger.error("session side port %s:%d not served: %s", host, port, error.strerror)
+        return
+    print(f"pyworker /session/end also on http://{host}:{_bound_port(side, port)}", flush=True)
 
 
 def _bound_port(runner: web.AppRunner, fallback: int) -> int:
@@ -51,15 +87,22 @@ def _bound_port(runner: web.AppRunner, fallback: int) -> int:
 
 
 def run(config: WorkerConfig, environment: Environment) -> int:
+    ssl_context = None
+    if environment.use_ssl:
+        try:
+            ssl_context = server_ssl_context(environment.tls_cert_file, environment.tls_key_file)
+        except TLSError as error:
+            print(f"pyworker: {error}", file=sys.stderr)
+            return 2
     install_fast_loop()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, _on_signal, signum, stop)
         worker = Worker(config, environment)
-        await serve(worker, environment.host, environment.worker_port, stop)
+        await serve(worker, environment.host, environment.worker_port, stop, ssl_context)
 
     try:
         asyncio.run(main())
@@ -67,3 +110,15 @@ def run(config: WorkerConfig, environment: Environment) -> int:
         print(f"pyworker: cannot serve: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _on_signal(signum: int, stop: asyncio.Event) -> None:
+    """The first signal drains; a second one means now: exit without cleaning up."""
+    if not stop.is_set():
+        logger.info("%s: draining (send it again to exit at once)", signal.Signals(signum).name)
+        stop.set()
+        return
+    print(f"pyworker: {signal.Signals(signum).name} again: exiting now", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)

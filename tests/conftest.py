@@ -48,6 +48,16 @@ class KeyPair:
 _KEYPAIR: KeyPair | None = None
 
 
+@pytest.fixture(autouse=True)
+def isolated_files(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Benchmark caches and `.has_benchmark` land in a temporary folder, never the repo or home."""
+    folder = tmp_path_factory.mktemp("work")
+    monkeypatch.setenv("PYWORKER_CACHE_DIR", str(folder / "cache"))
+    monkeypatch.chdir(folder)
+
+
 @pytest.fixture
 def keypair() -> KeyPair:
     global _KEYPAIR
@@ -133,6 +143,7 @@ async def start_worker(
             ],
         }
         raw.update(config)
+        raw.setdefault("perf", 1000.0)  # a known perf skips the benchmark unless a test wants it
         environ = {"REPORT_ADDR": pubkey_server, "UNSECURED": "false" if secured else "true"}
         worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)

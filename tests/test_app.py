@@ -35,9 +35,7 @@ async def test_compressed_answer_is_relayed_byte_for_byte(
     start_worker: WorkerFactory, keypair: KeyPair
 ) -> None:
     worker = await start_worker()
-    async with worker.post(
-        "/compressed", envelope(keypair), auto_decompress=False
-    ) as response:
+    async with worker.post("/compressed", envelope(keypair), auto_decompress=False) as response:
         raw = await response.read()
         assert response.headers["Content-Encoding"] == "gzip"
         assert int(response.headers["Content-Length"]) == len(raw)

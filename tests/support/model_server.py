@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,25 @@ def create_app(recorder: Recorder) -> web.Application:
             headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
         )
 
+    async def completions(request: web.Request) -> web.StreamResponse:
+        """OpenAI-like: `produce` tokens, reported in usage; streamed as SSE on request."""
+        payload = await record(request)
+        produce = int(payload.get("produce", 1))
+        usage = {"completion_tokens": produce}
+        if not payload.get("stream"):
+            await asyncio.sleep(float(payload.get("seconds", 0)))
+            return web.json_response({"choices": [{"text": "x" * produce}], "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(produce):
+            await response.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+            await asyncio.sleep(float(payload.get("interval", 0)))
+        last = json.dumps({"choices": [], "usage": usage}).encode()
+        await response.write(b"data: " + last + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"ok": recorder.healthy}, status=200 if recorder.healthy else 503)
 
@@ -89,5 +109,6 @@ def create_app(recorder: Recorder) -> web.Application:
     app.router.add_post("/slow", slow)
     app.router.add_post("/stream", stream)
     app.router.add_post("/compressed", compressed)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", health)
     return app
