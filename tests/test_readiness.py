@@ -231,3 +231,47 @@ async def test_healthy_gpus_are_listed_in_status(start_worker: Any) -> None:
     assert status["state"] == "ready" and status["gpu"]["inventory"]["devices"] == []
     assert worker.readiness.inventory.count == 0
     await wait_until(lambda: worker.status.ready)
+
+
+async def test_non_fatal_error_lines_are_only_counted(
+    start_worker: Any, model_server: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "model.log"
+    log.write_text("starting\nmodel loaded\n")
+    running = await start_worker(
+        model_server={
+            "base_url": model_server.url,
+            "log_file": str(log),
+            "load_patterns": ["model loaded"],
+            "error_patterns": [{"text": "WARNING.*slow", "regex": True, "fatal": False}, "FATAL"],
+        }
+    )
+    worker: Worker = running.worker
+    with log.open("a") as file:
+        file.write("WARNING: request was slow\n")
+    await wait_until(lambda: worker.readiness.error_lines == 1)
+    assert worker.status.state is WorkerState.READY and worker.status.error_msg == ""
+    with log.open("a") as file:
+        file.write("FATAL: engine died\n")
+    await wait_until(lambda: worker.status.state is WorkerState.ERRORED)
+    assert worker.status.error_msg == "model server error: FATAL: engine died"
+
+
+async def test_health_only_worker_errors_and_recovers_with_its_health(
+    start_worker: Any, model_server: Any
+) -> None:
+    running = await start_worker(
+        model_server={
+            "base_url": model_server.url,
+            "health_path": "/health",
+            "health_interval": 0.05,
+            "health_failures": 2,
+        }
+    )
+    worker: Worker = running.worker
+    model_server.recorder.healthy = False
+    await wait_until(lambda: worker.status.state is WorkerState.ERRORED)
+    assert "health check /health failing" in worker.status.error_msg
+    model_server.recorder.healthy = True
+    await wait_until(lambda: worker.status.ready)
+    assert worker.status.error_msg == ""
