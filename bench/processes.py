@@ -124,14 +124,35 @@ class ServerProcess:
         times = self.process.cpu_times()
         return float(times.user + times.system)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def terminate(self) -> None:
         if self.popen.poll() is None:
             self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout)
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the process to end (blocking), killing it at the deadline."""
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout)
+
+
+class Fleet:
+    """The server processes of a run, stopped together (SIGTERM first, so pyworker drains)."""
+
+    def __init__(self) -> None:
+        self.processes: list[ServerProcess] = []
+
+    def add(self, process: ServerProcess) -> ServerProcess:
+        self.processes.append(process)
+        return process
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        for process in self.processes:
+            process.terminate()
+        # Waiting in a thread keeps this loop serving pyworker's final report as it drains.
+        for process in self.processes:
+            await asyncio.to_thread(process.wait, timeout)
 
 
 class PeakRss:
@@ -158,3 +179,22 @@ class PeakRss:
                 self.peak = max(self.peak, self.server.rss())
             if self._stop.wait(self.interval):
                 return
+
+
+def busy_percent(interval: float = 0.5) -> float:
+    """Share of all cores busy over `interval` seconds (blocking: call it from a thread)."""
+    return float(psutil.cpu_percent(interval=interval))
+
+
+async def wait_until_quiet(threshold: float, patience: float) -> float:
+    """Wait (up to `patience` s) until other processes leave the machine mostly idle.
+
+    Between measurements the benchmark's own processes are idle, so what keeps the cores
+    busy then is someone else, who would skew the next measurement. Returns the last busy
+    share seen, so a measurement taken on a busy machine can be flagged.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        busy = await asyncio.to_thread(busy_percent)
+        if busy <= threshold or time.monotonic() > deadline:
+            return busy

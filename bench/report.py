@@ -15,6 +15,7 @@ THROUGHPUT_TARGET = 1.0
 ADDED_P50_TARGET = 1.2
 SLOW_TARGET = 1.25
 IDLE_RSS_TARGET_MIB = 45.0
+SATURATED = 0.9
 
 
 class Subject(StrEnum):
@@ -43,6 +44,8 @@ class Figures:
     p50_ms: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
     fixed_rate: list[float] = field(default_factory=list)
+    machine_busy: list[float] = field(default_factory=list)
+    """Percent of the machine others kept busy just before this subject's round."""
     first_chunk_ms: list[float] = field(default_factory=list)
     rss_idle: int = 0
     rss_peak: list[int] = field(default_factory=list)
@@ -77,12 +80,19 @@ def evaluate(figures: dict[Subject, Figures]) -> list[Target]:
     direct, bare, worker = figures[Subject.DIRECT], figures[Subject.BARE], figures[Subject.PYWORKER]
     targets: list[Target] = []
 
-    ratio = median(worker.requests_per_second) / median(bare.requests_per_second)
+    ratio, saturated = throughput_ratio(worker, bare)
+    rounds = len(worker.requests_per_second)
     targets.append(
         Target(
             f"throughput >= {THROUGHPUT_TARGET:.1f}x the bare proxy's",
-            f"{ratio:.2f}x",
-            _verdict(ratio >= THROUGHPUT_TARGET and not any(worker.errors), ratio),
+            f"{ratio:.2f}x (median of per-round ratios over the {saturated} of {rounds} rounds "
+            "where both proxies kept their core busy)"
+            if saturated
+            else f"{ratio:.2f}x, but no round had both proxies saturating their core: "
+            "the machine was busy, run again",
+            _verdict(ratio >= THROUGHPUT_TARGET and not any(worker.errors), ratio)
+            if saturated
+            else Verdict.NA,
         )
     )
     worker_added, bare_added = added(worker, direct, "p50_ms"), added(bare, direct, "p50_ms")
@@ -113,6 +123,24 @@ def evaluate(figures: dict[Subject, Figures]) -> list[Target]:
         )
     )
     return targets
+
+
+def throughput_ratio(worker: Figures, bare: Figures) -> tuple[float, int]:
+    """pyworker's requests/s over the bare proxy's, round by round, counting only rounds in
+    which both were the bottleneck (core busy >= SATURATED); with none, over every round."""
+    rounds = list(
+        zip(
+            worker.requests_per_second,
+            bare.requests_per_second,
+            worker.core_busy,
+            bare.core_busy,
+            strict=False,
+        )
+    )
+    saturated = [mine / theirs for mine, theirs, a, b in rounds if min(a, b) >= SATURATED]
+    if saturated:
+        return median(saturated), len(saturated)
+    return median([mine / theirs for mine, theirs, _, _ in rounds]), 0
 
 
 def _verdict(passed: bool, value: float) -> Verdict:
@@ -153,6 +181,10 @@ def render(
     row(
         "server CPU ms per request (64 conns)",
         lambda f, s: _number(median(f.cpu_ms_per_request), 3),
+    )
+    row(
+        "requests per server CPU-second (64 conns)",
+        lambda f, s: _number(1000.0 / median(f.cpu_ms_per_request), 0),
     )
     row(
         "server core busy at 64 connections (%)",

@@ -37,16 +37,19 @@ from bench import autoscaler
 from bench.load import LoadGenerator, choose_generator
 from bench.probes import first_chunk_times, slow_batch
 from bench.processes import (
+    Fleet,
     PeakRss,
     ServerProcess,
     pin,
     raise_open_files_limit,
     usable_cores,
+    wait_until_quiet,
 )
 from bench.report import Figures, Subject, median, render
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
+QUIET_PERCENT = 10.0
 POLL_INTERVAL = 0.05
 PROMPT = (
     "Write one short sentence about the sea at dawn, in plain words, for a reader who has "
@@ -87,12 +90,14 @@ class Plan:
     slow_count: int
     slow_seconds: float
     warmup_seconds: float
+    patience: float
+    """How long to wait for other processes to leave the machine idle before a round."""
 
 
 PLANS = {
-    "full": Plan(5, 5.0, 64, 500.0, 5.0, 100, 1000, 2.0, 2.0),
-    "quick": Plan(1, 3.0, 64, 500.0, 3.0, 30, 1000, 2.0, 1.0),
-    "smoke": Plan(1, 1.0, 64, 200.0, 1.0, 5, 20, 0.5, 0.0),
+    "full": Plan(5, 5.0, 64, 500.0, 5.0, 100, 1000, 2.0, 2.0, 10.0),
+    "quick": Plan(1, 3.0, 64, 500.0, 3.0, 30, 1000, 2.0, 1.0, 5.0),
+    "smoke": Plan(1, 1.0, 64, 200.0, 1.0, 5, 20, 0.5, 0.0, 0.0),
 }
 
 
@@ -228,6 +233,8 @@ async def measure_round(
     setup: Setup, plan: Plan, generator: LoadGenerator, figures: Figures
 ) -> None:
     process, url, bodies = setup.process, setup.url, setup.bodies
+    if plan.patience > 0:
+        figures.machine_busy.append(await wait_until_quiet(QUIET_PERCENT, plan.patience))
     cpu_before = process.cpu_seconds()
     with PeakRss(process) as peak:
         result = await generator.closed(
@@ -265,61 +272,73 @@ async def benchmark(plan: Plan, options: argparse.Namespace) -> str:
     raise_open_files_limit()
     signer = autoscaler.Signer()
     reports = autoscaler.Reports()
-    processes: list[ServerProcess] = []
     with tempfile.TemporaryDirectory(prefix="pyworker-bench-") as temporary:
         workdir = Path(temporary)
         generator = choose_generator(options.generator, workdir, 1)
-        try:
-            async with stand_in_autoscaler(signer, reports) as autoscaler_url:
-                model = ServerProcess.python(
-                    "fake model", ["-m", "bench.fake_model"], workdir / "model.log", placement.model
-                )
-                processes.append(model)
-                model_url = await model.wait_listening()
-                bare = ServerProcess.python(
-                    "bare proxy",
-                    ["-m", "bench.bare_proxy", "--model", model_url],
-                    workdir / "bare.log",
-                    placement.server,
-                )
-                processes.append(bare)
-                config = workdir / "worker.toml"
-                config.write_text(WORKER_TOML.format(model_url=model_url))
-                worker = ServerProcess.python(
-                    "pyworker",
-                    ["-m", "pyworker", "run", str(config), "--host", "127.0.0.1", "--port", "0"],
-                    workdir / "pyworker.log",
-                    placement.server,
-                    environ=worker_environment(autoscaler_url, workdir / "cache"),
-                    cwd=workdir,
-                )
-                processes.append(worker)
-                bare_url = await bare.wait_listening()
-                worker_url = await worker.wait_listening()
-                await wait_ready(worker_url)
-                for process in processes:
-                    process.move_to(process.core)  # threads started since launch
-                signed = auth_data(signer, worker_url)
-                setups = [
-                    Setup(Subject.DIRECT, model, model_url, make_bodies(plan.slow_seconds, None)),
-                    Setup(Subject.BARE, bare, bare_url, make_bodies(plan.slow_seconds, signed)),
-                    Setup(
-                        Subject.PYWORKER, worker, worker_url, make_bodies(plan.slow_seconds, signed)
-                    ),
-                ]
-                forged_status = await check_signatures(worker_url, setups[2].bodies)
-                figures = {setup.subject: Figures() for setup in setups}
-                for setup in setups:
-                    figures[setup.subject].rss_idle = setup.process.rss()
-                await run_rounds(setups, figures, plan, generator, model, placement)
-                report_counts = dict(reports.counts)
-        finally:
-            for process in reversed(processes):
-                process.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            autoscaler_url = await stack.enter_async_context(stand_in_autoscaler(signer, reports))
+            fleet = Fleet()
+            stack.push_async_callback(fleet.stop)  # before the autoscaler goes: final reports
+            setups = await start_subjects(fleet, workdir, placement, autoscaler_url, signer, plan)
+            worker = setups[-1]
+            forged_status = await check_signatures(worker.url, worker.bodies)
+            figures = {setup.subject: Figures() for setup in setups}
+            for setup in setups:
+                figures[setup.subject].rss_idle = setup.process.rss()
+            await run_rounds(setups, figures, plan, generator, setups[0].process, placement)
+            report_counts = dict(reports.counts)
     if options.json is not None:
         raw = {str(subject): asdict(figure) for subject, figure in figures.items()}
         options.json.write_bytes(orjson.dumps(raw, option=orjson.OPT_INDENT_2))
     return compose(plan, options, figures, generator, placement, forged_status, report_counts)
+
+
+async def start_subjects(
+    fleet: Fleet,
+    workdir: Path,
+    placement: Placement,
+    autoscaler_url: str,
+    signer: autoscaler.Signer,
+    plan: Plan,
+) -> list[Setup]:
+    """The fake model, the bare proxy and pyworker, listening and ready, in table order."""
+    model = fleet.add(
+        ServerProcess.python(
+            "fake model", ["-m", "bench.fake_model"], workdir / "model.log", placement.model
+        )
+    )
+    model_url = await model.wait_listening()
+    bare = fleet.add(
+        ServerProcess.python(
+            "bare proxy",
+            ["-m", "bench.bare_proxy", "--model", model_url],
+            workdir / "bare.log",
+            placement.server,
+        )
+    )
+    config = workdir / "worker.toml"
+    config.write_text(WORKER_TOML.format(model_url=model_url))
+    worker = fleet.add(
+        ServerProcess.python(
+            "pyworker",
+            ["-m", "pyworker", "run", str(config), "--host", "127.0.0.1", "--port", "0"],
+            workdir / "pyworker.log",
+            placement.server,
+            environ=worker_environment(autoscaler_url, workdir / "cache"),
+            cwd=workdir,
+        )
+    )
+    bare_url = await bare.wait_listening()
+    worker_url = await worker.wait_listening()
+    await wait_ready(worker_url)
+    for process in fleet.processes:
+        process.move_to(process.core)  # threads started since launch
+    signed = auth_data(signer, worker_url)
+    return [
+        Setup(Subject.DIRECT, model, model_url, make_bodies(plan.slow_seconds, None)),
+        Setup(Subject.BARE, bare, bare_url, make_bodies(plan.slow_seconds, signed)),
+        Setup(Subject.PYWORKER, worker, worker_url, make_bodies(plan.slow_seconds, signed)),
+    ]
 
 
 async def run_rounds(
@@ -381,10 +400,22 @@ def compose(
         f"- latency: {plan.latency_seconds:g} s at ~{plan.rate:g} req/s "
         f"(achieved {median(figures[Subject.PYWORKER].fixed_rate):,.0f}/s through pyworker); "
         f"added = subject minus model direct in the same round",
+        f"- other processes' CPU use before each round: {busy_summary(figures)}",
         f"- pyworker answered a forged signature with {forged_status}; "
         f"status reports received by the stand-in autoscaler: {report_counts or 'none'}",
     ]
     return "\n".join(notes)
+
+
+def busy_summary(figures: dict[Subject, Figures]) -> str:
+    seen = [busy for figure in figures.values() for busy in figure.machine_busy]
+    if not seen:
+        return "not checked"
+    noisy = sum(busy > QUIET_PERCENT for busy in seen)
+    return (
+        f"median {median(seen):.0f}%, worst {max(seen):.0f}%; "
+        f"{noisy} of {len(seen)} rounds started above {QUIET_PERCENT:.0f}%"
+    )
 
 
 def cpu_model() -> str:
@@ -408,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="load",
         help="share the fake model's core with the load generator (default) or the proxy",
     )
+    parser.add_argument(
+        "--patience",
+        type=float,
+        help="seconds to wait before each round for other processes to leave the CPU idle",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures to this file")
     return parser
 
@@ -422,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("--rounds must be at least 1", file=sys.stderr)
             return 2
         plan = replace(plan, rounds=options.rounds)
+    if options.patience is not None:
+        plan = replace(plan, patience=max(options.patience, 0.0))
     started = time.monotonic()
     with contextlib.suppress(ImportError):
         import uvloop  # the probes measure the servers, not this process: make it cheap

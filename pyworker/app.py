@@ -1,7 +1,8 @@
 """The worker: its aiohttp application and the request path of every route.
 
-The request path runs in this order, cheapest and most hostile input first: body size (413),
-body shape (422), signature (401), readiness (503), admission (429), then the model server.
+The request path runs in this order, cheapest and most hostile input first: body size (413)
+and time (408, pyworker.limits), body shape (422), signature (401), readiness (503), admission
+(429), then the model server.
 Only a request that passed the signature check is accounted.
 """
 
@@ -21,13 +22,14 @@ from aiohttp import web
 from pyworker.accounting import Ledger, Outcome
 from pyworker.admin import UPDATE_PATH, update_handler
 from pyworker.admission import Refusal, RouteGate
-from pyworker.auth import SignatureVerifier, fetch_public_key
+from pyworker.auth import SignatureVerifier, Verdict, Verifier, fetch_public_key
 from pyworker.config import RouteConfig, WorkerConfig
 from pyworker.drain import DrainHook
 from pyworker.envelope import EnvelopeError, parse_envelope
 from pyworker.environment import Environment
 from pyworker.gpu import GpuMonitor
 from pyworker.inflight import InFlight
+from pyworker.limits import body_deadline
 from pyworker.metrics import RequestMetrics
 from pyworker.observability import register_observability_routes
 from pyworker.readiness import Readiness
@@ -36,6 +38,7 @@ from pyworker.responses import error_response, json_response
 from pyworker.session_routes import SessionRoutes
 from pyworker.sessions import SessionStore
 from pyworker.state import WorkerStatus
+from pyworker.strict import StrictVerifier
 from pyworker.upstream import ClientGone, ModelClient, UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +59,11 @@ class Worker:
         self.status = WorkerStatus()
         self.metrics = RequestMetrics(route.path for route in config.routes)
         self.ledger = Ledger(observer=self.metrics.observe)
-        self.verifier = SignatureVerifier()
+        self.verifier: Verifier = (
+            StrictVerifier(audience=lambda: self.url)
+            if environment.strict_auth
+            else SignatureVerifier()
+        )
         self.key_loaded = asyncio.Event()
         self.model = ModelClient(config.model_server.base_url, config.model_server.connect_timeout)
         self.gates = {
@@ -76,13 +83,22 @@ class Worker:
             self.gpu,
             None if environment.unsecured else self.key_loaded,
         )
-        self.reporter = Reporter(environment, self.status, self.ledger, lambda: self.url)
+        self.reporter = Reporter(
+            environment,
+            self.status,
+            self.ledger,
+            lambda: self.url,
+            busy_interval=environment.report_interval,
+        )
         self.drain_hooks.append(self.reporter.final_report)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------
     def create_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_size)
+        app = web.Application(
+            client_max_size=self.config.max_body_size,
+            middlewares=[body_deadline(self.environment.body_timeout)],
+        )
         for route in self.config.routes:
             app.router.add_post(route.path, self.route_handler(route))
         app.router.add_get("/health", self.health)
@@ -156,8 +172,9 @@ class Worker:
                     return error_response(
                         503, "public key not loaded yet", retry_after=NOT_READY_RETRY_AFTER
                     )
-                if not verifier.verify(auth):
-                    return error_response(401, "invalid signature")
+                verdict = verifier.check(auth)
+                if verdict is not Verdict.ACCEPTED:
+                    return _unauthorized(verdict)
             session = None
             if envelope.session_id is not None:
                 session = self.sessions.extend(envelope.session_id)
@@ -188,13 +205,18 @@ class Worker:
             try:
                 async with gate.slot(workload):
                     ledger.start(record)
-                    relayed = await self.model.relay(
-                        request,
-                        route.model_path,
-                        orjson.dumps(payload),
-                        route.read_timeout,
-                        route.response_hook,
-                    )
+                    if route.handler is not None:
+                        relayed = await self.model.relay_handler(
+                            route.handler, payload, route.read_timeout, route.response_hook
+                        )
+                    else:
+                        relayed = await self.model.relay(
+                            request,
+                            route.model_path,
+                            orjson.dumps(payload),
+                            route.read_timeout,
+                            route.response_hook,
+                        )
                 code = relayed.status
                 outcome = Outcome.SUCCESS if code < 400 else Outcome.ERROR
                 return relayed.response
@@ -220,6 +242,12 @@ class Worker:
 async def _call(hook: Callable[[Any], Any], value: Any) -> Any:
     result = hook(value)
     return await result if inspect.isawaitable(result) else result
+
+
+def _unauthorized(verdict: Verdict) -> web.Response:
+    if verdict is Verdict.BUSY:
+        return error_response(503, verdict.value, retry_after=1.0)
+    return error_response(401, verdict.value)
 
 
 def _refused(refusal: Refusal, gate: RouteGate, perf: float) -> web.Response:

@@ -2,7 +2,8 @@
 
 The reference scheme signs only `{"url": ...}`: every request to one worker carries one of a
 few signatures, so a bounded cache of verified (url, signature) pairs makes the common case
-cost a dictionary lookup instead of an RSA operation.
+cost a dictionary lookup instead of an RSA operation. Strict mode (pyworker.strict) verifies a
+signature per request instead; both verifiers answer the same `Verifier` protocol.
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ import binascii
 import json
 import logging
 from collections import OrderedDict
+from enum import StrEnum
+from typing import Protocol
 
 import aiohttp
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +44,47 @@ class AuthData(BaseModel):
     request_idx: int
     signature: str
     url: str
+    # Strict mode only (pyworker.strict). A value of the wrong type is ignored like an unknown
+    # key, so a reference worker's clients never get a 422 for them.
+    expires: float | None = Field(default=None, allow_inf_nan=False)
+    sig_v: int | None = None
+    strict_signature: str | None = None
+
+    @field_validator("expires", "sig_v", "strict_signature", mode="wrap")
+    @classmethod
+    def _ignore_invalid(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
+
+
+class Verdict(StrEnum):
+    """What a verifier concluded about one auth_data; the value is what a client is told."""
+
+    ACCEPTED = "accepted"
+    INVALID = "invalid signature"
+    UNSIGNED = "strict signature required: auth_data lacks expires, sig_v or strict_signature"
+    UNSUPPORTED = "unsupported sig_v"
+    WRONG_WORKER = "auth_data was signed for another worker"
+    EXPIRED = "auth_data expired"
+    TOO_LONG = "auth_data expires too far ahead"
+    REPLAYED = "auth_data already used"
+    BUSY = "too many auth_data in flight to remember: retry"
+    """Only this one is not the client's fault (503, not 401)."""
+
+
+class Verifier(Protocol):
+    """A signature check the worker's routes can use; the key arrives later, from /pubkey/."""
+
+    @property
+    def has_key(self) -> bool: ...
+
+    def load_pem(self, pem: bytes) -> None: ...
+
+    def verify(self, auth: AuthData) -> bool: ...
+
+    def check(self, auth: AuthData) -> Verdict: ...
 
 
 def reference_message(url: str) -> bytes:
@@ -63,6 +114,9 @@ class SignatureVerifier:
         self._key = key
         self._cache.clear()
 
+    def check(self, auth: AuthData) -> Verdict:
+        return Verdict.ACCEPTED if self.verify(auth) else Verdict.INVALID
+
     def verify(self, auth: AuthData) -> bool:
         if self._key is None:
             return False
@@ -86,7 +140,7 @@ class SignatureVerifier:
 async def fetch_public_key(
     session: aiohttp.ClientSession,
     base_url: str,
-    verifier: SignatureVerifier,
+    verifier: Verifier,
     *,
     attempt_timeout: float = 5.0,
     first_delay: float = 0.5,

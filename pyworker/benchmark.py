@@ -227,17 +227,10 @@ class Benchmark:
 
     async def _one(self, payload: JSONObject) -> float | None:
         """Work done by one request, timed to its last byte; None if it failed."""
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
-        url = self.model.base_url + self.route.model_path
-        body = orjson.dumps(payload)
-        async with self.model.session.post(
-            url, data=body, headers=REQUEST_HEADERS, timeout=timeout
-        ) as response:
-            answer = await response.read()
-            if response.status >= 400:
-                logger.warning("benchmark request answered HTTP %d", response.status)
-                return None
-            content_type = response.content_type
+        status, answer, content_type = await self._call(payload)
+        if status >= 400:
+            logger.warning("benchmark request answered HTTP %d", status)
+            return None
         requested = self.route.compute_workload(payload, cost=self.route.default_workload)
         hook = self.route.produced_work
         if hook is None:
@@ -248,6 +241,19 @@ class Benchmark:
             if value is not None:
                 produced = value
         return requested if produced is None else float(produced)
+
+    async def _call(self, payload: JSONObject) -> tuple[int, bytes, str]:
+        handler = self.route.handler
+        if handler is not None:
+            async with asyncio.timeout(self.config.timeout):
+                result = await handler(self.model.session, self.model.base_url, payload)
+            return result.status, result.body, result.content_type.split(";")[0].strip()
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
+        url = self.model.base_url + self.route.model_path
+        async with self.model.session.post(
+            url, data=orjson.dumps(payload), headers=REQUEST_HEADERS, timeout=timeout
+        ) as response:
+            return response.status, await response.read(), response.content_type
 
 
 def _cycle(payloads: list[JSONObject]) -> Iterator[JSONObject]:

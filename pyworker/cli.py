@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from pyworker import __version__
+from pyworker.commands import call, dev, load
 from pyworker.environment import Environment, InvalidEnvironment
 from pyworker.loader import ConfigError, load_config
 
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="listen address (default: 0.0.0.0, or 127.0.0.1 locally)")
     run.add_argument("--log-level", default=os.environ.get("PYWORKER_LOG_LEVEL", "INFO"))
     run.set_defaults(handler=command_run)
+    for command in (dev, call, load):
+        command.add_parser(commands)
     return parser
 
 

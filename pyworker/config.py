@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,20 @@ WorkloadFunction: TypeAlias = Callable[[JSONObject], float]
 RequestHook: TypeAlias = Callable[[JSONObject], JSONObject | Awaitable[JSONObject]]
 ResponseHook: TypeAlias = Callable[[int, bytes], bytes | Awaitable[bytes]]
 ProducedWork: TypeAlias = Callable[[JSONObject], float | None]
+
+
+class HandlerResult(NamedTuple):
+    """What a route's custom `handler` answers; sent to the client as it is."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+ModelHandler: TypeAlias = Callable[
+    [aiohttp.ClientSession, str, JSONObject], Awaitable[HandlerResult]
+]
+"""`handler(session, base_url, payload)`: calls the model server its own way."""
 
 MiB = 1024 * 1024
 
@@ -97,6 +112,10 @@ class RouteConfig(_Model):
     request_hook: RequestHook | None = None
     response_hook: ResponseHook | None = None
     produced_work: ProducedWork | None = None
+    handler: ModelHandler | None = None
+    """For model servers with no single request/answer endpoint (ComfyUI: submit, then poll):
+    called with the worker's pooled session instead of forwarding the payload to `model_path`,
+    here and in the benchmark. `read_timeout` bounds the whole call."""
 
     @field_validator("path", "upstream_path")
     @classmethod

@@ -57,6 +57,13 @@ def _seconds(environ: Mapping[str, str], name: str) -> float | None:
     return value
 
 
+def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
+    value = _seconds(environ, name)
+    if value == 0:
+        raise InvalidEnvironment(f"{name}=0: it must be a number of seconds above 0")
+    return default if value is None else value
+
+
 def _port(environ: Mapping[str, str], name: str) -> int | None:
     value = _integer(environ, name)
     if value is not None and not 0 <= value <= 65535:
@@ -91,6 +98,15 @@ class Environment(BaseModel):
     """Seconds a draining worker waits for requests in flight (PYWORKER_GRACE)."""
     update_marker: str = "/.force_update"
     """The file `/pyworker/update` writes; the start script reinstalls when it exists."""
+    strict_auth: bool = False
+    """Verify strict signatures, each auth_data once (PYWORKER_STRICT_AUTH; docs/security.md)."""
+    report_interval: float = Field(default=1.0, gt=0)
+    """Seconds between reports while something changes (PYWORKER_REPORT_INTERVAL)."""
+    body_timeout: float = Field(default=60.0, gt=0)
+    """Seconds a client may take to send a request body before 408 (PYWORKER_BODY_TIMEOUT)."""
+    keepalive_timeout: float = Field(default=75.0, gt=0)
+    """Seconds an idle connection, or one still sending its headers, is kept
+    (PYWORKER_KEEPALIVE_TIMEOUT)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -107,11 +123,15 @@ class Environment(BaseModel):
             if not address.startswith(("http://", "https://")):
                 raise InvalidEnvironment(f"REPORT_ADDR entry {address!r} is not an http(s) URL")
         unsecured = _flag(env, "UNSECURED")
+        strict_auth = bool(_flag(env, "PYWORKER_STRICT_AUTH"))
+        if strict_auth and unsecured:
+            raise InvalidEnvironment("PYWORKER_STRICT_AUTH=true contradicts UNSECURED=true")
         if unsecured is None:
-            unsecured = local
+            unsecured = local and not strict_auth
         if not unsecured and not report_addr:
+            setting = "PYWORKER_STRICT_AUTH=true" if strict_auth else "UNSECURED=false"
             raise InvalidEnvironment(
-                "UNSECURED=false needs REPORT_ADDR: the public key comes from its /pubkey/"
+                f"{setting} needs REPORT_ADDR: the public key comes from its /pubkey/"
             )
         worker_port = _port(env, "WORKER_PORT")
         port = 3000 if worker_port is None else worker_port
@@ -139,6 +159,10 @@ class Environment(BaseModel):
             tls_key_file=env.get("TLS_KEY_FILE") or "/etc/instance.key",
             grace_period=30.0 if grace is None else grace,
             update_marker=env.get("PYWORKER_UPDATE_MARKER") or "/.force_update",
+            strict_auth=strict_auth,
+            report_interval=_positive(env, "PYWORKER_REPORT_INTERVAL", 1.0),
+            body_timeout=_positive(env, "PYWORKER_BODY_TIMEOUT", 60.0),
+            keepalive_timeout=_positive(env, "PYWORKER_KEEPALIVE_TIMEOUT", 75.0),
         )
 
     def public_url(self, bound_port: int | None = None) -> str:

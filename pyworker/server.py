@@ -20,13 +20,14 @@ from pyworker.app import Worker
 from pyworker.config import WorkerConfig
 from pyworker.drain import drain
 from pyworker.environment import Environment
+from pyworker.limits import HTTP_LIMITS, body_deadline
 from pyworker.session_routes import create_side_app
 from pyworker.tls import TLSError, server_ssl_context
 
 logger = logging.getLogger(__name__)
 
 # Handlers are cancelled when their client hangs up, so the upstream call stops at once.
-RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "access_log": None}
+RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "access_log": None, **HTTP_LIMITS}
 SHUTDOWN_TIMEOUT = 5.0
 """After the drain: how long a handler still running may take before it is cancelled."""
 
@@ -46,9 +47,18 @@ async def serve(
     stop: asyncio.Event,
     ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    runner = web.AppRunner(worker.create_app(), shutdown_timeout=SHUTDOWN_TIMEOUT, **RUNNER_OPTIONS)
+    environment = worker.environment
+    keepalive = environment.keepalive_timeout
+    runner = web.AppRunner(
+        worker.create_app(),
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        keepalive_timeout=keepalive,
+        **RUNNER_OPTIONS,
+    )
     await runner.setup()
-    side = web.AppRunner(create_side_app(worker), access_log=None)
+    side_app = create_side_app(worker)
+    side_app.middlewares.append(body_deadline(environment.body_timeout))
+    side = web.AppRunner(side_app, access_log=None, keepalive_timeout=keepalive, **HTTP_LIMITS)
     await side.setup()
     try:
         site = web.TCPSite(

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pyworker.auth import AuthData
+from pyworker.auth import AuthData, Verdict
 from pyworker.envelope import EnvelopeError, describe_errors, parse_envelope
 from pyworker.responses import error_response, json_response
-from pyworker.sessions import Session, SessionLimit, check_close_route
+from pyworker.sessions import SESSION_ROUTE, Session, SessionLimit, check_close_route
 
 if TYPE_CHECKING:
     from pyworker.app import Worker
@@ -104,7 +104,7 @@ class SessionRoutes:
                 auth, options.lifetime, options.on_close_route, options.on_close_payload
             )
         except SessionLimit:
-            self.worker.ledger.reject(auth.request_idx, "/session/create", auth.cost, 429)
+            self.worker.ledger.reject(auth.request_idx, SESSION_ROUTE, auth.cost, 429)
             return error_response(429, "too many open sessions", retry_after=FULL_RETRY_AFTER)
         return json_response(
             201, {"session_id": session.session_id, "expiration": session.expiration}
@@ -169,8 +169,11 @@ class SessionRoutes:
             return error_response(
                 503, "public key not loaded yet", retry_after=NOT_READY_RETRY_AFTER
             )
-        if not verifier.verify(auth):
-            return error_response(401, "invalid signature")
+        verdict = verifier.check(auth)  # strict mode: replay-checked like any signed request
+        if verdict is Verdict.BUSY:
+            return error_response(503, verdict.value, retry_after=1.0)
+        if verdict is not Verdict.ACCEPTED:
+            return error_response(401, verdict.value)
         return None
 
 

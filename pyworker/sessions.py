@@ -103,7 +103,7 @@ class Session:
         if self.closed:
             task.cancel()
         else:
-            pass
+            self.tasks.add(task)
 
     def detach(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
@@ -154,7 +154,7 @@ class SessionStore:
             auth_fingerprint=auth_digest(auth),
         )
         self._open[session.session_id] = session
-        logger.info("session opened (%d open)", len(self._open))
+        logger.debug("session opened (%d open)", len(self._open))
         return session
 
     def find(self, session_id: str) -> Session | None:
@@ -198,7 +198,7 @@ class SessionStore:
             task = asyncio.ensure_future(self._notify(session))
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)
-        logger.info("session closed after %.0f s (%d open)", self._age(session), len(self._open))
+        logger.debug("session closed after %.0f s (%d open)", self._age(session), len(self._open))
         return True
 
     def sweep(self) -> int:

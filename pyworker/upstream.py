@@ -7,15 +7,18 @@ them (no decompression), streams chunk by chunk as they arrive.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from pyworker.config import ResponseHook
+from pyworker.config import HandlerResult, JSONObject, ModelHandler, ResponseHook
 
 logger = logging.getLogger(__name__)
 
@@ -98,28 +101,62 @@ class ModelClient:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.connect_timeout, sock_read=read_timeout
         )
-        try:
+        with model_errors():
             async with self.session.post(
                 self.base_url + path, data=body, headers=REQUEST_HEADERS, timeout=timeout
             ) as upstream:
                 if _is_stream(upstream):
                     return await _relay_stream(request, upstream)
                 answer = await upstream.read()
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamError(502, "model server unreachable: connect timed out") from None
-        except aiohttp.ClientConnectorError as error:
-            raise UpstreamError(502, f"model server unreachable: {error.os_error}") from None
-        except TimeoutError:
-            raise UpstreamError(504, "model server timed out") from None
-        except aiohttp.ClientError as error:
-            raise UpstreamError(502, f"model server failed: {error.__class__.__name__}") from None
-        if response_hook is not None:
-            changed = response_hook(upstream.status, answer)
-            answer = await changed if inspect.isawaitable(changed) else changed
+        answer = await _apply_hook(response_hook, upstream.status, answer)
         response = web.Response(
             status=upstream.status, body=answer, headers=_relayed_headers(upstream.headers)
         )
         return Relayed(response, upstream.status, answer)
+
+    async def call(
+        self, handler: ModelHandler, payload: JSONObject, timeout: float | None
+    ) -> HandlerResult:
+        """Run a route's custom handler, bounded by `timeout` in all."""
+        with model_errors():
+            async with asyncio.timeout(timeout):
+                return await handler(self.session, self.base_url, payload)
+
+    async def relay_handler(
+        self,
+        handler: ModelHandler,
+        payload: JSONObject,
+        timeout: float | None,
+        response_hook: ResponseHook | None = None,
+    ) -> Relayed:
+        result = await self.call(handler, payload, timeout)
+        answer = await _apply_hook(response_hook, result.status, result.body)
+        response = web.Response(
+            status=result.status, body=answer, headers={"Content-Type": result.content_type}
+        )
+        return Relayed(response, result.status, answer)
+
+
+@contextlib.contextmanager
+def model_errors() -> Iterator[None]:
+    """Turn a failed call to the model server into the `UpstreamError` the client gets."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamError(502, "model server unreachable: connect timed out") from None
+    except aiohttp.ClientConnectorError as error:
+        raise UpstreamError(502, f"model server unreachable: {error.os_error}") from None
+    except TimeoutError:
+        raise UpstreamError(504, "model server timed out") from None
+    except aiohttp.ClientError as error:
+        raise UpstreamError(502, f"model server failed: {error.__class__.__name__}") from None
+
+
+async def _apply_hook(hook: ResponseHook | None, status: int, answer: bytes) -> bytes:
+    if hook is None:
+        return answer
+    changed = hook(status, answer)
+    return await changed if inspect.isawaitable(changed) else changed
 
 
 def _is_stream(upstream: aiohttp.ClientResponse) -> bool:

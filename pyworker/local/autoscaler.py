@@ -2,6 +2,8 @@
 
 It speaks the part of the autoscaler's protocol that workers and clients touch: it signs
 `/route/` answers with its own RSA key (served at `/pubkey/`) exactly as the real one does,
+and by default strictly too (pyworker.strict: `expires`, `sig_v`, `strict_signature`, which a
+worker run with PYWORKER_STRICT_AUTH=true requires and a reference worker ignores),
 routes to the ready worker with the least load per unit of perf, and records what workers send
 to `/worker_status/` and `/delete_requests/`. It does not start or stop workers: it serves the
 ones that report to it.
@@ -22,13 +24,13 @@ import itertools
 import logging
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
 from pyworker.local.dashboard import DASHBOARD_HTML, FLEET_PATH
@@ -36,10 +38,13 @@ from pyworker.local.fleet import FinishedRequest, Fleet, WorkerPhase, WorkerReco
 from pyworker.local.messages import DeleteRequests, RouteRequest, WorkerReport
 from pyworker.local.signing import SigningKey
 from pyworker.local.table import LiveTable, watch
+from pyworker.strict import PrivateKey
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8081
+STRICT_LIFETIME = 60.0
+"""Seconds a strict `/route/` answer stays valid: time enough to reach the worker."""
 
 
 class Refused(Exception):
@@ -56,6 +61,7 @@ class LocalAutoscaler:
 
     `endpoint` None accepts any endpoint name; `api_key` and `master_token` are checked only
     when set. Generating the key takes a fraction of a second: pass `key` to reuse one.
+    `strict` adds the strict signature (valid `strict_lifetime` seconds) to every answer.
     """
 
     def __init__(
@@ -66,8 +72,12 @@ class LocalAutoscaler:
         master_token: str | None = None,
         key: SigningKey | None = None,
         fleet: Fleet | None = None,
+        strict: bool = True,
+        strict_lifetime: float = STRICT_LIFETIME,
     ) -> None:
         self.endpoint = endpoint
+        self.strict = strict
+        self.strict_lifetime = strict_lifetime
         self.api_key = api_key
         self.master_token = master_token
         self.key = key or SigningKey.generate()
@@ -78,7 +88,7 @@ class LocalAutoscaler:
         self._url: str | None = None
 
     @property
-    def private_key(self) -> rsa.RSAPrivateKey:
+    def private_key(self) -> PrivateKey:
         return self.key.private_key
 
     @property
@@ -119,15 +129,27 @@ class LocalAutoscaler:
             }
         url = worker.report.url
         logger.debug("request %d routed to worker %d", request_idx, worker.id)
-        return {
+        reqnum = next(self._reqnums)
+        answer: dict[str, Any] = {
             "url": url,
-            "reqnum": next(self._reqnums),
+            "reqnum": reqnum,
             "request_idx": request_idx,
             "endpoint": name,
             "cost": cost,
             "signature": self.sign(url),
             "__request_id": uuid.uuid4().hex,
         }
+        if self.strict:
+            expires = round(time.time() + self.strict_lifetime)
+            answer |= self.key.strict(
+                url=url,
+                endpoint=name,
+                request_idx=request_idx,
+                reqnum=reqnum,
+                cost=cost,
+                expires=expires,
+            )
+        return answer
 
     def record_status(self, body: object) -> WorkerRecord:
         """Record a `/worker_status/` body; ValidationError if malformed, Refused on a bad token."""
@@ -324,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds without a report before a worker gets no more requests (0: never)",
     )
+    parser.add_argument(
+        "--reference-only",
+        action="store_true",
+        help="sign only as Vast.ai does today, without the strict signature (docs/security.md)",
+    )
     parser.add_argument("--watch", action="store_true", help="show a live table of the workers")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -363,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=arguments.api_key,
         master_token=arguments.master_token,
         fleet=Fleet(stale_after=stale_after),
+        strict=not arguments.reference_only,
     )
     with contextlib.suppress(KeyboardInterrupt):
         try:

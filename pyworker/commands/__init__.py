@@ -1,0 +1,1 @@
+"""The `pyworker` subcommands beyond `run`: `dev` (everything locally), `call` and `load`."""

@@ -1,0 +1,315 @@
+"""`pyworker load -n N --rps R [--concurrency C]`: a load test through the autoscaler.
+
+Requests start at a steady rate R (open loop), each routed like a real client's, with at most
+C in flight: when C are in flight the next waits for a slot, so a saturated worker shows as an
+achieved rate below R. The summary gives throughput, latency percentiles of the successful
+requests, the count of each status, and the workload served per second (the completion tokens
+the answers report in `usage`, else the cost announced to the autoscaler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from pyworker.benchmark import BenchmarkError, load_dataset, produced_documents
+from pyworker.commands.call import add_target_arguments
+from pyworker.commands.devstate import DevState
+from pyworker.commands.progress import ProgressBar
+from pyworker.commands.routing import (
+    DataError,
+    RoutingError,
+    Target,
+    current_state,
+    default_cost,
+    parse_data,
+    route_request,
+    worker_body,
+    worker_url,
+)
+from pyworker.config import BenchmarkConfig
+
+DEFAULT_ROUTE = "/v1/completions"
+DEFAULT_CONCURRENCY = 32
+MAX_REQUESTS = 1_000_000
+MAX_CONCURRENCY = 10_000
+PROGRESS_INTERVAL = 0.1
+
+
+def add_parser(commands: Any) -> None:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "load",
+        help="load-test the endpoint through the autoscaler",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "route",
+        nargs="?",
+        help=f"the worker route (default: the running `pyworker dev`'s, else {DEFAULT_ROUTE})",
+    )
+    parser.add_argument("-n", "--requests", type=int, default=100, help="requests to send")
+    parser.add_argument("--rps", type=float, default=10.0, help="requests started per second")
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"requests in flight at most (default {DEFAULT_CONCURRENCY})",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", "-d", help="one payload for every request: JSON or @FILE")
+    source.add_argument(
+        "--dataset",
+        metavar="FILE",
+        help="payloads to cycle through: a JSON list or JSONL file (default: the running "
+        "`pyworker dev`'s benchmark dataset)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_target_arguments(parser)
+    parser.set_defaults(handler=command_load, log_level="WARNING")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    target: Target
+    route: str
+    payloads: list[Any]
+    requests: int
+    rps: float
+    concurrency: int
+    cost: float | None
+    wait: float
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: str
+    """The worker's HTTP status, or why there was none: routing, timeout, connection."""
+    seconds: float
+    work: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status.isdigit() and 200 <= int(self.status) < 300
+
+
+@dataclass(slots=True)
+class LoadReport:
+    target_rps: float
+    elapsed: float = 0.0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        ok = [outcome for outcome in self.outcomes if outcome.ok]
+        latencies = sorted(outcome.seconds for outcome in ok)
+        elapsed = max(self.elapsed, 1e-9)
+        work = sum(outcome.work for outcome in ok)
+        return {
+            "requests": len(self.outcomes),
+            "ok": len(ok),
+            "failed": len(self.outcomes) - len(ok),
+            "seconds": round(self.elapsed, 3),
+            "target_rps": self.target_rps,
+            "throughput": len(self.outcomes) / elapsed,
+            "ok_per_second": len(ok) / elapsed,
+            "latency": {
+                "p50": percentile(latencies, 50),
+                "p90": percentile(latencies, 90),
+                "p99": percentile(latencies, 99),
+                "max": latencies[-1] if latencies else None,
+                "mean": sum(latencies) / len(latencies) if latencies else None,
+            },
+            "status_counts": dict(sorted(Counter(o.status for o in self.outcomes).items())),
+            "workload": work,
+            "workload_per_second": work / elapsed,
+        }
+
+
+def percentile(ordered: Sequence[float], rank: float) -> float | None:
+    """The `rank`th percentile of sorted values, interpolating between neighbours."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * rank / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    latency = summary["latency"]
+    lines = [
+        f"requests:   {summary['requests']} sent, {summary['ok']} ok, {summary['failed']} failed"
+        f" in {summary['seconds']:.2f} s",
+        f"throughput: {summary['throughput']:.2f} requests/s"
+        f" (target {summary['target_rps']:g}/s), {summary['ok_per_second']:.2f} ok/s",
+    ]
+    if latency["p50"] is None:
+        lines.append("latency:    no successful request")
+    else:
+        lines.append(
+            "latency:    "
+            + "  ".join(f"{key} {latency[key]:.3f} s" for key in ("p50", "p90", "p99", "max"))
+        )
+    counts = ", ".join(f"{status} x{count}" for status, count in summary["status_counts"].items())
+    lines.append(f"status:     {counts or '-'}")
+    lines.append(
+        f"workload:   {summary['workload']:.1f} served,"
+        f" {summary['workload_per_second']:.2f} per second"
+    )
+    return "\n".join(lines)
+
+
+def command_load(arguments: argparse.Namespace) -> int:
+    if not 0 < arguments.requests <= MAX_REQUESTS:
+        return _usage(f"-n must be between 1 and {MAX_REQUESTS}")
+    if not 0 < arguments.rps < math.inf:
+        return _usage("--rps must be a positive number")
+    if not 0 < arguments.concurrency <= MAX_CONCURRENCY:
+        return _usage(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+    state = current_state(arguments.autoscaler is not None)
+    try:
+        payloads = choose_payloads(arguments.data, arguments.dataset, state)
+    except (DataError, BenchmarkError) as error:
+        return _usage(str(error))
+    plan = LoadPlan(
+        target=Target.resolve(arguments.autoscaler, arguments.endpoint, arguments.api_key, state),
+        route=arguments.route or (state.route if state and state.route else DEFAULT_ROUTE),
+        payloads=payloads,
+        requests=arguments.requests,
+        rps=arguments.rps,
+        concurrency=arguments.concurrency,
+        cost=arguments.cost,
+        wait=max(arguments.wait, 0.0),
+        timeout=arguments.timeout,
+    )
+    try:
+        report = asyncio.run(run_load(plan, ProgressBar(plan.requests)))
+    except KeyboardInterrupt:
+        return 130
+    summary = report.summary()
+    if arguments.json:
+        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_summary(summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _usage(message: str) -> int:
+    print(f"pyworker load: {message}", file=sys.stderr)
+    return 2
+
+
+def choose_payloads(data: str | None, dataset: str | None, state: DevState | None) -> list[Any]:
+    """`--data`, else `--dataset`, else the dev session's dataset or example."""
+    if data is not None:
+        return [parse_data(data)]
+    dataset = dataset or (state.dataset_file if state else None)
+    if dataset:
+        if not Path(dataset).is_file():
+            raise DataError(f"dataset {dataset} is not a file")
+        return load_dataset(BenchmarkConfig(dataset_file=dataset))
+    if state is not None and state.example is not None:
+        return [state.example]
+    raise DataError("what to send? pass --data or --dataset (or run `pyworker dev` first)")
+
+
+async def run_load(plan: LoadPlan, progress: ProgressBar | None = None) -> LoadReport:
+    report = LoadReport(target_rps=plan.rps)
+    slots = asyncio.Semaphore(plan.concurrency)
+    payloads = itertools.cycle(plan.payloads)
+    connector = aiohttp.TCPConnector(limit=plan.concurrency)
+    in_flight: set[asyncio.Task[None]] = set()
+    display = asyncio.create_task(_show(report, plan.requests, progress))
+
+    async def one(payload: Any, session: aiohttp.ClientSession) -> None:
+        try:
+            report.outcomes.append(await send_one(session, plan, payload))
+        finally:
+            slots.release()
+
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started = time.monotonic()
+        try:
+            for index in range(plan.requests):
+                delay = started + index / plan.rps - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await slots.acquire()
+                task = asyncio.create_task(one(next(payloads), session))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            while in_flight:
+                await asyncio.wait(set(in_flight))
+        finally:
+            for task in in_flight:
+                task.cancel()
+            report.elapsed = time.monotonic() - started
+            display.cancel()
+    if progress is not None:
+        await asyncio.to_thread(progress.finish, len(report.outcomes), _detail(report))
+    return report
+
+
+async def send_one(session: aiohttp.ClientSession, plan: LoadPlan, payload: Any) -> Outcome:
+    cost = plan.cost if plan.cost is not None else default_cost(payload)
+    started = time.monotonic()
+    try:
+        auth_data = await route_request(session, plan.target, cost, plan.wait)
+        async with session.post(
+            worker_url(auth_data, plan.route),
+            data=worker_body(auth_data, payload),
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=plan.timeout),
+        ) as response:
+            body = await response.read()
+            status, content_type = response.status, response.content_type
+    except RoutingError:
+        return Outcome("routing", time.monotonic() - started, 0.0)
+    except TimeoutError:
+        return Outcome("timeout", time.monotonic() - started, 0.0)
+    except aiohttp.ClientError:
+        return Outcome("connection", time.monotonic() - started, 0.0)
+    seconds = time.monotonic() - started
+    return Outcome(str(status), seconds, produced_work(body, content_type, cost))
+
+
+def produced_work(body: bytes, content_type: str, cost: float) -> float:
+    """The completion tokens the answer reports (its last `usage`), else the announced cost."""
+    produced: float | None = None
+    for document in produced_documents(body, content_type):
+        usage = document.get("usage")
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        if isinstance(tokens, int | float) and not isinstance(tokens, bool):
+            produced = float(tokens)
+    return cost if produced is None else produced
+
+
+def _detail(report: LoadReport) -> str:
+    done = len(report.outcomes)
+    failed = sum(1 for outcome in report.outcomes if not outcome.ok)
+    return f"{failed} failed" if failed else ("all ok" if done else "")
+
+
+async def _show(report: LoadReport, total: int, progress: ProgressBar | None) -> None:
+    if progress is None:
+        return
+    shown = -1
+    while True:
+        done = len(report.outcomes)
+        if done != shown:
+            shown = done
+            await asyncio.to_thread(progress.update, done, _detail(report))
+        await asyncio.sleep(PROGRESS_INTERVAL)

@@ -1,0 +1,123 @@
+"""A client of an `openai` worker: ask the autoscaler for a worker, then stream a chat answer.
+
+    python -m pyworker.local.autoscaler --port 8081 &          # or the real autoscaler
+    python workers/openai/client.py --autoscaler http://127.0.0.1:8081 "Tell me a joke"
+    python workers/openai/client.py --worker http://127.0.0.1:3000 "Hi"   # UNSECURED worker
+
+The two steps are the whole protocol: `POST {autoscaler}/route/` answers with signed
+`auth_data` naming a worker (or a waiting status, to ask again), and the worker takes
+`{"auth_data": ..., "payload": <the OpenAI request>}` on the OpenAI paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+ROUTE_TIMEOUT = aiohttp.ClientTimeout(total=10)
+ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
+MAX_ROUTE_ATTEMPTS = 60
+
+
+def estimated_cost(payload: dict[str, Any]) -> float:
+    """The worker's own workload rule, roughly: prompt characters / 4 plus max_tokens."""
+    text = "".join(str(message.get("content", "")) for message in payload.get("messages", []))
+    return len(text) / 4 + float(payload.get("max_tokens", 256))
+
+
+async def route(
+    session: aiohttp.ClientSession, autoscaler: str, endpoint: str, api_key: str, cost: float
+) -> dict[str, Any]:
+    """The autoscaler's signed answer for a ready worker; waits while none is ready."""
+    body: dict[str, Any] = {"endpoint": endpoint, "api_key": api_key, "cost": cost}
+    delay = 0.5
+    for _ in range(MAX_ROUTE_ATTEMPTS):
+        async with session.post(autoscaler + "/route/", json=body, timeout=ROUTE_TIMEOUT) as r:
+            r.raise_for_status()
+            answer: dict[str, Any] = await r.json()
+        if "url" in answer:
+            return answer
+        body["request_idx"] = answer.get("request_idx", 0)  # keep our place in line
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    raise RuntimeError(f"no worker became ready for endpoint {endpoint!r}")
+
+
+def unsigned_auth_data(worker: str) -> dict[str, Any]:
+    """What an UNSECURED worker accepts: the fields must be there, the signature is not read."""
+    fields = {"cost": 0, "endpoint": "local", "reqnum": 0, "request_idx": 0, "signature": ""}
+    return fields | {"url": worker}
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession, auth_data: dict[str, Any], payload: dict[str, Any]
+) -> None:
+    """Send the chat request through the worker and print the answer as it arrives."""
+    envelope = {"auth_data": auth_data, "payload": payload}
+    url = str(auth_data["url"]).rstrip("/") + "/v1/chat/completions"
+    async with session.post(url, json=envelope, timeout=ANSWER_TIMEOUT) as response:
+        if response.status != 200:
+            raise RuntimeError(f"worker answered {response.status}: {await response.text()}")
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            for choice in chunk.get("choices", []):
+                print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+                print(f"\n[{usage['prompt_tokens']} + {usage['completion_tokens']} tokens]")
+    print()
+
+
+async def main_async(arguments: argparse.Namespace) -> None:
+    payload: dict[str, Any] = {
+        "messages": [{"role": "user", "content": arguments.prompt}],
+        "max_tokens": arguments.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if arguments.model:
+        payload["model"] = arguments.model
+    async with aiohttp.ClientSession() as session:
+        if arguments.worker:
+            auth_data = unsigned_auth_data(arguments.worker)
+        else:
+            auth_data = await route(
+                session,
+                arguments.autoscaler.rstrip("/"),
+                arguments.endpoint,
+                arguments.api_key,
+                estimated_cost(payload),
+            )
+        await stream_chat(session, auth_data, payload)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Stream a chat answer from an openai worker.")
+    parser.add_argument("prompt")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--autoscaler", help="autoscaler base URL, e.g. http://127.0.0.1:8081")
+    target.add_argument("--worker", help="an UNSECURED worker's URL, skipping the autoscaler")
+    parser.add_argument("--endpoint", default="openai", help="endpoint name at the autoscaler")
+    parser.add_argument("--api-key", default="", help="the endpoint's API key")
+    parser.add_argument("--model", default="", help="model name, if the server checks it")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    arguments = parser.parse_args(argv)
+    try:
+        asyncio.run(main_async(arguments))
+    except (aiohttp.ClientError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""A worker for any OpenAI-compatible model server: vLLM, SGLang, llama.cpp's llama-server, TGI.
+
+    OPENAI_SERVER=vllm MODEL_SERVER_URL=http://127.0.0.1:8000 MODEL_LOG=/var/log/model.log \
+        pyworker run openai
+
+Workload is counted in tokens: the prompt's estimated length plus the tokens the request may
+generate (`max_tokens`, times `n`, per prompt). Produced work is what the answer's `usage` says
+(prompt plus completion tokens), so the benchmark measures tokens really processed per second.
+Readiness comes from each server's own "loaded" log line and its health route; the patterns
+quote the real lines (see README.md in this folder).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TypeGuard
+
+import orjson
+
+from pyworker.config import (
+    BenchmarkConfig,
+    JSONObject,
+    ModelServerConfig,
+    Pattern,
+    PatternConfig,
+    RouteConfig,
+    WorkerConfig,
+)
+
+HERE = Path(__file__).resolve().parent
+BENCHMARK_FILE = HERE / "benchmark.jsonl"
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+
+DEFAULT_MAX_TOKENS = 256
+"""Assumed when a request sets no limit (OpenAI's chat API has none): a guess, not a bound."""
+CHARS_PER_TOKEN = 4.0
+"""English text averages about four characters a token in BPE vocabularies."""
+MESSAGE_OVERHEAD_TOKENS = 4
+"""Role markers and separators that a chat template adds around each message."""
+MAX_CHOICES = 128
+MAX_ITEMS = 100_000
+"""Bounds the walk over a hostile payload (lists of prompts, messages, content parts)."""
+
+
+class ServerKind(StrEnum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    LLAMACPP = "llamacpp"
+    TGI = "tgi"
+    GENERIC = "generic"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerProfile:
+    """What tells that one kind of server is loaded, alive, or broken."""
+
+    base_url: str
+    health_path: str
+    load_patterns: list[Pattern] = field(default_factory=list)
+    error_patterns: list[Pattern] = field(default_factory=list)
+
+
+def _regex(text: str) -> PatternConfig:
+    return PatternConfig(text=text, regex=True)
+
+
+PROFILES: dict[ServerKind, ServerProfile] = {
+    # vLLM: uvicorn's line comes after "Starting vLLM API server ... on http://..." and the
+    # route list, once the engine is up and the app serves.
+    ServerKind.VLLM: ServerProfile(
+        base_url="http://127.0.0.1:8000",
+        health_path="/health",
+        load_patterns=["Application startup complete."],
+        error_patterns=[
+            "Engine core initialization failed",
+            "EngineDeadError",
+            "CUDA out of memory",
+            "No available memory for the cache blocks",
+            _regex(r"(?i)larger than the available KV cache memory"),
+        ],
+    ),
+    # SGLang prints this after its warm-up request, later than uvicorn's own startup lines.
+    ServerKind.SGLANG: ServerProfile(
+        base_url="http://127.0.0.1:30000",
+        health_path="/health",
+        load_patterns=["The server is fired up and ready to roll!"],
+        error_patterns=[
+            "Scheduler hit an exception",
+            "Received sigquit from a child process",
+            "Not enough memory. Please try to increase --mem-fraction-static",
+            "Initialization failed. warmup error",
+            "CUDA out of memory",
+        ],
+    ),
+    # llama-server: "srv  llama_server: model loaded" (older builds: "main: model loaded");
+    # /health answers 503 while the model loads, then 200.
+    ServerKind.LLAMACPP: ServerProfile(
+        base_url="http://127.0.0.1:8080",
+        health_path="/health",
+        load_patterns=[_regex(r"(?:\bsrv\s+\S+|\bmain): model loaded\s*$")],
+        error_patterns=[
+            "exiting due to model loading error",
+            "error loading model",
+            "failed to load model",
+            "cudaMalloc failed: out of memory",
+            "exiting due to HTTP server error",
+            "GGML_ASSERT",
+        ],
+    ),
+    # TGI's router, in its text and its JSON log formats.
+    ServerKind.TGI: ServerProfile(
+        base_url="http://127.0.0.1:8080",
+        health_path="/health",
+        load_patterns=[
+            _regex(r"text_generation_router(?:::server)?: \S+: Connected\s*$"),
+            _regex(r'"message":"Connected","target":"text_generation_router'),
+        ],
+        error_patterns=[
+            "Error: ShardCannotStart",
+            "Error: DownloadError",
+            "Error: WebserverFailed",
+            "CUDA out of memory",
+        ],
+    ),
+    # Anything else (llama-cpp-python, LM Studio, ...): no log patterns, ready when the
+    # model list answers, which every OpenAI-compatible server has.
+    ServerKind.GENERIC: ServerProfile(base_url="http://127.0.0.1:8000", health_path="/v1/models"),
+}
+
+
+# --- workload: what a request may cost, before it runs ------------------------------------
+def estimate_text_tokens(text: str) -> float:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def estimate_prompt_tokens(prompt: object) -> float:
+    """A completions `prompt`: text, token ids, or a list of either (one per choice set)."""
+    if isinstance(prompt, str):
+        return estimate_text_tokens(prompt)
+    if not isinstance(prompt, list):
+        return 0.0
+    if all(isinstance(item, int) for item in prompt[:MAX_ITEMS]):
+        return float(min(len(prompt), MAX_ITEMS))
+    return sum(estimate_prompt_tokens(item) for item in prompt[:MAX_ITEMS])
+
+
+def estimate_message_tokens(messages: object) -> float:
+    """Chat `messages`: the text of each message's content, plus the template's markers."""
+    if not isinstance(messages, list):
+        return 0.0
+    total = 0.0
+    for message in messages[:MAX_ITEMS]:
+        if not isinstance(message, dict):
+            continue
+        total += MESSAGE_OVERHEAD_TOKENS + sum(
+            estimate_text_tokens(text) for text in _content_texts(message.get("content"))
+        )
+    return total
+
+
+def _content_texts(content: object) -> Iterable[str]:
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content[:MAX_ITEMS]:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part["text"]
+
+
+def prompt_count(payload: JSONObject) -> int:
+    """How many prompts a completions request carries; each gets its own completions."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return min(len(prompt), MAX_ITEMS)
+    return 1
+
+
+def requested_tokens(payload: JSONObject, default: int = DEFAULT_MAX_TOKENS) -> float:
+    """The most tokens the request may generate: its limit, times choices, times prompts."""
+    limit = payload.get("max_completion_tokens")
+    if limit is None:
+        limit = payload.get("max_tokens")
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or limit < 0:
+        limit = default
+    choices = payload.get("n", 1)
+    if isinstance(choices, bool) or not isinstance(choices, int) or choices < 1:
+        choices = 1
+    return float(limit) * min(choices, MAX_CHOICES) * prompt_count(payload)
+
+
+def workload(payload: JSONObject, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> float:
+    """Tokens the request may cost: the prompt's estimate plus what it may generate."""
+    prompt = estimate_prompt_tokens(payload.get("prompt"))
+    prompt += estimate_message_tokens(payload.get("messages"))
+    return prompt + requested_tokens(payload, default_max_tokens)
+
+
+# --- produced work: what an answer says it cost ------------------------------------------
+def produced_tokens(document: JSONObject) -> float | None:
+    """Tokens processed per the answer's `usage`: a whole answer, or a stream's usage chunk.
+
+    Chat streams carry `usage` only when asked (`stream_options.include_usage`), and so do
+    vLLM's and SGLang's completions streams; llama-server always ends a completions stream
+    with it. Chunks without it give None.
+    """
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if _is_count(prompt) and _is_count(completion):
+        return float(prompt + completion)
+    total = usage.get("total_tokens")
+    return float(total) if _is_count(total) else None
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# --- the config ----------------------------------------------------------------------------
+def benchmark_payloads(path: Path, model: str | None) -> list[JSONObject]:
+    """The shipped dataset, naming the model when the server wants one (vLLM checks it)."""
+    payloads: list[JSONObject] = []
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            item = orjson.loads(line)
+            if isinstance(item, dict):
+                payloads.append(item | ({"model": model} if model else {}))
+    return payloads
+
+
+def server_kind(environ: Mapping[str, str]) -> ServerKind:
+    name = environ.get("OPENAI_SERVER", ServerKind.VLLM).strip().lower()
+    try:
+        return ServerKind(name)
+    except ValueError:
+        choices = ", ".join(kind.value for kind in ServerKind)
+        raise ValueError(f"OPENAI_SERVER={name!r}: expected one of {choices}") from None
+
+
+def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
+    """The worker config for the server that `OPENAI_SERVER` names."""
+    env = os.environ if environ is None else environ
+    kind = server_kind(env)
+    profile = PROFILES[kind]
+    model = env.get("OPENAI_MODEL") or None
+    default_max_tokens = int(env.get("OPENAI_DEFAULT_MAX_TOKENS", DEFAULT_MAX_TOKENS))
+
+    def route_workload(payload: JSONObject) -> float:
+        return workload(payload, default_max_tokens)
+
+    routes = [
+        RouteConfig(
+            path=path,
+            workload=route_workload,
+            produced_work=produced_tokens,
+            max_queue_time=30.0,
+        )
+        for path in (COMPLETIONS, CHAT)
+    ]
+    dataset_file = Path(env.get("OPENAI_BENCHMARK_FILE") or BENCHMARK_FILE)
+    return WorkerConfig(
+        name=f"openai-{kind}",
+        model_server=ModelServerConfig(
+            base_url=profile.base_url,
+            health_path=profile.health_path,
+            model_id=model,
+            load_patterns=list(profile.load_patterns),
+            error_patterns=list(profile.error_patterns),
+        ),
+        routes=routes,
+        benchmark=BenchmarkConfig(
+            route=COMPLETIONS,
+            dataset=benchmark_payloads(dataset_file, model),
+            rounds=3,
+            concurrency=8,
+        ),
+    )
+
+
+worker = build_worker()

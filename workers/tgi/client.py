@@ -1,0 +1,122 @@
+"""A client of a `tgi` worker: ask the autoscaler for a worker, then stream TGI's answer.
+
+    python -m pyworker.local.autoscaler --port 8081 &          # or the real autoscaler
+    python workers/tgi/client.py --autoscaler http://127.0.0.1:8081 "What is Deep Learning?"
+    python workers/tgi/client.py --worker http://127.0.0.1:3000 --no-stream "Hi"  # UNSECURED
+
+Two steps make the whole protocol: `POST {autoscaler}/route/` answers signed `auth_data`
+naming a worker (or a waiting status, to ask again), and the worker takes
+`{"auth_data": ..., "payload": <TGI's request>}` on `/generate` or `/generate_stream`.
+It needs only aiohttp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+ROUTE_TIMEOUT = aiohttp.ClientTimeout(total=10)
+ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
+MAX_ROUTE_ATTEMPTS = 60
+
+
+def estimated_cost(payload: dict[str, Any]) -> float:
+    """The worker's workload rule: max_new_tokens plus the prompt at 4 characters a token."""
+    parameters = payload.get("parameters") or {}
+    return float(parameters.get("max_new_tokens") or 100) + math.ceil(len(payload["inputs"]) / 4)
+
+
+async def route(
+    session: aiohttp.ClientSession, autoscaler: str, endpoint: str, api_key: str, cost: float
+) -> dict[str, Any]:
+    """The autoscaler's signed answer for a ready worker; waits while none is ready."""
+    body: dict[str, Any] = {"endpoint": endpoint, "api_key": api_key, "cost": cost}
+    delay = 0.5
+    for _ in range(MAX_ROUTE_ATTEMPTS):
+        async with session.post(autoscaler + "/route/", json=body, timeout=ROUTE_TIMEOUT) as r:
+            r.raise_for_status()
+            answer: dict[str, Any] = await r.json()
+        if "url" in answer:
+            return answer
+        body["request_idx"] = answer.get("request_idx", 0)  # keep our place in line
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    raise RuntimeError(f"no worker became ready for endpoint {endpoint!r}")
+
+
+def unsigned_auth_data(worker: str) -> dict[str, Any]:
+    """What an UNSECURED worker accepts: the fields must be there, the signature is not read."""
+    fields = {"cost": 0, "endpoint": "local", "reqnum": 0, "request_idx": 0, "signature": ""}
+    return fields | {"url": worker}
+
+
+async def generate(
+    session: aiohttp.ClientSession, auth_data: dict[str, Any], payload: dict[str, Any], stream: bool
+) -> None:
+    """Send the request through the worker; print the text (token by token when streaming)."""
+    envelope = {"auth_data": auth_data, "payload": payload}
+    path = "/generate_stream" if stream else "/generate"
+    url = str(auth_data["url"]).rstrip("/") + path
+    async with session.post(url, json=envelope, timeout=ANSWER_TIMEOUT) as response:
+        if response.status != 200:
+            raise RuntimeError(f"worker answered {response.status}: {await response.text()}")
+        if not stream:
+            answer = await response.json()
+            print(answer["generated_text"])
+            details = answer.get("details") or {}
+            print(f"[{details.get('generated_tokens', '?')} tokens]")
+            return
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[5:])
+            print(event["token"]["text"], end="", flush=True)
+            if event.get("details"):
+                print(f"\n[{event['details']['generated_tokens']} tokens]", end="")
+    print()
+
+
+async def main_async(arguments: argparse.Namespace) -> None:
+    parameters: dict[str, Any] = {"max_new_tokens": arguments.max_new_tokens, "details": True}
+    payload = {"inputs": arguments.prompt, "parameters": parameters}
+    async with aiohttp.ClientSession() as session:
+        if arguments.worker:
+            auth_data = unsigned_auth_data(arguments.worker)
+        else:
+            autoscaler = arguments.autoscaler.rstrip("/")
+            cost = estimated_cost(payload)
+            auth_data = await route(
+                session, autoscaler, arguments.endpoint, arguments.api_key, cost
+            )
+        await generate(session, auth_data, payload, stream=not arguments.no_stream)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate text through a tgi worker.")
+    parser.add_argument("prompt")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--autoscaler", help="autoscaler base URL, e.g. http://127.0.0.1:8081")
+    target.add_argument("--worker", help="an UNSECURED worker's URL, skipping the autoscaler")
+    parser.add_argument("--endpoint", default="tgi", help="endpoint name at the autoscaler")
+    parser.add_argument("--api-key", default="", help="the endpoint's API key")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--no-stream", action="store_true", help="use /generate, not a stream")
+    arguments = parser.parse_args(argv)
+    try:
+        asyncio.run(main_async(arguments))
+    except (aiohttp.ClientError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
