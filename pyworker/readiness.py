@@ -146,6 +146,8 @@ class Readiness:
 
     def _fail(self, message: str, cause: str) -> None:
         logger.error("%s", message)
+        if self.status.state is WorkerState.ERRORED:
+            return  # the first error since the worker was last ready is usually the root cause
         self.error_cause = cause
         if self._pass is not None:
             self._pass.cancel()

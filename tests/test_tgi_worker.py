@@ -334,11 +334,12 @@ async def test_ready_after_connected_then_streams_token_by_token_then_errors(sce
             answer = await response.json()
         assert answer["details"]["generated_tokens"] == 5 and answer["generated_text"]
 
-        # A shard dies of CUDA OOM mid-generation; the launcher's last word is what is reported.
+        # A shard dies of CUDA OOM mid-generation: the first fatal line, the root cause, is
+        # what is reported, not the launcher's "ShardFailed" that follows it.
         async with scene.session.post(scene.model_url + "/control/crash") as response:
             assert response.status == 200
         errored = await scene.wait_report(lambda r: r["error_msg"] != "")
-        assert errored["error_msg"] == "model server error: Error: ShardFailed"
+        assert errored["error_msg"] == f"model server error: {fake_tgi.OOM}"[:520]
         assert errored["max_perf"] == 0
         async with scene.session.get(scene.worker_url + "/status") as response:
             status = await response.json()
@@ -358,7 +359,8 @@ async def test_a_failed_start_is_reported_and_never_ready(scene: Scene) -> None:
     model = await scene.start_model("--fail-start")
     worker = await scene.start_worker()
     try:
-        errored = await scene.wait_report(lambda r: "Shard 0 failed to start" in r["error_msg"])
+        # The OOM comes first, then "Shard 0 failed to start": the root cause is reported.
+        errored = await scene.wait_report(lambda r: "CUDA out of memory" in r["error_msg"])
         assert errored["max_perf"] == 0 and errored["loadtime"] == 0
         assert all(report["max_perf"] == 0 for report in scene.autoscaler.worker_status)
     finally:
