@@ -254,10 +254,17 @@ class Scene:
                 raise AssertionError(f"worker never {state}: {document['state']}")
             await asyncio.sleep(0.05)
 
-    async def wait_report(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        after = len(self.autoscaler.status)
-        await wait_until(lambda: any(map(predicate, self.autoscaler.status[after:])), 20)
-        return next(r for r in self.autoscaler.status[after:] if predicate(r))
+    def mark(self) -> int:
+        """Where the reports received so far end; pass it to `wait_report` as `since`."""
+        return len(self.autoscaler.status)
+
+    async def wait_report(
+        self, predicate: Callable[[dict[str, Any]], bool], since: int = 0
+    ) -> dict[str, Any]:
+        """The first report received after the `since`-th that `predicate` accepts."""
+        reports = self.autoscaler.status
+        await wait_until(lambda: any(map(predicate, reports[since:])), 20)
+        return next(report for report in reports[since:] if predicate(report))
 
     # --- clients -------------------------------------------------------------------------
     def auth(self, cost: float = 1.0) -> dict[str, Any]:
@@ -341,6 +348,7 @@ async def test_model_server_killed_mid_stream(scene: Scene) -> None:
     await scene.start_model()
     await scene.start_worker()
     assert (await scene.request())[0] == 200
+    since = scene.mark()
 
     auth_payload = {"prompt": PAYLOAD_MARK, "max_tokens": 500, "stream": True}
     auth = scene.auth()
@@ -360,14 +368,15 @@ async def test_model_server_killed_mid_stream(scene: Scene) -> None:
 
     status, answer = await scene.request()
     assert status in (502, 503), answer  # unreachable, or already known to be down
-    errored = await scene.wait_report(lambda report: "health" in report["error_msg"])
+    errored = await scene.wait_report(lambda report: "health" in report["error_msg"], since)
     assert errored["max_perf"] == 0.0
     status, answer = await scene.request()
     assert status == 503 and b"errored" in answer
 
+    since = scene.mark()
     await scene.start_model(scene.model_port)  # back on the same port: it logs its load line
     await scene.wait_state("ready")
-    recovered = await scene.wait_report(lambda report: report["max_perf"] > 0)
+    recovered = await scene.wait_report(lambda report: report["max_perf"] > 0, since)
     assert recovered["error_msg"] == ""
     assert (await scene.request(stream=True))[0] == 200
     await scene.finish()
@@ -406,6 +415,8 @@ async def test_autoscaler_down_then_back(scene: Scene) -> None:
     await scene.autoscaler.start()
     await scene.wait_state("ready")
     assert (await scene.request())[0] == 200
+    await wait_until(lambda: 2 in scene.autoscaler.reported())
+    await scene.wait_report(lambda report: report["num_requests_recieved"] == 1)
 
     await scene.autoscaler.stop()  # down again, mid-run, for many report intervals
     failed = (await scene.worker_status())["reporter"]["failed"]
@@ -419,10 +430,11 @@ async def test_autoscaler_down_then_back(scene: Scene) -> None:
     assert document["requests"]["finished_awaiting_report"] >= 5
     assert document["state"] == "ready"
 
+    since = scene.mark()
     await scene.autoscaler.start()
-    after_outage = await scene.wait_report(lambda report: report["num_requests_recieved"] > 0)
-    assert after_outage["num_requests_recieved"] == 5
-    assert after_outage["new_load"] == 1 + 2 + 3 + 4 + 5  # nothing lost while away
+    news = await scene.wait_report(lambda report: report["num_requests_recieved"] > 0, since)
+    assert news["num_requests_recieved"] == 5
+    assert news["new_load"] == 1 + 2 + 3 + 4 + 5  # nothing lost while away
     await scene.finish()
 
 
@@ -431,16 +443,21 @@ async def test_log_file_deleted_and_recreated(scene: Scene) -> None:
     await scene.start_worker()
     scene.model_log.unlink()
     assert (await scene.request())[0] == 200  # the log going away changes nothing by itself
+    since = scene.mark()
     scene.model_log.write_text("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
     report = await scene.wait_report(lambda report: "CUDA out of memory" in report["error_msg"])
+    assert scene.autoscaler.status.index(report) >= since
     assert report["max_perf"] == 0.0
     assert (await scene.request())[0] == 503
     document = await scene.worker_status()
     assert document["log"]["rotations"] >= 1
+    since = scene.mark()
     with scene.model_log.open("a") as log:
         log.write(f"INFO:     {LOADED_LINE}\n")  # the restarted server, in the new file
     await scene.wait_state("ready")
-    await scene.wait_report(lambda report: report["max_perf"] > 0 and not report["error_msg"])
+    await scene.wait_report(
+        lambda report: report["max_perf"] > 0 and not report["error_msg"], since
+    )
     assert (await scene.request())[0] == 200
     await scene.finish()
 

@@ -67,7 +67,16 @@ def test_an_unusable_limit_means_the_default(limit: object) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [{}, {"prompt": {"a": 1}}, {"messages": "hi"}, {"messages": [1, None]}, {"n": "x"}],
+    [
+        {},
+        {"prompt": {"a": 1}},
+        {"prompt": [[["deeper", "than", "a", "prompt"]]]},
+        {"messages": "hi"},
+        {"messages": [1, None]},
+        {"n": "x"},
+        {"max_tokens": float("nan")},
+        {"max_tokens": float("inf")},
+    ],
 )
 def test_odd_payloads_still_get_a_finite_workload(payload: dict[str, object]) -> None:
     assert workload(payload) == DEFAULT_MAX_TOKENS
@@ -169,9 +178,9 @@ LOADED_LINES = {
     ],
     ServerKind.SGLANG: ["[2025-04-03 04:47:15] The server is fired up and ready to roll!"],
     ServerKind.LLAMACPP: [
-        "main: model loaded",
-        "0.00.011.756 I srv  llama_server: model loaded",
-        "srv  llama_server: model loaded",
+        "0.00.013.526 I srv  llama_server: model loaded",  # our build, llama-cpp-python 0.3.36
+        "srv  llama_server: model loaded",  # without --log-prefix/--log-timestamps
+        "main: model loaded",  # older builds
     ],
     ServerKind.TGI: [
         "2024-09-03T02:47:53.402023Z  INFO text_generation_router::server: "
@@ -204,12 +213,17 @@ ERROR_LINES = {
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.53 GiB.",
     ],
     ServerKind.LLAMACPP: [
-        "E llama_model_load: error loading model: unknown model architecture: 'glm5next'",
-        "E llama_model_load_from_file_impl: failed to load model",
-        "E srv  llama_server: exiting due to model loading error",
+        # Our build, given a file that is not a model, then a port already taken.
+        "0.00.004.988 E llama_model_load: error loading model: llama_model_loader: "
+        "failed to load model from /tmp/broken.gguf",
+        "0.00.005.019 E llama_model_load_from_file_impl: failed to load model",
+        "0.00.005.557 E srv  llama_server: exiting due to model loading error",
+        "0.00.005.502 E srv  llama_server: exiting due to HTTP server error",
+        # Other builds and GPUs.
         "main: exiting due to model loading error",
         "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: "
         "cudaMalloc failed: out of memory",
+        "/app/ggml/src/ggml.c:1606: GGML_ASSERT(view_src == NULL || data_size == 0) failed",
     ],
     ServerKind.TGI: [
         "Error: ShardCannotStart",
@@ -234,11 +248,14 @@ NORMAL_LINES = {
         "avail mem=286.63 GB, mem usage=0.63 GB.",
         "INFO:     Application startup complete.",
     ],
-    ServerKind.LLAMACPP: [
-        "llama_model_loader: loaded meta data with 26 key-value pairs and 21 tensors",
-        "srv  llama_server: listening on http://127.0.0.1:8080",
-        "slot      release: id  0 | task 5 | stop processing: n_tokens = 40, truncated = 0",
-        "srv  log_server_r: done request: POST /v1/completions 127.0.0.1 200",
+    ServerKind.LLAMACPP: [  # all from our build
+        "0.00.005.484 I srv    load_model: loading model '/tmp/tiny512.gguf'",
+        "0.00.011.147 I srv    load_model: initializing, n_slots = 4, n_ctx_slot = 512, "
+        "kv_unified = 'false'",
+        "0.00.013.569 I srv  llama_server: listening on http://127.0.0.1:35689",
+        "0.03.984.475 W srv          stop: cancel task, id_task = 201",
+        "0.05.543.083 I slot      release: id  3 | task 0 | stop processing: n_tokens = 23, "
+        "truncated = 0",
     ],
     ServerKind.TGI: [
         "2024-08-11T08:32:59.35 INFO text_generation_router::server: "

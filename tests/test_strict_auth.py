@@ -189,8 +189,14 @@ def test_a_strict_auth_data_is_accepted_once(any_key: PrivateKey) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("cost", 1000.0), ("endpoint", "other"), ("request_idx", 2), ("reqnum", 9)]
-    + [("expires", NOW + 61), ("strict_signature", base64.b64encode(b"x" * 64).decode())],
+    [
+        ("cost", 1000.0),
+        ("endpoint", "other"),
+        ("request_idx", 2),
+        ("reqnum", 9),
+        ("expires", NOW + 61),
+        ("strict_signature", base64.b64encode(b"x" * 64).decode()),
+    ],
 )
 def test_every_bound_field_is_covered(any_key: PrivateKey, field: str, value: Any) -> None:
     verifier = verifier_for(any_key)

@@ -104,7 +104,8 @@ class DevError(RuntimeError):
 class DevOptions:
     target: str = DEFAULT_WORKER
     model_server: ModelServerMode = ModelServerMode.DEMO
-    model_command: str | None = None
+    model_command: tuple[str, ...] = ()
+    """The model server's command line, split as a shell would (no shell runs it)."""
     model_url: str | None = None
     model_log: str | None = None
     demo_load_seconds: float = 2.0
@@ -122,12 +123,13 @@ class DevOptions:
     @classmethod
     def from_arguments(cls, arguments: argparse.Namespace) -> DevOptions:
         mode = ModelServerMode(arguments.model_server)
-        if arguments.model_command:
+        command = tuple(shlex.split(arguments.model_command or ""))
+        if command:
             mode = ModelServerMode.EXTERNAL
         return cls(
             target=arguments.worker,
             model_server=mode,
-            model_command=arguments.model_command,
+            model_command=command,
             model_url=arguments.model_url,
             model_log=arguments.model_log,
             demo_load_seconds=max(arguments.demo_load_seconds, 0.0),
@@ -221,7 +223,12 @@ def add_parser(commands: Any) -> None:
 
 
 def command_dev(arguments: argparse.Namespace) -> int:
-    session = DevSession(DevOptions.from_arguments(arguments))
+    try:
+        options = DevOptions.from_arguments(arguments)
+    except ValueError as error:  # a --model-command that does not split, e.g. an open quote
+        print(f"pyworker dev: {error}", file=sys.stderr)
+        return 2
+    session = DevSession(options)
     try:
         return asyncio.run(session.main())
     except KeyboardInterrupt:  # before the signal handlers were installed
@@ -378,7 +385,7 @@ class DevSession:
             await asyncio.to_thread(self.spinner.start, "starting the model server")
             child = await self.children.start(
                 "model server",
-                shlex.split(options.model_command),
+                options.model_command,
                 {**os.environ, "MODEL_LOG": log},
                 Path(log),
                 output_to_file=True,

@@ -32,7 +32,7 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.02
 MODEL_ALIAS = "tiny"
-LISTENING = re.compile(r"listening on (http://[\w.:\[\]-]+)")
+LISTENING = re.compile(r"listening on (http://[\w.:\[\]-]+)\s*$", re.MULTILINE)
 
 
 def cached_binary() -> Path:
@@ -82,12 +82,14 @@ def free_port() -> int:
 
 
 def _read_from(path: Path, offset: int) -> str:
+    """The complete lines of `path` from byte `offset`: a line being written is left out."""
     try:
         with path.open("rb") as file:
             file.seek(offset)
-            return file.read(1 << 20).decode(errors="replace")
+            data = file.read(1 << 20)
     except OSError:
         return ""
+    return data[: data.rfind(b"\n") + 1].decode(errors="replace")
 
 
 def _tail(path: Path, size: int = 4000) -> str:
@@ -128,7 +130,7 @@ def stop_process(process: subprocess.Popen[bytes]) -> int:
 
 @dataclass
 class Process:
-    """A server process whose output goes to `log`, as a container start script would do it."""
+    """A server process whose log goes to the file `log`, as a start script would do it."""
 
     process: subprocess.Popen[bytes]
     log: Path
@@ -196,22 +198,22 @@ def start_llama_server(
 
 
 def spawn_worker(log: Path, environ: dict[str, str], *arguments: str) -> Process:
-    """Start `python -m pyworker run openai --port 0` from the repository, output to `log`."""
+    """Start `python -m pyworker run openai --port 0` from the repository; wait until it listens.
+
+    Its log (stderr) goes to `log`, what it prints (stdout: where it listens) beside it in
+    `<log>.out`, so that no log line can land in the middle of the address.
+    """
     env = dict(os.environ)
     env.update(PYTHONPATH=str(REPOSITORY), WORKER_HOST="127.0.0.1", **environ)
     command = [sys.executable, "-m", "pyworker", "run", "openai", "--port", "0", *arguments]
-    with log.open("ab") as output:
+    printed = log.with_name(log.name + ".out")
+    with log.open("ab") as errors, printed.open("ab") as output:
         process = subprocess.Popen(
-            command,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=log.parent,
+            command, stdout=output, stderr=errors, stdin=subprocess.DEVNULL, env=env, cwd=log.parent
         )
     worker = Process(process, log)
     try:
-        worker.url = wait_for_line(log, LISTENING, process, START_TIMEOUT).group(1)
+        worker.url = wait_for_line(printed, LISTENING, process, START_TIMEOUT).group(1)
     except BaseException:
         worker.stop()
         raise

@@ -139,15 +139,17 @@ def estimate_text_tokens(text: str) -> float:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def estimate_prompt_tokens(prompt: object) -> float:
-    """A completions `prompt`: text, token ids, or a list of either (one per choice set)."""
+def estimate_prompt_tokens(prompt: object, nested: bool = False) -> float:
+    """A completions `prompt`: text, token ids, or a list of prompts of either kind."""
     if isinstance(prompt, str):
         return estimate_text_tokens(prompt)
     if not isinstance(prompt, list):
         return 0.0
     if all(isinstance(item, int) for item in prompt[:MAX_ITEMS]):
         return float(min(len(prompt), MAX_ITEMS))
-    return sum(estimate_prompt_tokens(item) for item in prompt[:MAX_ITEMS])
+    if nested:
+        return 0.0  # prompts are at most a list of lists; anything deeper is not one
+    return sum(estimate_prompt_tokens(item, nested=True) for item in prompt[:MAX_ITEMS])
 
 
 def estimate_message_tokens(messages: object) -> float:
@@ -186,7 +188,7 @@ def requested_tokens(payload: JSONObject, default: int = DEFAULT_MAX_TOKENS) -> 
     limit = payload.get("max_completion_tokens")
     if limit is None:
         limit = payload.get("max_tokens")
-    if isinstance(limit, bool) or not isinstance(limit, int | float) or limit < 0:
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit < math.inf:
         limit = default
     choices = payload.get("n", 1)
     if isinstance(choices, bool) or not isinstance(choices, int) or choices < 1:
@@ -285,4 +287,4 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     )
 
 
-worker = build_worker()
+worker = build_worker()  # from the environment that `pyworker run openai` runs in
