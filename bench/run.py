@@ -365,10 +365,38 @@ async def run_rounds(
         for setup in setups:
             place_model(setup)
             await measure_round(setup, plan, generator, figures[setup.subject])
+        proxies = [setup for setup in setups if setup.subject is not Subject.DIRECT]
+        place_model(proxies[0])
+        await head_to_head(proxies, plan, generator, figures)
         rates = ", ".join(
             f"{s.subject}: {figures[s.subject].requests_per_second[-1]:,.0f}/s" for s in setups
         )
         print(f"round {number}/{plan.rounds}: {rates}", file=sys.stderr, flush=True)
+
+
+async def head_to_head(
+    proxies: Sequence[Setup], plan: Plan, generator: LoadGenerator, figures: dict[Subject, Figures]
+) -> None:
+    """Both proxies on their one shared core at once, each with half the connections.
+
+    The scheduler splits the core evenly between two busy processes, and whatever else runs
+    on the machine slows both alike, so the ratio of requests served is the ratio of their
+    costs per request, steady even on a machine too busy for the separate rounds to count.
+    """
+    connections = max(plan.connections // len(proxies), 1)
+    results = await asyncio.gather(
+        *(
+            generator.closed(
+                setup.url + "/generate",
+                setup.bodies.generate,
+                connections,
+                plan.throughput_seconds,
+            )
+            for setup in proxies
+        )
+    )
+    for setup, result in zip(proxies, results, strict=True):
+        figures[setup.subject].head_to_head.append(result.rate)
 
 
 def compose(

@@ -201,7 +201,8 @@ async def test_ready_from_the_real_log_after_a_load_error_with_a_measured_benchm
             if server is not None:
                 assert await asyncio.to_thread(server.stop) == 0
             assert await asyncio.to_thread(worker.stop) == 0
-    assert re.search(r"srv\s+\S+: model loaded", log.read_text()), log.read_text()[-2000:]
+    text = await asyncio.to_thread(log.read_text)
+    assert re.search(r"srv\s+\S+: model loaded", text), text[-2000:]
 
 
 async def wait_report(autoscaler: FakeAutoscaler, predicate: Any) -> dict[str, Any]:
@@ -222,7 +223,8 @@ async def expected_round_work(
     The tiny model always runs to `max_tokens`, so each payload's usage is the same however it
     is sampled; the benchmark sends the dataset in order, the first item as its warm-up.
     """
-    dataset = [json.loads(line) for line in BENCHMARK_FILE.read_text().splitlines() if line]
+    text = await asyncio.to_thread(BENCHMARK_FILE.read_text)
+    dataset = [json.loads(line) for line in text.splitlines() if line]
     usage: list[float] = []
     for payload in dataset:
         status, body = await post_json(session, server.url + "/v1/completions", payload)
@@ -279,7 +281,7 @@ async def test_a_client_hang_up_stops_the_generation(
     worker: Process, slow_server: Process, session: aiohttp.ClientSession
 ) -> None:
     payload = {"prompt": "hello world", "max_tokens": 1500, "stream": True}
-    log_before = len(slow_server.log_text())
+    log_before = len(await asyncio.to_thread(slow_server.log_text))
     async with session.post(worker.url + "/v1/completions", json=envelope(payload)) as response:
         assert response.status == 200
         events = 0
@@ -295,6 +297,7 @@ async def test_a_client_hang_up_stops_the_generation(
         await asyncio.sleep(0.02)
 
     # llama-server logs from a thread of its own: its line may trail the idle slot a little.
+    await wait_for_log(slow_server, r"stop: cancel task, id_task = \d+", log_before)
     released = await wait_for_log(slow_server, r"stop processing: n_tokens = (\d+)", log_before)
     assert int(released.group(1)) < 1000, released.group(0)  # far short of the 1500 asked for
     async with session.get(worker.url + "/status") as answer:
@@ -304,10 +307,12 @@ async def test_a_client_hang_up_stops_the_generation(
 
 async def wait_for_log(server: Process, pattern: str, offset: int) -> re.Match[str]:
     deadline = time.monotonic() + 5.0
-    while (match := re.search(pattern, server.log_text()[offset:])) is None:
-        assert time.monotonic() < deadline, f"no {pattern!r} in {server.log_text()[-2000:]}"
+    while True:
+        text = await asyncio.to_thread(server.log_text)
+        if match := re.search(pattern, text[offset:]):
+            return match
+        assert time.monotonic() < deadline, f"no {pattern!r} in {text[-2000:]}"
         await asyncio.sleep(0.02)
-    return match
 
 
 async def test_four_streams_run_at_once_in_four_slots(
