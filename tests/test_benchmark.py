@@ -131,7 +131,7 @@ def test_dataset_from_json_and_jsonl_files(tmp_path: Path) -> None:
     assert load_dataset(BenchmarkConfig(dataset_file=str(as_jsonl))) == [{"a": 1}, {"a": 3}]
     generated = load_dataset(BenchmarkConfig(generator=lambda i: {"i": i}, rounds=1, concurrency=2))
     assert generated == [{"i": 0}, {"i": 1}, {"i": 2}]
-    with pytest.raises(BenchmarkError, match="missing.json"):
+    with pytest.raises(BenchmarkError, match=r"missing\.json"):
         load_dataset(BenchmarkConfig(dataset_file=str(tmp_path / "missing.json")))
 
 

@@ -88,7 +88,7 @@ def test_bad_toml_and_missing_targets(tmp_path: Path) -> None:
         load_config("no_such_worker_anywhere", environ={})
     valid = tmp_path / "valid.toml"
     valid.write_text(TOML)
-    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
         load_config(str(valid), ["nonsense"], {})
     with pytest.raises(ConfigError, match="out of range"):
         load_config(str(valid), ["routes.5.path=/x"], {})

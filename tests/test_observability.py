@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestServer
 
 from pyworker.app import Worker
@@ -12,8 +13,6 @@ from pyworker.config import WorkerConfig
 from pyworker.environment import Environment
 from pyworker.gpu import GpuMonitor
 from pyworker.server import RUNNER_OPTIONS
-import aiohttp
-
 from tests.conftest import KeyPair, ModelServer, WorkerFactory, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
 
