@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
-import psutil
 
 from pyworker import __version__
 from pyworker.accounting import Interval, Ledger
@@ -29,7 +29,7 @@ GB = 1e9
 
 
 def disk_used_bytes(path: str = "/") -> int:
-    return int(psutil.disk_usage(path).used)
+    return shutil.disk_usage(path).used
 
 
 class Reporter:

@@ -7,6 +7,7 @@ drain exits at once with 128 + the signal number (143 for SIGTERM, 130 for SIGIN
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -25,6 +26,22 @@ from pyworker.session_routes import create_side_app
 from pyworker.tls import TLSError, server_ssl_context
 
 logger = logging.getLogger(__name__)
+
+GC_THRESHOLDS = (10_000, 50, 100)
+"""Young collections every 10,000 allocations instead of 700: under load the default ran
+thousands of collections a second and full ones paused the loop for 30-50 ms (bench/)."""
+
+
+def tune_garbage_collector() -> None:
+    """Move everything alive after start-up out of the collector's sight, and collect less often.
+
+    Start-up objects (modules, config, routes) live as long as the process: scanning them
+    on every full collection is pure cost. Cycles are still collected, just in larger batches.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
 
 # Handlers are cancelled when their client hangs up, so the upstream call stops at once.
 RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "access_log": None, **HTTP_LIMITS}
@@ -56,6 +73,7 @@ async def serve(
         **RUNNER_OPTIONS,
     )
     await runner.setup()
+    tune_garbage_collector()
     side_app = create_side_app(worker)
     side_app.middlewares.append(body_deadline(environment.body_timeout))
     side = web.AppRunner(side_app, access_log=None, keepalive_timeout=keepalive, **HTTP_LIMITS)

@@ -232,11 +232,13 @@ class ReplayCache:
             del self._until[digest]
 
     def add(self, digest: bytes, keep_until: float, now: float) -> bool:
-        """Remember `digest` until `keep_until`; False when full of unexpired entries."""
+        """Remember `digest` until `keep_until`; False when full of unexpired entries.
+
+        Expired entries go first, so the cache holds only what may still be replayed.
+        """
+        self.prune(now)
         if len(self._until) >= self.capacity:
-            self.prune(now)
-            if len(self._until) >= self.capacity:
-                return False
+            return False
         self._until[digest] = keep_until
         heapq.heappush(self._by_expiry, (keep_until, digest))
         return True

@@ -9,9 +9,6 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 
 class TLSError(Exception):
     """The certificate or key cannot be used; the message names the file."""
@@ -22,10 +19,14 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     certificate = _read(cert_file, "certificate")
     key = _read(key_file, "key")
     try:
+        from cryptography import x509  # only TLS workers pay for importing it
+
         x509.load_pem_x509_certificates(certificate)
     except ValueError:
         raise TLSError(f"TLS certificate file {cert_file} holds no PEM certificate") from None
     try:
+        from cryptography.hazmat.primitives import serialization
+
         serialization.load_pem_private_key(key, password=None)
     except (ValueError, TypeError):
         raise TLSError(f"TLS key file {key_file} holds no unencrypted PEM private key") from None

@@ -72,6 +72,17 @@ class ModelClient:
         self.base_url = base_url
         self.connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+
+    def timeout(self, read_timeout: float | None) -> aiohttp.ClientTimeout:
+        """One ClientTimeout per distinct read timeout (one per route), not one per request."""
+        timeout = self._timeouts.get(read_timeout)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self.connect_timeout, sock_read=read_timeout
+            )
+            self._timeouts[read_timeout] = timeout
+        return timeout
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -80,8 +91,7 @@ class ModelClient:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
-                skip_auto_headers=("User-Agent",),
+                timeout=self.timeout(None),
             )
         return self._session
 
@@ -98,12 +108,12 @@ class ModelClient:
         read_timeout: float | None,
         response_hook: ResponseHook | None = None,
     ) -> Relayed:
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.connect_timeout, sock_read=read_timeout
-        )
         with model_errors():
             async with self.session.post(
-                self.base_url + path, data=body, headers=REQUEST_HEADERS, timeout=timeout
+                self.base_url + path,
+                data=body,
+                headers=REQUEST_HEADERS,
+                timeout=self.timeout(read_timeout),
             ) as upstream:
                 if _is_stream(upstream):
                     return await _relay_stream(request, upstream)

@@ -146,6 +146,8 @@ async def start_worker(
         raw.setdefault("perf", 1000.0)  # a known perf skips the benchmark unless a test wants it
         environ = {"REPORT_ADDR": pubkey_server, "UNSECURED": "false" if secured else "true"}
         worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
+        # Tests read the ledger directly; reporting is tested against a recording autoscaler.
+        worker.reporter.addresses = ()
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
         await server.start_server()
         connector = aiohttp.TCPConnector(limit=0)

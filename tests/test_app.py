@@ -418,10 +418,13 @@ async def test_a_thousand_concurrent_requests(
     start_worker: WorkerFactory, keypair: KeyPair, model_server: ModelServer
 ) -> None:
     worker = await start_worker()
-    bodies = [envelope(keypair, {"seconds": 0.5}, request_idx=n) for n in range(1000)]
-    statuses = await asyncio.gather(*(_status(worker, "/slow", b) for b in bodies))
-    assert statuses == [200] * 1000
-    assert model_server.recorder.peak_active > 500  # no pool cap serialised them
+    bodies = [envelope(keypair, {"wait_release": True}, request_idx=n) for n in range(1000)]
+    tasks = [asyncio.create_task(_status(worker, "/slow", b)) for b in bodies]
+    # All thousand are at the model at the same time: no pool cap serialises them.
+    await wait_until(lambda: model_server.recorder.active == 1000, timeout=60)
+    assert worker.worker.ledger.in_progress == 1000
+    model_server.recorder.release.set()
+    assert await asyncio.gather(*tasks) == [200] * 1000
     assert len(worker.worker.ledger.take_finished(limit=2000)) == 1000
 
 

@@ -535,6 +535,7 @@ def test_the_strict_replay_cache_stays_bounded_under_a_stream_of_requests() -> N
         if verdict is Verdict.ACCEPTED:
             accepted.append(auth)
             del accepted[:-5]
+            assert all(until >= clock[0] for until in verifier.replays._until.values())
         replays = verifier.replays
         assert len(replays) <= replays.capacity
         assert len(replays._by_expiry) == len(replays._until)

@@ -283,6 +283,10 @@ def test_replay_cache_alone() -> None:
     assert cache.add(b"c", 9.0, now=2.0) and b"b" not in cache and b"a" in cache
     with pytest.raises(ValueError):
         ReplayCache(capacity=0)
+    roomy = ReplayCache(capacity=1000)  # far from full: expired entries still go at once
+    for second in range(50):
+        assert roomy.add(bytes([second]), keep_until=second + 3.0, now=float(second))
+        assert len(roomy) <= 4
 
 
 def test_sign_message_round_trips_for_both_key_types(any_key: PrivateKey) -> None:
