@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,3 +350,24 @@ def test_state_file_tolerates_garbage(tmp_path: Path) -> None:
     path.write_bytes(orjson.dumps(document))
     state = read_state(path)
     assert state is not None and state.children == {} and state.endpoint == "hello_world"
+
+
+def test_the_dev_worker_verifies_strictly_and_refuses_a_replay(dev: DevRun) -> None:
+    def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(
+            url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    status, auth_data = post(dev.state.autoscaler + "/route/", {"endpoint": dev.state.endpoint})
+    assert status == 200 and "strict_signature" in auth_data
+    payload = {"prompt": "once", "max_tokens": 2}
+    envelope = {"auth_data": auth_data, "payload": payload}
+    first, _ = post(dev.state.worker_url + "/v1/completions", envelope)
+    replayed, answer = post(dev.state.worker_url + "/v1/completions", envelope)
+    assert first == 200
+    assert replayed == 401, answer

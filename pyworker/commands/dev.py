@@ -460,6 +460,7 @@ class DevSession:
             REPORT_ADDR=session.autoscaler_url,
             CONTAINER_ID=str(WORKER_ID),
             UNSECURED="false",
+            PYWORKER_STRICT_AUTH="true",  # the local autoscaler signs strictly: verify that way
             WORKER_HOST=options.host,
             PUBLIC_IPADDR=options.host,
             WORKER_HTTP_PORT=str(options.worker_port + 1 if options.worker_port else 0),
