@@ -86,7 +86,7 @@ async def serve(
         bound = _bound_port(runner, port)
         worker.url = worker.environment.public_url(bound)
         scheme = "https" if ssl_context is not None else "http"
-        print(f"pyworker {worker.config.name} listening on {scheme}://{host}:{bound}", flush=True)
+        announce(f"pyworker {worker.config.name} listening on {scheme}://{host}:{bound}")
         await _start_side_port(side, worker)
         await stop.wait()
         logger.info("stopping")
@@ -104,7 +104,17 @@ async def _start_side_port(side: web.AppRunner, worker: Worker) -> None:
     except OSError as error:
         logger.error("session side port %s:%d not served: %s", host, port, error.strerror)
         return
-    print(f"pyworker /session/end also on http://{host}:{_bound_port(side, port)}", flush=True)
+    announce(f"pyworker /session/end also on http://{host}:{_bound_port(side, port)}")
+
+
+def announce(line: str) -> None:
+    """Print a line that other programs parse (the bound address) in one write.
+
+    print() writes the text and the newline separately: with unbuffered output a log line
+    from another thread could land between them and corrupt the address.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _bound_port(runner: web.AppRunner, fallback: int) -> int:
