@@ -174,3 +174,22 @@ def worker_body(auth_data: Mapping[str, Any], payload: Any) -> bytes:
 
 def worker_url(auth_data: Mapping[str, Any], route: str) -> str:
     return str(auth_data["url"]).rstrip("/") + (route if route.startswith("/") else "/" + route)
+
+
+ROUTE_WAIT = 300.0
+"""How long the worker clients (workers/*/client.py) wait for a ready worker."""
+
+
+async def route(
+    session: aiohttp.ClientSession, autoscaler: str, endpoint: str, api_key: str, cost: float
+) -> dict[str, Any]:
+    """The signed auth_data of a ready worker, for the worker clients; waits while none is."""
+    return await route_request(
+        session, Target(autoscaler.rstrip("/"), endpoint, api_key), cost, ROUTE_WAIT
+    )
+
+
+def unsigned_auth_data(worker: str) -> dict[str, Any]:
+    """What an UNSECURED worker accepts: the fields must be there, the signature is not read."""
+    fields = {"cost": 0, "endpoint": "local", "reqnum": 0, "request_idx": 0, "signature": ""}
+    return fields | {"url": worker}

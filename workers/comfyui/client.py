@@ -26,9 +26,9 @@ from typing import Any
 
 import aiohttp
 
-ROUTE_TIMEOUT = aiohttp.ClientTimeout(total=10)
+from pyworker.commands.routing import route, unsigned_auth_data
+
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=900)
-MAX_ROUTE_ATTEMPTS = 60
 
 
 def text_to_image(prompt: str, steps: int, size: int, checkpoint: str) -> dict[str, Any]:
@@ -74,30 +74,6 @@ def estimated_cost(workflow: dict[str, Any]) -> float:
             pixels = latent["width"] * latent["height"] * latent.get("batch_size", 1)
             total += inputs["steps"] * pixels / (512 * 512)
     return total or 1.0
-
-
-async def route(
-    session: aiohttp.ClientSession, autoscaler: str, endpoint: str, api_key: str, cost: float
-) -> dict[str, Any]:
-    """The autoscaler's signed answer for a ready worker; waits while none is ready."""
-    body: dict[str, Any] = {"endpoint": endpoint, "api_key": api_key, "cost": cost}
-    delay = 0.5
-    for _ in range(MAX_ROUTE_ATTEMPTS):
-        async with session.post(autoscaler + "/route/", json=body, timeout=ROUTE_TIMEOUT) as r:
-            r.raise_for_status()
-            answer: dict[str, Any] = await r.json()
-        if "url" in answer:
-            return answer
-        body["request_idx"] = answer.get("request_idx", 0)  # keep our place in line
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
-    raise RuntimeError(f"no worker became ready for endpoint {endpoint!r}")
-
-
-def unsigned_auth_data(worker: str) -> dict[str, Any]:
-    """What an UNSECURED worker accepts: the fields must be there, the signature is not read."""
-    fields = {"cost": 0, "endpoint": "local", "reqnum": 0, "request_idx": 0, "signature": ""}
-    return fields | {"url": worker}
 
 
 async def run_workflow(

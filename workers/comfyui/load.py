@@ -29,7 +29,8 @@ from typing import Any
 
 import aiohttp
 
-from workers.comfyui.client import estimated_cost, route, run_workflow, unsigned_auth_data
+from pyworker.commands.routing import route, unsigned_auth_data
+from workers.comfyui.client import estimated_cost, run_workflow
 
 DATASET = Path(__file__).resolve().parent / "benchmark.json"
 MAX_REQUESTS = 100_000

@@ -20,39 +20,15 @@ from typing import Any
 
 import aiohttp
 
-ROUTE_TIMEOUT = aiohttp.ClientTimeout(total=10)
+from pyworker.commands.routing import route, unsigned_auth_data
+
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
-MAX_ROUTE_ATTEMPTS = 60
 
 
 def estimated_cost(payload: dict[str, Any]) -> float:
     """The worker's own workload rule, roughly: prompt characters / 4 plus max_tokens."""
     text = "".join(str(message.get("content", "")) for message in payload.get("messages", []))
     return len(text) / 4 + float(payload.get("max_tokens", 256))
-
-
-async def route(
-    session: aiohttp.ClientSession, autoscaler: str, endpoint: str, api_key: str, cost: float
-) -> dict[str, Any]:
-    """The autoscaler's signed answer for a ready worker; waits while none is ready."""
-    body: dict[str, Any] = {"endpoint": endpoint, "api_key": api_key, "cost": cost}
-    delay = 0.5
-    for _ in range(MAX_ROUTE_ATTEMPTS):
-        async with session.post(autoscaler + "/route/", json=body, timeout=ROUTE_TIMEOUT) as r:
-            r.raise_for_status()
-            answer: dict[str, Any] = await r.json()
-        if "url" in answer:
-            return answer
-        body["request_idx"] = answer.get("request_idx", 0)  # keep our place in line
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
-    raise RuntimeError(f"no worker became ready for endpoint {endpoint!r}")
-
-
-def unsigned_auth_data(worker: str) -> dict[str, Any]:
-    """What an UNSECURED worker accepts: the fields must be there, the signature is not read."""
-    fields = {"cost": 0, "endpoint": "local", "reqnum": 0, "request_idx": 0, "signature": ""}
-    return fields | {"url": worker}
 
 
 async def stream_chat(

@@ -22,39 +22,15 @@ from typing import Any
 
 import aiohttp
 
-ROUTE_TIMEOUT = aiohttp.ClientTimeout(total=10)
+from pyworker.commands.routing import route, unsigned_auth_data
+
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
-MAX_ROUTE_ATTEMPTS = 60
 
 
 def estimated_cost(payload: dict[str, Any]) -> float:
     """The worker's workload rule: max_new_tokens plus the prompt at 4 characters a token."""
     parameters = payload.get("parameters") or {}
     return float(parameters.get("max_new_tokens") or 100) + math.ceil(len(payload["inputs"]) / 4)
-
-
-async def route(
-    session: aiohttp.ClientSession, autoscaler: str, endpoint: str, api_key: str, cost: float
-) -> dict[str, Any]:
-    """The autoscaler's signed answer for a ready worker; waits while none is ready."""
-    body: dict[str, Any] = {"endpoint": endpoint, "api_key": api_key, "cost": cost}
-    delay = 0.5
-    for _ in range(MAX_ROUTE_ATTEMPTS):
-        async with session.post(autoscaler + "/route/", json=body, timeout=ROUTE_TIMEOUT) as r:
-            r.raise_for_status()
-            answer: dict[str, Any] = await r.json()
-        if "url" in answer:
-            return answer
-        body["request_idx"] = answer.get("request_idx", 0)  # keep our place in line
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
-    raise RuntimeError(f"no worker became ready for endpoint {endpoint!r}")
-
-
-def unsigned_auth_data(worker: str) -> dict[str, Any]:
-    """What an UNSECURED worker accepts: the fields must be there, the signature is not read."""
-    fields = {"cost": 0, "endpoint": "local", "reqnum": 0, "request_idx": 0, "signature": ""}
-    return fields | {"url": worker}
 
 
 async def generate(

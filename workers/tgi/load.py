@@ -27,7 +27,8 @@ from typing import Any
 
 import aiohttp
 
-from workers.tgi.client import estimated_cost, route, unsigned_auth_data
+from pyworker.commands.routing import route, unsigned_auth_data
+from workers.tgi.client import estimated_cost
 
 DATASET = Path(__file__).resolve().parent / "benchmark.jsonl"
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
