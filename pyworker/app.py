@@ -22,7 +22,7 @@ from aiohttp import web
 from pyworker.accounting import Ledger, Outcome
 from pyworker.admin import UPDATE_PATH, update_handler
 from pyworker.admission import Refusal, RouteGate
-from pyworker.auth import SignatureVerifier, Verdict, Verifier, fetch_public_key
+from pyworker.auth import SignatureVerifier, Verifier, fetch_public_key
 from pyworker.config import RouteConfig, WorkerConfig
 from pyworker.drain import DrainHook
 from pyworker.envelope import EnvelopeError, parse_envelope
@@ -34,7 +34,12 @@ from pyworker.metrics import RequestMetrics
 from pyworker.observability import register_observability_routes
 from pyworker.readiness import Readiness
 from pyworker.reporter import Reporter
-from pyworker.responses import error_response, json_response
+from pyworker.responses import (
+    error_response,
+    json_response,
+    not_ready_refusal,
+    signature_refusal,
+)
 from pyworker.session_routes import SessionRoutes
 from pyworker.sessions import SessionStore
 from pyworker.state import WorkerStatus
@@ -44,7 +49,6 @@ from pyworker.upstream import ClientGone, ModelClient, UpstreamError
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-NOT_READY_RETRY_AFTER = 5.0
 CLIENT_CLOSED = 499  # nginx's word for "client closed request"; seen only in our accounting
 
 
@@ -167,26 +171,15 @@ class Worker:
             except EnvelopeError as error:
                 return json_response(422, error.body())
             auth = envelope.auth
-            if check_signatures:
-                if not verifier.has_key:
-                    return error_response(
-                        503, "public key not loaded yet", retry_after=NOT_READY_RETRY_AFTER
-                    )
-                verdict = verifier.check(auth)
-                if verdict is not Verdict.ACCEPTED:
-                    return _unauthorized(verdict)
+            if check_signatures and (refused := signature_refusal(verifier, auth)) is not None:
+                return refused
             session = None
             if envelope.session_id is not None:
                 session = self.sessions.extend(envelope.session_id)
                 if session is None:
                     return error_response(410, "invalid session")
-            if not status.ready:
-                return error_response(
-                    503,
-                    f"worker is not ready: {status.state}",
-                    retry_after=NOT_READY_RETRY_AFTER,
-                    state=str(status.state),
-                )
+            if (refused := not_ready_refusal(status)) is not None:
+                return refused
             payload = envelope.payload
             if route.request_hook is not None:
                 try:
@@ -242,12 +235,6 @@ class Worker:
 async def _call(hook: Callable[[Any], Any], value: Any) -> Any:
     result = hook(value)
     return await result if inspect.isawaitable(result) else result
-
-
-def _unauthorized(verdict: Verdict) -> web.Response:
-    if verdict is Verdict.BUSY:
-        return error_response(503, verdict.value, retry_after=1.0)
-    return error_response(401, verdict.value)
 
 
 def _refused(refusal: Refusal, gate: RouteGate, perf: float) -> web.Response:

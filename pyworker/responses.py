@@ -7,6 +7,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pyworker.auth import AuthData, Verdict, Verifier
+from pyworker.state import WorkerStatus
+
+NOT_READY_RETRY_AFTER = 5.0
+
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
@@ -19,3 +24,27 @@ def error_response(
 ) -> web.Response:
     headers = None if retry_after is None else {"Retry-After": str(max(1, round(retry_after)))}
     return json_response(status, {"error": message, **extra}, headers)
+
+
+def signature_refusal(verifier: Verifier, auth: AuthData) -> web.Response | None:
+    """The answer to a request whose auth_data does not pass, or None when it does."""
+    if not verifier.has_key:
+        return error_response(503, "public key not loaded yet", retry_after=NOT_READY_RETRY_AFTER)
+    verdict = verifier.check(auth)  # strict mode: each auth_data is used up here
+    if verdict is Verdict.ACCEPTED:
+        return None
+    if verdict is Verdict.BUSY:
+        return error_response(503, verdict.value, retry_after=1.0)
+    return error_response(401, verdict.value)
+
+
+def not_ready_refusal(status: WorkerStatus) -> web.Response | None:
+    """503 with Retry-After and the state while the worker is not ready, else None."""
+    if status.ready:
+        return None
+    return error_response(
+        503,
+        f"worker is not ready: {status.state}",
+        retry_after=NOT_READY_RETRY_AFTER,
+        state=str(status.state),
+    )

@@ -14,15 +14,19 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pyworker.auth import AuthData, Verdict
+from pyworker.auth import AuthData
 from pyworker.envelope import EnvelopeError, describe_errors, parse_envelope
-from pyworker.responses import error_response, json_response
+from pyworker.responses import (
+    error_response,
+    json_response,
+    not_ready_refusal,
+    signature_refusal,
+)
 from pyworker.sessions import SESSION_ROUTE, Session, SessionLimit, check_close_route
 
 if TYPE_CHECKING:
     from pyworker.app import Worker
 
-NOT_READY_RETRY_AFTER = 5.0
 FULL_RETRY_AFTER = 30.0
 MAX_SESSION_ID = 256
 
@@ -87,17 +91,9 @@ class SessionRoutes:
             options = _options(envelope.payload, self.store.config.max_lifetime)
         except EnvelopeError as error:
             return json_response(422, error.body())
-        refused = self._check_signature(envelope.auth)
+        refused = self._check_signature(envelope.auth) or not_ready_refusal(self.worker.status)
         if refused is not None:
             return refused
-        status = self.worker.status
-        if not status.ready:
-            return error_response(
-                503,
-                f"worker is not ready: {status.state}",
-                retry_after=NOT_READY_RETRY_AFTER,
-                state=str(status.state),
-            )
         auth = envelope.auth
         try:
             session = self.store.open(
@@ -164,17 +160,7 @@ class SessionRoutes:
     def _check_signature(self, auth: AuthData) -> web.Response | None:
         if self.worker.environment.unsecured:
             return None
-        verifier = self.worker.verifier
-        if not verifier.has_key:
-            return error_response(
-                503, "public key not loaded yet", retry_after=NOT_READY_RETRY_AFTER
-            )
-        verdict = verifier.check(auth)  # strict mode: replay-checked like any signed request
-        if verdict is Verdict.BUSY:
-            return error_response(503, verdict.value, retry_after=1.0)
-        if verdict is not Verdict.ACCEPTED:
-            return error_response(401, verdict.value)
-        return None
+        return signature_refusal(self.worker.verifier, auth)
 
 
 def create_side_app(worker: Worker) -> web.Application:
