@@ -13,9 +13,6 @@ import base64
 import copy
 import json
 import os
-import re
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,6 +30,7 @@ from tests.conftest import KeyPair, WorkerFactory, wait_until
 from tests.support import fake_comfyui
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.fake_comfyui import FakeComfyUI
+from tests.support.processes import spawn, stop
 from workers.comfyui import worker as comfyui
 from workers.comfyui.worker import check_payload, run_workflow, workload
 
@@ -384,26 +382,6 @@ async def test_a_client_that_leaves_interrupts_its_comfyui_prompt(
 
 
 # --- end to end -----------------------------------------------------------------------------
-async def _spawn(*arguments: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    """Start `python ARGUMENTS`; its URL from the `listening on URL` line it prints."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, *arguments, stdout=asyncio.subprocess.PIPE, env=env
-    )
-    assert process.stdout is not None
-    while True:
-        line = await asyncio.wait_for(process.stdout.readline(), 30)
-        assert line, f"{arguments} exited before listening"
-        match = re.search(rb"listening on (http://\S+)", line)
-        if match:
-            return process, match.group(1).decode()
-
-
-async def _stop(process: asyncio.subprocess.Process) -> int:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(process.wait(), 20)
-
-
 async def _wait_report(
     autoscaler: FakeAutoscaler, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20
 ) -> dict[str, Any]:
@@ -428,12 +406,12 @@ async def test_pyworker_run_comfyui_end_to_end(tmp_path: Path, keypair: KeyPair)
             "PYTHONPATH": str(REPOSITORY),
             "WORKER_HOST": "127.0.0.1",
         }
-        model, model_url = await _spawn(
+        model, model_url = await spawn(
             "-m", "tests.support.fake_comfyui", "--log", str(log),
             "--output", str(tmp_path / "output"), "--load-after", "0.5",
             "--seconds-per-step", "0.005", env=env,
         )  # fmt: skip
-        worker, url = await _spawn(
+        worker, url = await spawn(
             "-m", "pyworker", "run", "comfyui", "--port", "0",
             env=env | {"MODEL_SERVER_URL": model_url, "MODEL_LOG": str(log)},
         )  # fmt: skip
@@ -466,5 +444,5 @@ async def test_pyworker_run_comfyui_end_to_end(tmp_path: Path, keypair: KeyPair)
             async with session.post(url + "/workflow", json=envelope(txt2img(), 203)) as r:
                 assert r.status == 503
         finally:
-            assert await _stop(worker) == 0
-            await _stop(model)
+            assert await stop(worker) == 0
+            await stop(model)

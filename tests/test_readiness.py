@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +22,7 @@ from tests.fakes import nvml
 from tests.fakes.nvml import FakeGpu, FakeNvml
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.logging_model_server import LOADED_LINE
+from tests.support.processes import spawn, stop
 
 CONFIG = """
 name = "vllm-like"
@@ -45,25 +43,6 @@ concurrency = 4
 """
 BENCHMARK_REQUESTS = 1 + 2 * 4
 REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-async def _spawn(*arguments: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, *arguments, stdout=asyncio.subprocess.PIPE, env=env
-    )
-    assert process.stdout is not None
-    while True:
-        line = await asyncio.wait_for(process.stdout.readline(), 30)
-        assert line, f"{arguments} exited before listening"
-        match = re.search(rb"listening on (http://\S+)", line)
-        if match:
-            return process, match.group(1).decode()
-
-
-async def _stop(process: asyncio.subprocess.Process) -> int:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(process.wait(), 20)
 
 
 class Scene:
@@ -93,7 +72,7 @@ class Scene:
         arguments = ["-m", "pyworker", "run", str(config), "--port", "0"]
         for override in overrides:
             arguments += ["--set", override]
-        return await _spawn(*arguments, env=self.env())
+        return await spawn(*arguments, env=self.env())
 
     async def model_log(self, line: str) -> None:
         async with self.session.post(self.model_url + "/control/log", json={"line": line}) as r:
@@ -133,7 +112,7 @@ class Scene:
 async def scene(tmp_path: Path, keypair: KeyPair) -> AsyncIterator[Scene]:
     async with FakeAutoscaler(keypair.pem) as autoscaler:
         scene = Scene(tmp_path, autoscaler)
-        model, scene.model_url = await _spawn(
+        model, scene.model_url = await spawn(
             "-m", "tests.support.logging_model_server", "--log", str(scene.log),
             "--load-after", "1.5", env=scene.env(),
         )  # fmt: skip
@@ -141,7 +120,7 @@ async def scene(tmp_path: Path, keypair: KeyPair) -> AsyncIterator[Scene]:
             yield scene
         finally:
             await scene.session.close()
-            await _stop(model)
+            await stop(model)
 
 
 async def test_loading_ready_error_recovery_and_benchmark_cache(scene: Scene) -> None:
@@ -179,7 +158,7 @@ async def test_loading_ready_error_recovery_and_benchmark_cache(scene: Scene) ->
         assert status["log"]["rotations"] >= 1 and status["log"]["truncations"] >= 1
         assert status["benchmark"]["perf"] > 0
     finally:
-        assert await _stop(worker) == 0
+        assert await stop(worker) == 0
 
     # A cold restart on the same GPU and model skips the benchmark ...
     worker, url = await scene.start_worker()
@@ -187,14 +166,14 @@ async def test_loading_ready_error_recovery_and_benchmark_cache(scene: Scene) ->
         await scene.wait_ready(url)
         assert await scene.completions_served() == BENCHMARK_REQUESTS
     finally:
-        assert await _stop(worker) == 0
+        assert await stop(worker) == 0
     # ... another model runs it again.
     worker, url = await scene.start_worker("model_server.model_id=another")
     try:
         await scene.wait_ready(url)
         assert await scene.completions_served() == 2 * BENCHMARK_REQUESTS
     finally:
-        assert await _stop(worker) == 0
+        assert await stop(worker) == 0
     marker = await asyncio.to_thread(Path(".has_benchmark").read_text)
     assert float(marker) > 0  # the reference's marker, in the worker's working folder
 

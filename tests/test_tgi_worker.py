@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,6 +24,7 @@ from pyworker.readiness import log_patterns
 from tests.conftest import KeyPair
 from tests.support import fake_tgi
 from tests.support.fake_autoscaler import FakeAutoscaler
+from tests.support.processes import spawn, stop
 from workers.tgi.worker import (
     DEFAULT_MAX_NEW_TOKENS,
     check_payload,
@@ -201,26 +199,6 @@ def test_lines_that_only_look_alike_match_nothing_fatal() -> None:
 
 
 # --- end to end -----------------------------------------------------------------------------
-async def _spawn(*arguments: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    """Start `python ARGUMENTS`; its URL from the `listening on URL` line it prints."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, *arguments, stdout=asyncio.subprocess.PIPE, env=env
-    )
-    assert process.stdout is not None
-    while True:
-        line = await asyncio.wait_for(process.stdout.readline(), 30)
-        assert line, f"{arguments} exited before listening"
-        match = re.search(rb"listening on (http://\S+)", line)
-        if match:
-            return process, match.group(1).decode()
-
-
-async def _stop(process: asyncio.subprocess.Process) -> int:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(process.wait(), 20)
-
-
 class Scene:
     """A fake TGI, a recording autoscaler and, once started, `pyworker run tgi`."""
 
@@ -246,14 +224,14 @@ class Scene:
         }
 
     async def start_model(self, *flags: str) -> asyncio.subprocess.Process:
-        process, self.model_url = await _spawn(
+        process, self.model_url = await spawn(
             "-m", "tests.support.fake_tgi", "--log", str(self.log), "--load-after", "0.5",
             "--tokens-per-second", "1000", *flags, env=self.env(),
         )  # fmt: skip
         return process
 
     async def start_worker(self) -> asyncio.subprocess.Process:
-        process, self.worker_url = await _spawn(
+        process, self.worker_url = await spawn(
             "-m", "pyworker", "run", "tgi", "--port", "0",
             "--set", "benchmark.rounds=1", "--set", "benchmark.concurrency=4",
             env=self.env(MODEL_SERVER_URL=self.model_url, MODEL_LOG=str(self.log)),
@@ -351,8 +329,8 @@ async def test_ready_after_connected_then_streams_token_by_token_then_errors(sce
         assert await scene.finished(101) == "Success"
         assert await scene.finished(102) == "Success"
     finally:
-        assert await _stop(worker) == 0
-        await _stop(model)
+        assert await stop(worker) == 0
+        await stop(model)
 
 
 async def test_a_failed_start_is_reported_and_never_ready(scene: Scene) -> None:
@@ -364,5 +342,5 @@ async def test_a_failed_start_is_reported_and_never_ready(scene: Scene) -> None:
         assert errored["max_perf"] == 0 and errored["loadtime"] == 0
         assert all(report["max_perf"] == 0 for report in scene.autoscaler.worker_status)
     finally:
-        assert await _stop(worker) == 0
-        await _stop(model)
+        assert await stop(worker) == 0
+        await stop(model)
