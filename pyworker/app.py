@@ -186,6 +186,9 @@ class Worker:
                     payload = await _call(route.request_hook, payload)
                 except ValueError as error:
                     return error_response(422, f"invalid payload: {error}")
+                except Exception:
+                    logger.exception("request hook of %s failed", route.path)
+                    return error_response(500, "the worker's request hook failed")
             workload = route.compute_workload(payload, auth.cost)
             refusal = gate.refuse(workload, status.max_perf)
             if refusal is not None:

@@ -191,6 +191,23 @@ async def test_request_hook_runs_only_after_the_signature_check(
         assert "bad is not allowed" in (await response.json())["error"]
 
 
+async def test_a_crashing_request_hook_is_a_json_500_and_the_worker_keeps_serving(
+    start_worker: WorkerFactory, keypair: KeyPair
+) -> None:
+    def hook(payload: dict[str, Any]) -> dict[str, Any]:
+        if payload.get("crash"):
+            raise KeyError("oops")
+        return payload
+
+    worker = await start_worker(routes=[{"path": "/echo", "request_hook": hook}])
+    async with worker.post("/echo", envelope(keypair, {"crash": True})) as response:
+        assert response.status == 500
+        assert await response.json() == {"error": "the worker's request hook failed"}
+    assert worker.worker.ledger.interval().received == 0
+    async with worker.post("/echo", envelope(keypair, {"fine": True})) as response:
+        assert response.status == 200
+
+
 async def test_unknown_session_is_410(start_worker: WorkerFactory, keypair: KeyPair) -> None:
     worker = await start_worker()
     body = {**envelope(keypair), "session_id": "nope"}
