@@ -1,8 +1,9 @@
 """Forwarding a payload to the model server and relaying its answer to the client.
 
-One pooled keep-alive session serves every request, with no cap on connections (a cap would
-throttle a thousand concurrent generations). Bodies are relayed as the model server sent
-them (no decompression), streams chunk by chunk as they arrive.
+Requests travel on pyworker.connection_pool: keep-alive connections with no cap on their
+number (a cap would throttle a thousand concurrent generations). Bodies are relayed as the
+model server sent them (no decompression), streams chunk by chunk as they arrive. Custom
+handlers, health checks and the benchmark get an aiohttp session to the same server.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from pyworker.config import HandlerResult, JSONObject, ModelHandler, ResponseHook
+from pyworker.connection_pool import (
+    Answer,
+    ConnectFailed,
+    ConnectionPool,
+    ConnectTimedOut,
+    PoolError,
+    ReadTimedOut,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,7 @@ class ModelClient:
     def __init__(self, base_url: str, connect_timeout: float) -> None:
         self.base_url = base_url
         self.connect_timeout = connect_timeout
+        self.pool = ConnectionPool(base_url, connect_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
 
@@ -96,6 +106,7 @@ class ModelClient:
         return self._session
 
     async def close(self) -> None:
+        self.pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -109,12 +120,7 @@ class ModelClient:
         response_hook: ResponseHook | None = None,
     ) -> Relayed:
         with model_errors():
-            async with self.session.post(
-                self.base_url + path,
-                data=body,
-                headers=REQUEST_HEADERS,
-                timeout=self.timeout(read_timeout),
-            ) as upstream:
+            async with self.pool.post(path, body, read_timeout) as upstream:
                 if _is_stream(upstream):
                     return await _relay_stream(request, upstream)
                 answer = await upstream.read()
@@ -152,6 +158,14 @@ def model_errors() -> Iterator[None]:
     """Turn a failed call to the model server into the `UpstreamError` the client gets."""
     try:
         yield
+    except ConnectTimedOut:
+        raise UpstreamError(502, "model server unreachable: connect timed out") from None
+    except ConnectFailed as error:
+        raise UpstreamError(502, f"model server unreachable: {error}") from None
+    except ReadTimedOut:
+        raise UpstreamError(504, "model server timed out") from None
+    except PoolError as error:
+        raise UpstreamError(502, f"model server failed: {error}") from None
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamError(502, "model server unreachable: connect timed out") from None
     except aiohttp.ClientConnectorError as error:
@@ -169,20 +183,20 @@ async def _apply_hook(hook: ResponseHook | None, status: int, answer: bytes) -> 
     return await changed if inspect.isawaitable(changed) else changed
 
 
-def _is_stream(upstream: aiohttp.ClientResponse) -> bool:
+def _is_stream(upstream: Answer) -> bool:
     length = upstream.content_length
     if length is None or length > BUFFERED_LIMIT:
         return True
     return upstream.content_type in STREAM_TYPES
 
 
-def _relayed_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def _relayed_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
     return CIMultiDict(
-        (name, value) for name, value in headers.items() if name.lower() not in DROPPED_HEADERS
+        (name, value) for name, value in headers if name.lower() not in DROPPED_HEADERS
     )
 
 
-async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse) -> Relayed:
+async def _relay_stream(request: web.Request, upstream: Answer) -> Relayed:
     response = web.StreamResponse(
         status=upstream.status, headers=_relayed_headers(upstream.headers)
     )
@@ -194,11 +208,11 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse) 
         raise ClientGone from None
     status = upstream.status
     try:
-        async for chunk in upstream.content.iter_any():
+        while chunk := await upstream.next_chunk():
             await response.write(chunk)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise ClientGone from None
-    except (aiohttp.ClientError, TimeoutError) as error:
+    except PoolError as error:
         # Headers are gone already: the only honest signal left is to cut the connection.
         logger.warning("model server stream broke after headers: %s", error.__class__.__name__)
         if request.transport is not None:

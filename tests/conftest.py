@@ -3,11 +3,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import hashes, serialization
@@ -46,6 +47,19 @@ class KeyPair:
 
 
 _KEYPAIR: KeyPair | None = None
+
+LoopFactories = Mapping[str, Callable[[], asyncio.AbstractEventLoop]]
+DEFAULT_LOOP: LoopFactories = {"asyncio": asyncio.new_event_loop}
+BOTH_LOOPS: LoopFactories = {**DEFAULT_LOOP, "uvloop": uvloop.new_event_loop}
+BOTH_LOOP_MODULES = ("tests.test_app", "tests.test_connection_pool")
+"""The request path runs on uvloop in production: these modules' tests run on both loops."""
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> LoopFactories:
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__ in BOTH_LOOP_MODULES:
+        return BOTH_LOOPS
+    return DEFAULT_LOOP
 
 
 @pytest.fixture(autouse=True)
