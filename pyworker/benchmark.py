@@ -23,7 +23,8 @@ import aiohttp
 import orjson
 
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
-from pyworker.upstream import REQUEST_HEADERS, ModelClient
+from pyworker.connection_pool import ConnectFailed
+from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class Benchmark:
             try:
                 await self._one(payload)
                 return
-            except aiohttp.ClientConnectorError:
+            except (aiohttp.ClientConnectorError, ConnectFailed):
                 if time.monotonic() > deadline:
                     raise BenchmarkError(
                         f"model server refused connections for {self.config.connect_wait:.0f} s"
@@ -248,12 +249,11 @@ class Benchmark:
             async with asyncio.timeout(self.config.timeout):
                 result = await handler(self.model.session, self.model.base_url, payload)
             return result.status, result.body, result.content_type.split(";")[0].strip()
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
-        url = self.model.base_url + self.route.model_path
-        async with self.model.session.post(
-            url, data=orjson.dumps(payload), headers=REQUEST_HEADERS, timeout=timeout
-        ) as response:
-            return response.status, await response.read(), response.content_type
+        async with (
+            asyncio.timeout(self.config.timeout),
+            self.model.pool.post(self.route.model_path, orjson.dumps(payload)) as answer,
+        ):
+            return answer.status, await answer.read(), answer.content_type
 
 
 def _cycle(payloads: list[JSONObject]) -> Iterator[JSONObject]:

@@ -9,12 +9,17 @@ import sys
 from collections.abc import Sequence
 
 from pyworker import __version__
-from pyworker.commands import call, dev, load
 from pyworker.environment import Environment, InvalidEnvironment
 from pyworker.loader import ConfigError, load_config
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tools: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; without `tools`, only `run`.
+
+    `pyworker run` is what every GPU worker executes, for its whole life: leaving out the
+    developer commands (dev, call, load and the local autoscaler they import) keeps about
+    1.4 MiB out of its memory.
+    """
     parser = argparse.ArgumentParser(prog="pyworker", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pyworker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="listen address (default: 0.0.0.0, or 127.0.0.1 locally)")
     run.add_argument("--log-level", default=os.environ.get("PYWORKER_LOG_LEVEL", "INFO"))
     run.set_defaults(handler=command_run)
-    for command in (dev, call, load):
-        command.add_parser(commands)
+    if tools:
+        from pyworker.commands import call, dev, load
+
+        for command in (dev, call, load):
+            command.add_parser(commands)
     return parser
 
 
@@ -56,7 +64,8 @@ def command_run(arguments: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(tools=argv[:1] != ["run"])
     arguments = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(arguments, "log_level", "INFO").upper(),

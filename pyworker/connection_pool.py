@@ -5,8 +5,10 @@ a URL, a request object, a payload, a cookie jar lookup, trace hooks and a strea
 every call. The request path needs much less: one known origin, one kind of request (a POST
 with a JSON body), the answer's status and headers, and its body as the chunks arrive. So
 this pool writes each request in one call, lets httptools (llhttp) parse the answer, and
-hands the body over chunk by chunk. Health checks, the benchmark and custom handlers keep
-using aiohttp, where flexibility matters more than microseconds.
+hands the body over chunk by chunk. Health checks, the benchmark and session close calls use
+it too, so the model server sees one set of connections from the worker: servers with a
+thread per connection (llama.cpp's has `n_parallel + 2`) run out of threads when idle
+connections pile up in two pools. Custom route handlers get an aiohttp session instead.
 
 Bounds: idle connections are capped and expire before common model servers close them (5 s
 in uvicorn, vLLM and llama.cpp), so a request is never written into a connection the server
@@ -330,10 +332,18 @@ class Connection(asyncio.Protocol):
 class Exchange:
     """`async with pool.post(...) as answer`: the connection goes back to the pool after."""
 
-    __slots__ = ("_body", "_connection", "_path", "_pool", "_read_timeout")
+    __slots__ = ("_body", "_connection", "_method", "_path", "_pool", "_read_timeout")
 
-    def __init__(self, pool: ConnectionPool, path: str, body: bytes, read_timeout: float | None):
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        method: str,
+        path: str,
+        body: bytes,
+        read_timeout: float | None,
+    ) -> None:
         self._pool = pool
+        self._method = method
         self._path = path
         self._body = body
         self._read_timeout = read_timeout
@@ -345,7 +355,7 @@ class Exchange:
         if connection is None:
             connection = await pool.connect()
         self._connection = connection
-        head = pool.head(self._path, len(self._body))
+        head = pool.head(self._method, self._path, len(self._body))
         try:
             return await connection.send(head, self._body, self._read_timeout)
         except BaseException:
@@ -383,7 +393,7 @@ class ConnectionPool:
         """Connections made so far: what the tests read to see reuse."""
         self._idle: deque[Connection] = deque()
         self._busy: set[Connection] = set()
-        self._heads: dict[str, bytes] = {}
+        self._heads: dict[tuple[str, str], bytes] = {}
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -393,21 +403,29 @@ class ConnectionPool:
 
     def post(self, path: str, body: bytes, read_timeout: float | None = None) -> Exchange:
         """POST `body` (JSON) to the model server's `path`, under the base URL's path."""
-        return Exchange(self, path, body, read_timeout)
+        return Exchange(self, "POST", path, body, read_timeout)
 
-    def head(self, path: str, length: int) -> bytes:
-        start = self._heads.get(path)
+    def get(self, path: str, read_timeout: float | None = None) -> Exchange:
+        return Exchange(self, "GET", path, b"", read_timeout)
+
+    def head(self, method: str, path: str, length: int) -> bytes:
+        """The request's head; all of it but the length is built once per method and path."""
+        key = (method, path)
+        start = self._heads.get(key)
         if start is None:
+            if not (path.startswith("/") and path.isascii() and path.isprintable()) or " " in path:
+                raise ValueError(f"not a request path: {path!r}")  # no header injection
+            content_type = "Content-Type: application/json\r\n" if method == "POST" else ""
             start = (
-                f"POST {self.origin.prefix}{path} HTTP/1.1\r\n"
+                f"{method} {self.origin.prefix}{path} HTTP/1.1\r\n"
                 f"Host: {self.origin.host_header}\r\n"
-                "Content-Type: application/json\r\n"
+                f"{content_type}"
                 "Accept-Encoding: identity\r\n"
                 "User-Agent: pyworker\r\n"
                 "Content-Length: "
             ).encode("latin-1")
             if len(self._heads) < MAX_HEADS:
-                self._heads[path] = start
+                self._heads[key] = start
         return start + b"%d\r\n\r\n" % length
 
     def take_idle(self) -> Connection | None:

@@ -7,8 +7,9 @@ old file is read to its end first) and truncation in place (copytruncate), holds
 until it is completed, cuts over-long lines and decodes bytes that are not UTF-8 with U+FFFD.
 
 Lines end at `\\n`, `\\r\\n` or a lone `\\r` (progress bars redraw with `\\r`); blank lines are
-skipped. A truncation that is followed by enough new output to pass the old offset before the
-next poll cannot be seen by size alone: those lines are missed.
+skipped. A truncation followed by enough new output to pass the old offset before the next poll
+cannot be seen by size; it is seen because the bytes just before the offset changed: every read
+starts a few bytes early and checks them against what was read there last.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
+FINGERPRINT = 64
+"""Bytes before the read position that must be unchanged for the file to be the same one."""
 DEFAULT_MAX_LINE = 64 * 1024
 _LINE_ENDS = (b"\n", b"\r")
 
@@ -178,6 +181,17 @@ class _OpenFile:
     identity: FileIdentity
     position: int
     retired: bool = False  # a new file is at the path: read this one to its end, then switch
+    tail: bytes = b""  # the last bytes read, just before `position`
+
+    def advance(self, data: bytes) -> None:
+        self.position += len(data)
+        self.tail = (
+            data[-FINGERPRINT:] if len(data) >= FINGERPRINT else (self.tail + data)[-FINGERPRINT:]
+        )
+
+    def restart(self) -> None:
+        self.position = 0
+        self.tail = b""
 
 
 def _open_regular(path: Path) -> tuple[int, FileIdentity, int] | None:
@@ -305,11 +319,16 @@ class LogFollower:
 
     async def _step(self, current: _OpenFile) -> list[str]:
         """Read one chunk and return the lines it completes; at the end of the file, look around."""
+        back = len(current.tail)
         data = await asyncio.to_thread(
-            os.pread, current.descriptor, self._chunk_size, current.position
+            os.pread, current.descriptor, self._chunk_size + back, current.position - back
         )
+        if back and data[:back] != current.tail:
+            self._truncated(current, "rewritten")
+            return []
+        data = data[back:]
         if data:
-            current.position += len(data)
+            current.advance(data)
             self.stats.bytes_read += len(data)
             return self._decode(self._splitter.feed(data))
         if current.retired:
@@ -318,15 +337,7 @@ class LogFollower:
             return lines
         size, identity_at_path = await asyncio.to_thread(_inspect, current.descriptor, self.path)
         if size < current.position:
-            logger.info(
-                "log %s truncated (%d -> %d bytes); reading from start",
-                self.path,
-                current.position,
-                size,
-            )
-            self.stats.truncations += 1
-            current.position = 0
-            self._splitter.reset()
+            self._truncated(current, f"{current.position} -> {size} bytes")
         elif identity_at_path is not None and identity_at_path != current.identity:
             logger.info("log %s rotated; finishing the old file", self.path)
             self.stats.rotations += 1
@@ -334,6 +345,12 @@ class LogFollower:
         else:
             await self._pause()
         return []
+
+    def _truncated(self, current: _OpenFile, how: str) -> None:
+        logger.info("log %s truncated (%s); reading from start", self.path, how)
+        self.stats.truncations += 1
+        current.restart()
+        self._splitter.reset()
 
     def _decode(self, lines: Iterable[tuple[bytes, bool]]) -> list[str]:
         decoded = []

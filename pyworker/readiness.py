@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from pyworker.benchmark import (
     Benchmark,
     BenchmarkError,
@@ -29,6 +27,7 @@ from pyworker.benchmark import (
     write_cache,
 )
 from pyworker.config import Pattern, PatternConfig, RouteConfig, WorkerConfig
+from pyworker.connection_pool import PoolError
 from pyworker.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.state import WorkerState, WorkerStatus
@@ -65,12 +64,10 @@ def _pattern(kind: LineKind, item: Pattern) -> LogPattern:
 
 async def probe_health(model: ModelClient, path: str, timeout: float = 5.0) -> bool:
     try:
-        async with model.session.get(
-            model.base_url + path, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as response:
-            await response.read()
-            return response.status == 200
-    except (aiohttp.ClientError, TimeoutError):
+        async with asyncio.timeout(timeout), model.pool.get(path) as answer:
+            await answer.read()
+            return answer.status == 200
+    except (PoolError, TimeoutError):
         return False
 
 

@@ -22,14 +22,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 from pydantic import ValidationError
-from yarl import URL
 
 from pyworker.accounting import Ledger, Outcome, RequestRecord
 from pyworker.auth import AuthData
 from pyworker.config import SessionConfig
+from pyworker.connection_pool import PoolError
 from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -239,22 +238,15 @@ class SessionStore:
     async def _notify(self, session: Session) -> None:
         """POST the close payload plus session_id to the model server; never raises."""
         assert session.on_close_route is not None
-        url = URL(self.model.base_url + session.on_close_route)
-        if url.origin() != URL(self.model.base_url).origin():
-            logger.warning("session close route leaves the model server: not called")
-            return
         body = {**(session.on_close_payload or {}), "session_id": session.session_id}
-        timeout = aiohttp.ClientTimeout(total=self.config.close_timeout)
         async with self._notify_slots:
             try:
-                async with self.model.session.post(
-                    url,
-                    data=orjson.dumps(body),
-                    headers={"Content-Type": "application/json"},
-                    timeout=timeout,
-                    allow_redirects=False,
-                ) as response:
-                    if response.status >= 400:
-                        logger.warning("session close route answered %d", response.status)
-            except (aiohttp.ClientError, TimeoutError) as error:
+                async with (
+                    asyncio.timeout(self.config.close_timeout),
+                    self.model.pool.post(session.on_close_route, orjson.dumps(body)) as answer,
+                ):
+                    await answer.read()
+                    if answer.status >= 400:
+                        logger.warning("session close route answered %d", answer.status)
+            except (PoolError, TimeoutError) as error:
                 logger.warning("session close route failed: %s", error.__class__.__name__)

@@ -2,8 +2,8 @@
 
 Requests travel on pyworker.connection_pool: keep-alive connections with no cap on their
 number (a cap would throttle a thousand concurrent generations). Bodies are relayed as the
-model server sent them (no decompression), streams chunk by chunk as they arrive. Custom
-handlers, health checks and the benchmark get an aiohttp session to the same server.
+model server sent them (no decompression), streams chunk by chunk as they arrive. A route's
+custom handler gets an aiohttp session to the same server, made only when first needed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 
 from pyworker.config import HandlerResult, JSONObject, ModelHandler, ResponseHook
 from pyworker.connection_pool import (
+    IDLE_TIMEOUT,
     Answer,
     ConnectFailed,
     ConnectionPool,
@@ -49,7 +50,6 @@ DROPPED_HEADERS = frozenset(
 )
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 BUFFERED_LIMIT = 8 * 1024 * 1024
-REQUEST_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 
 
 class UpstreamError(Exception):
@@ -97,7 +97,7 @@ class ModelClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0)
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_TIMEOUT)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 auto_decompress=False,

@@ -31,6 +31,20 @@ async def test_forwards_payload_and_relays_answer(
     assert model_server.recorder.headers[0]["Accept-Encoding"] == "identity"
 
 
+async def test_health_checks_and_requests_share_connections_to_the_model_server(
+    start_worker: WorkerFactory, keypair: KeyPair, model_server: ModelServer
+) -> None:
+    # Model servers with a thread per connection (llama.cpp) run out of threads when a
+    # worker keeps idle connections in more than one pool.
+    worker = await start_worker(
+        model_server={"base_url": model_server.url, "health_path": "/health"}
+    )
+    for _ in range(3):
+        async with worker.post("/echo", envelope(keypair)) as response:
+            assert response.status == 200
+    assert len(model_server.recorder.clients) == 1
+
+
 async def test_compressed_answer_is_relayed_byte_for_byte(
     start_worker: WorkerFactory, keypair: KeyPair
 ) -> None:

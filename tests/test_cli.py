@@ -83,3 +83,33 @@ async def test_bad_environment_exits_2(tmp_path: Path) -> None:
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2 and b"WORKER_PORT" in stderr
+
+
+PROBE = """
+import sys
+from pyworker.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+tools = sorted(m for m in sys.modules if m.startswith(("pyworker.commands", "pyworker.local")))
+print("TOOLS", ",".join(tools))
+"""
+
+
+async def _imported_tools(*argv: str) -> tuple[str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PROBE, *argv, stdout=asyncio.subprocess.PIPE, env=_environ()
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    text = output.decode()
+    return text, text.rpartition("TOOLS ")[2].strip()
+
+
+async def test_run_leaves_the_developer_tools_unimported() -> None:
+    help_text, tools = await _imported_tools("run", "--help")
+    assert "--set KEY=VALUE" in help_text
+    assert tools == ""
+    help_text, tools = await _imported_tools("--help")
+    assert "dev" in help_text and "load" in help_text
+    assert "pyworker.commands.dev" in tools.split(",")

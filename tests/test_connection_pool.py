@@ -433,3 +433,24 @@ async def test_idle_connections_are_capped_and_expire(
     await wait_until(lambda: server.closed_by_peer == 1)  # the third was over the cap
     await wait_until(lambda: server.closed_by_peer == 3)  # the other two expired
     assert pool.idle == 0
+
+
+async def test_a_get_has_no_body_and_a_path_cannot_inject_headers(
+    serve: ServeFixture, pools: PoolFixture
+) -> None:
+    async def script(exchange: Exchange) -> bool:
+        await exchange.send(answer(b"healthy"))
+        return True
+
+    server, url = await serve(script)
+    pool = pools(url)
+    async with pool.get("/health") as upstream:
+        assert (upstream.status, await upstream.read()) == (200, b"healthy")
+    head = server.requests[0].head.decode()
+    assert head.startswith("GET /health HTTP/1.1\r\n")
+    assert "Content-Type" not in head and "Content-Length: 0\r\n" in head
+    for path in ("/x\r\nX-Injected: 1", "/a b", "no-slash", "/caf\u00e9"):
+        with pytest.raises(ValueError, match="not a request path"):
+            async with pool.post(path, b"{}"):
+                pass
+    assert len(server.requests) == 1

@@ -169,6 +169,19 @@ async def test_copytruncate_restarts_at_the_beginning(tmp_path: Path) -> None:
     assert follower.stats.rotations == 0
 
 
+async def test_a_truncation_written_past_the_old_end_before_a_poll_is_seen(tmp_path: Path) -> None:
+    path = tmp_path / "model.log"
+    path.write_bytes(b"old line one\n")
+    follower = make_follower(path)
+    async with following(follower) as lines:
+        assert await next_item(lines) == "old line one"
+        with path.open("r+b") as handle:  # truncated and longer than before, in one go
+            handle.truncate(0)
+            handle.write(b"new line one\nnew line two\n")
+        assert [await next_item(lines) for _ in range(2)] == ["new line one", "new line two"]
+    assert follower.stats.truncations == 1
+
+
 async def test_bytes_that_are_not_utf8_are_replaced(tmp_path: Path) -> None:
     path = tmp_path / "model.log"
     path.write_bytes(b"bad \xff\xfe bytes, model loaded\n\x00\x00INFO after nul\n")

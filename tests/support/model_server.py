@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 
 @dataclass
@@ -22,6 +23,8 @@ class Recorder:
     peak_active: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool = True
+    clients: set[Any] = field(default_factory=set)
+    """The (address, port) of every connection that sent a request: one per TCP connection."""
 
 
 def create_app(recorder: Recorder) -> web.Application:
@@ -104,7 +107,14 @@ def create_app(recorder: Recorder) -> web.Application:
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"ok": recorder.healthy}, status=200 if recorder.healthy else 503)
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    @web.middleware
+    async def count_connections(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            recorder.clients.add(transport.get_extra_info("peername"))
+        return await handler(request)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[count_connections])
     app.router.add_post("/echo", echo)
     app.router.add_post("/slow", slow)
     app.router.add_post("/stream", stream)
