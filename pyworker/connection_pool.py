@@ -35,6 +35,8 @@ IDLE_TIMEOUT = 4.0
 MAX_IDLE = 512
 HIGH_WATER = 256 * 1024
 """Body bytes buffered from the model server before its socket is paused."""
+MAX_HEAD = 1024 * 1024
+"""Bytes received before the answer's headers end; llhttp itself sets no bound on headers."""
 JOIN_LIMIT = 64 * 1024
 """Bodies up to this size are sent in one write with the head; larger ones are not copied."""
 MAX_HEADS = 64
@@ -119,6 +121,11 @@ class Answer:
         self.content_length = content_length
         self.content_type = content_type
 
+    @property
+    def complete(self) -> bool:
+        """Whether the whole answer has arrived (read or not)."""
+        return self._connection.complete
+
     async def next_chunk(self) -> bytes:
         """The body bytes received since the last call; b"" once the body is complete."""
         return await self._connection.next_chunk()
@@ -144,6 +151,7 @@ class Connection(asyncio.Protocol):
         self._informational = False
         self._answer: asyncio.Future[Answer] | None = None
         self._complete = False
+        self._head_bytes = 0
         self._body: list[bytes] = []
         self._buffered = 0
         self._paused = False
@@ -160,9 +168,13 @@ class Connection(asyncio.Protocol):
         self._answer = self._loop.create_future()
         self._headers = []
         self._complete = False
+        self._head_bytes = 0
         self._body = []
         self._buffered = 0
         self._error = None
+        if self._paused:  # the last answer ended while its unread body held reading paused
+            self._paused = False
+            self.transport.resume_reading()
         self._read_timeout = read_timeout
         if read_timeout is not None:
             self._last_data = self._loop.time()
@@ -172,6 +184,10 @@ class Connection(asyncio.Protocol):
         else:
             self.transport.writelines((head, body))
         return self._answer
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
 
     def reusable(self) -> bool:
         return self.state is State.DONE and self.keep_alive
@@ -195,7 +211,7 @@ class Connection(asyncio.Protocol):
         chunk = body[0] if len(body) == 1 else b"".join(body)
         self._body = []
         self._buffered = 0
-        if self._paused and self.transport is not None:
+        if self._paused and self.transport is not None and self.state is not State.CLOSED:
             self._paused = False
             self.transport.resume_reading()
             self._restart_timer()
@@ -215,6 +231,11 @@ class Connection(asyncio.Protocol):
             return
         if self._read_timeout is not None:
             self._last_data = self._loop.time()
+        if self.state is State.WAITING:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(BadAnswer(f"the model server's answer head is over {MAX_HEAD} bytes"))
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -238,6 +259,7 @@ class Connection(asyncio.Protocol):
             self._headers = []
             return
         length: int | None = None
+        chunked = False
         content_type = ""
         for name, value in self._headers:
             lowered = name.lower()
@@ -246,7 +268,9 @@ class Connection(asyncio.Protocol):
             elif lowered == "content-type":
                 content_type = value.partition(";")[0].strip().lower()
             elif lowered == "transfer-encoding":
-                length = None
+                chunked = True
+        if chunked:
+            length = None
         self.state = State.BODY
         answer = self._answer
         if answer is not None and not answer.done():

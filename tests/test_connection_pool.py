@@ -7,6 +7,7 @@ Every test runs on the default asyncio loop and on uvloop (what `pyworker run` u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -319,6 +320,22 @@ async def test_bytes_that_are_not_http_are_an_error(
     await wait_until(lambda: server.closed_by_peer == 1)
 
 
+async def test_endless_headers_are_an_error(serve: ServeFixture, pools: PoolFixture) -> None:
+    async def script(exchange: Exchange) -> bool:
+        await exchange.send(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for number in range(100_000):  # 3 MiB of headers, never ending
+                await exchange.send(b"X-Header-%06d: %s\r\n" % (number, b"v" * 8))
+        return False
+
+    _, url = await serve(script)
+    pool = pools(url)
+    with pytest.raises(BadAnswer, match="head is over"):
+        async with pool.post("/", b"{}"):
+            pass
+    assert pool.idle == 0
+
+
 async def test_silence_past_the_read_timeout_is_an_error_but_a_slow_stream_is_not(
     serve: ServeFixture, pools: PoolFixture
 ) -> None:
@@ -406,6 +423,25 @@ async def test_a_slow_reader_pauses_the_model_server(
         while data := await upstream.next_chunk():
             received += len(data)
     assert received == total
+
+
+async def test_a_connection_paused_under_an_unread_answer_reads_the_next_one(
+    serve: ServeFixture, pools: PoolFixture
+) -> None:
+    big = b"z" * (HIGH_WATER + 150_000)  # whole in the socket at once, over the high-water mark
+
+    async def script(exchange: Exchange) -> bool:
+        await exchange.send(answer(big if exchange.body == b"big" else b"small"))
+        return True
+
+    server, url = await serve(script)
+    pool = pools(url)
+    async with pool.post("/", b"big") as upstream:
+        await wait_until(lambda: upstream.complete)  # arrived, never read
+    assert pool.idle == 1
+    async with asyncio.timeout(5), pool.post("/", b"next") as upstream:
+        assert await upstream.read() == b"small"
+    assert server.connections == 1
 
 
 async def test_idle_connections_are_capped_and_expire(
