@@ -5,6 +5,10 @@ C in flight: when C are in flight the next waits for a slot, so a saturated work
 achieved rate below R. The summary gives throughput, latency percentiles of the successful
 requests, the count of each status, and the workload served per second (the completion tokens
 the answers report in `usage`, else the cost announced to the autoscaler).
+
+The load scripts of the ready workers (`workers/<name>/load.py`) are this same loop with the
+worker's route, payload preparation and work counting: see `add_worker_arguments` and
+`run_worker_load`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from pyworker.commands.routing import (
     default_cost,
     parse_data,
     route_request,
+    unsigned_auth_data,
     worker_body,
     worker_url,
 )
@@ -82,6 +87,21 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(handler=command_load, log_level="WARNING")
 
 
+def produced_work(body: bytes, content_type: str, cost: float) -> float:
+    """The completion tokens the answer reports (its last `usage`), else the announced cost."""
+    produced: float | None = None
+    for document in produced_documents(body, content_type):
+        usage = document.get("usage")
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        if isinstance(tokens, int | float) and not isinstance(tokens, bool):
+            produced = float(tokens)
+    return cost if produced is None else produced
+
+
+WorkCounter = Callable[[bytes, str, float], float]
+"""The work one answer did, from its body, its content type and the cost announced for it."""
+
+
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
     target: Target
@@ -89,10 +109,17 @@ class LoadPlan:
     payloads: list[Any]
     requests: int
     rps: float
+    """Requests started per second; `math.inf` sends back to back, `concurrency` at a time."""
     concurrency: int
     cost: float | None
     wait: float
     timeout: float
+    worker: str | None = None
+    """An UNSECURED worker's URL: send to it unsigned, without asking the autoscaler."""
+    prepare: Callable[[Any], Any] | None = None
+    """Applied to each payload before it is sent (a fresh seed, streaming flags)."""
+    cost_of: Callable[[Any], float] = default_cost
+    work: WorkCounter = produced_work
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +128,8 @@ class Outcome:
     """The worker's HTTP status, or why there was none: routing, timeout, connection."""
     seconds: float
     work: float
+    first_byte: float | None = None
+    """Seconds from sending to the first byte of the answer's body (a stream's first token)."""
 
     @property
     def ok(self) -> bool:
@@ -116,6 +145,7 @@ class LoadReport:
     def summary(self) -> dict[str, Any]:
         ok = [outcome for outcome in self.outcomes if outcome.ok]
         latencies = sorted(outcome.seconds for outcome in ok)
+        first_bytes = sorted(o.first_byte for o in ok if o.first_byte is not None)
         elapsed = max(self.elapsed, 1e-9)
         work = sum(outcome.work for outcome in ok)
         return {
@@ -132,6 +162,10 @@ class LoadReport:
                 "p99": percentile(latencies, 99),
                 "max": latencies[-1] if latencies else None,
                 "mean": sum(latencies) / len(latencies) if latencies else None,
+            },
+            "first_byte": {
+                "p50": percentile(first_bytes, 50),
+                "p90": percentile(first_bytes, 90),
             },
             "status_counts": dict(sorted(Counter(o.status for o in self.outcomes).items())),
             "workload": work,
@@ -163,6 +197,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             "latency:    "
             + "  ".join(f"{key} {latency[key]:.3f} s" for key in ("p50", "p90", "p99", "max"))
         )
+    first_byte = summary["first_byte"]
+    if first_byte["p50"] is not None:
+        lines.append(f"first byte: p50 {first_byte['p50']:.3f} s  p90 {first_byte['p90']:.3f} s")
     counts = ", ".join(f"{status} x{count}" for status, count in summary["status_counts"].items())
     lines.append(f"status:     {counts or '-'}")
     lines.append(
@@ -195,12 +232,17 @@ def command_load(arguments: argparse.Namespace) -> int:
         wait=max(arguments.wait, 0.0),
         timeout=arguments.timeout,
     )
+    return _run_and_print(plan, ProgressBar(plan.requests), arguments.json)
+
+
+def _run_and_print(plan: LoadPlan, progress: ProgressBar | None, as_json: bool) -> int:
+    """Run the plan and print its summary; 0 if every request succeeded, else 1."""
     try:
-        report = asyncio.run(run_load(plan, ProgressBar(plan.requests)))
+        report = asyncio.run(run_load(plan, progress))
     except KeyboardInterrupt:
         return 130
     summary = report.summary()
-    if arguments.json:
+    if as_json:
         print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     else:
         print(format_summary(summary))
@@ -244,7 +286,7 @@ async def run_load(plan: LoadPlan, progress: ProgressBar | None = None) -> LoadR
         started = time.monotonic()
         try:
             for index in range(plan.requests):
-                delay = started + index / plan.rps - time.monotonic()
+                delay = started + index / plan.rps - time.monotonic()  # index / inf is 0
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await slots.acquire()
@@ -264,17 +306,29 @@ async def run_load(plan: LoadPlan, progress: ProgressBar | None = None) -> LoadR
 
 
 async def send_one(session: aiohttp.ClientSession, plan: LoadPlan, payload: Any) -> Outcome:
-    cost = plan.cost if plan.cost is not None else default_cost(payload)
+    if plan.prepare is not None:
+        payload = plan.prepare(payload)
+    cost = plan.cost if plan.cost is not None else plan.cost_of(payload)
     started = time.monotonic()
+    first_byte: float | None = None
     try:
-        auth_data = await route_request(session, plan.target, cost, plan.wait)
+        if plan.worker is not None:
+            auth_data = unsigned_auth_data(plan.worker) | {"cost": cost}
+        else:
+            auth_data = await route_request(session, plan.target, cost, plan.wait)
+        sent = time.monotonic()
         async with session.post(
             worker_url(auth_data, plan.route),
             data=worker_body(auth_data, payload),
             headers={"Content-Type": "application/json"},
             timeout=aiohttp.ClientTimeout(total=plan.timeout),
         ) as response:
-            body = await response.read()
+            parts = []
+            async for chunk in response.content.iter_any():
+                if first_byte is None:
+                    first_byte = time.monotonic() - sent
+                parts.append(chunk)
+            body = b"".join(parts)
             status, content_type = response.status, response.content_type
     except RoutingError:
         return Outcome("routing", time.monotonic() - started, 0.0)
@@ -283,18 +337,7 @@ async def send_one(session: aiohttp.ClientSession, plan: LoadPlan, payload: Any)
     except aiohttp.ClientError:
         return Outcome("connection", time.monotonic() - started, 0.0)
     seconds = time.monotonic() - started
-    return Outcome(str(status), seconds, produced_work(body, content_type, cost))
-
-
-def produced_work(body: bytes, content_type: str, cost: float) -> float:
-    """The completion tokens the answer reports (its last `usage`), else the announced cost."""
-    produced: float | None = None
-    for document in produced_documents(body, content_type):
-        usage = document.get("usage")
-        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        if isinstance(tokens, int | float) and not isinstance(tokens, bool):
-            produced = float(tokens)
-    return cost if produced is None else produced
+    return Outcome(str(status), seconds, plan.work(body, content_type, cost), first_byte)
 
 
 def _detail(report: LoadReport) -> str:
@@ -313,3 +356,72 @@ async def _show(report: LoadReport, total: int, progress: ProgressBar | None) ->
             shown = done
             await asyncio.to_thread(progress.update, done, _detail(report))
         await asyncio.sleep(PROGRESS_INTERVAL)
+
+
+# --- for the ready workers' load scripts (workers/<name>/load.py) ---------------------------
+def add_worker_arguments(
+    parser: argparse.ArgumentParser,
+    endpoint: str,
+    dataset: Path,
+    requests: int = 100,
+    concurrency: int = 8,
+) -> None:
+    """The flags every worker's load script takes; the script adds its own after these."""
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--autoscaler", metavar="URL", help="autoscaler base URL")
+    target.add_argument(
+        "--worker", metavar="URL", help="an UNSECURED worker's URL, skipping the autoscaler"
+    )
+    parser.add_argument("--endpoint", default=endpoint, help=f"(default {endpoint})")
+    parser.add_argument("--api-key", default="")
+    parser.add_argument("-n", "--requests", type=int, default=requests)
+    parser.add_argument(
+        "-c", "--concurrency", type=int, default=concurrency, help="requests in flight at most"
+    )
+    parser.add_argument(
+        "--rps", type=float, default=math.inf, help="requests started per second (default: "
+        "back to back, as fast as --concurrency allows)"
+    )  # fmt: skip
+    parser.add_argument("--dataset", type=Path, default=dataset, help="JSON or JSONL payloads")
+    parser.add_argument("--timeout", type=float, default=600.0, help="limit on each request")
+    parser.add_argument("--wait", type=float, default=300.0, help="wait for a ready worker")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_worker_load(
+    arguments: argparse.Namespace,
+    route: str,
+    *,
+    prepare: Callable[[Any], Any] | None = None,
+    cost_of: Callable[[Any], float] = default_cost,
+    work: WorkCounter = produced_work,
+) -> int:
+    """Run a worker's load test from `add_worker_arguments` flags; the exit status."""
+    if not 0 < arguments.requests <= MAX_REQUESTS:
+        return _usage(f"--requests must be between 1 and {MAX_REQUESTS}")
+    if not 0 < arguments.concurrency <= MAX_CONCURRENCY:
+        return _usage(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+    if not arguments.rps > 0:
+        return _usage("--rps must be a positive number")
+    try:
+        payloads = load_dataset(BenchmarkConfig(dataset_file=str(arguments.dataset)))
+    except BenchmarkError as error:
+        return _usage(str(error))
+    plan = LoadPlan(
+        target=Target(
+            (arguments.autoscaler or "").rstrip("/"), arguments.endpoint, arguments.api_key
+        ),
+        route=route,
+        payloads=payloads,
+        requests=arguments.requests,
+        rps=arguments.rps,
+        concurrency=arguments.concurrency,
+        cost=None,
+        wait=max(arguments.wait, 0.0),
+        timeout=arguments.timeout,
+        worker=arguments.worker.rstrip("/") if arguments.worker else None,
+        prepare=prepare,
+        cost_of=cost_of,
+        work=work,
+    )
+    return _run_and_print(plan, None, arguments.json)
