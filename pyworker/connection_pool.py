@@ -375,11 +375,11 @@ class Exchange:
 
     async def __aenter__(self) -> Answer:
         pool = self._pool
+        head = pool.head(self._method, self._path, len(self._body))  # may refuse the path
         connection = pool.take_idle()
         if connection is None:
             connection = await pool.connect()
         self._connection = connection
-        head = pool.head(self._method, self._path, len(self._body))
         try:
             return await connection.send(head, self._body, self._read_timeout)
         except BaseException:
@@ -455,11 +455,15 @@ class ConnectionPool:
     def take_idle(self) -> Connection | None:
         """The most recently used idle connection still fit to carry a request."""
         idle = self._idle
+        if not idle:
+            return None
+        fresh_since = asyncio.get_running_loop().time() - self.idle_timeout
         while idle:
             connection = idle.pop()
-            if connection.state is State.IDLE:
+            if connection.state is State.IDLE and connection.idle_since > fresh_since:
                 self._busy.add(connection)
                 return connection
+            connection.close()  # closed by the server, or too old to trust
         return None
 
     async def connect(self) -> Connection:

@@ -490,3 +490,4 @@ async def test_a_get_has_no_body_and_a_path_cannot_inject_headers(
             async with pool.post(path, b"{}"):
                 pass
     assert len(server.requests) == 1
+    assert pool.idle == 1  # the connection was not taken for the refused paths
