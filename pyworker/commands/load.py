@@ -36,6 +36,7 @@ from pyworker.commands.routing import (
     DataError,
     RoutingError,
     Target,
+    add_worker_target_arguments,
     current_state,
     default_cost,
     parse_data,
@@ -367,13 +368,7 @@ def add_worker_arguments(
     concurrency: int = 8,
 ) -> None:
     """The flags every worker's load script takes; the script adds its own after these."""
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--autoscaler", metavar="URL", help="autoscaler base URL")
-    target.add_argument(
-        "--worker", metavar="URL", help="an UNSECURED worker's URL, skipping the autoscaler"
-    )
-    parser.add_argument("--endpoint", default=endpoint, help=f"(default {endpoint})")
-    parser.add_argument("--api-key", default="")
+    add_worker_target_arguments(parser, endpoint)
     parser.add_argument("-n", "--requests", type=int, default=requests)
     parser.add_argument(
         "-c", "--concurrency", type=int, default=concurrency, help="requests in flight at most"

@@ -12,6 +12,7 @@ and `load` show what happened instead of hiding it.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import Mapping
@@ -193,3 +194,27 @@ def unsigned_auth_data(worker: str) -> dict[str, Any]:
     """What an UNSECURED worker accepts: the fields must be there, the signature is not read."""
     fields = {"cost": 0, "endpoint": "local", "reqnum": 0, "request_idx": 0, "signature": ""}
     return fields | {"url": worker}
+
+
+def add_worker_target_arguments(parser: argparse.ArgumentParser, endpoint: str) -> None:
+    """How a worker's client script finds a worker: an autoscaler, or one UNSECURED worker."""
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--autoscaler", metavar="URL", help="autoscaler base URL, e.g. http://127.0.0.1:8081"
+    )
+    target.add_argument(
+        "--worker", metavar="URL", help="an UNSECURED worker's URL, skipping the autoscaler"
+    )
+    parser.add_argument(
+        "--endpoint", default=endpoint, help=f"endpoint name at the autoscaler (default {endpoint})"
+    )
+    parser.add_argument("--api-key", default="", help="the endpoint's API key")
+
+
+async def worker_auth_data(
+    session: aiohttp.ClientSession, arguments: argparse.Namespace, cost: float
+) -> dict[str, Any]:
+    """Signed auth_data from the autoscaler's /route/, or unsigned ones for `--worker`."""
+    if arguments.worker:
+        return unsigned_auth_data(arguments.worker.rstrip("/")) | {"cost": cost}
+    return await route(session, arguments.autoscaler, arguments.endpoint, arguments.api_key, cost)

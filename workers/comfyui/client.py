@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from pyworker.commands.routing import route, unsigned_auth_data
+from pyworker.commands.routing import add_worker_target_arguments, worker_auth_data
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=900)
 
@@ -103,24 +103,13 @@ def save_images(answer: dict[str, Any], folder: Path) -> list[Path]:
 
 async def main_async(arguments: argparse.Namespace, workflow: dict[str, Any]) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
-        if arguments.worker:
-            auth_data = unsigned_auth_data(arguments.worker)
-        else:
-            autoscaler = arguments.autoscaler.rstrip("/")
-            cost = estimated_cost(workflow)
-            auth_data = await route(
-                session, autoscaler, arguments.endpoint, arguments.api_key, cost
-            )
+        auth_data = await worker_auth_data(session, arguments, estimated_cost(workflow))
         return await run_workflow(session, auth_data, workflow)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a ComfyUI workflow through a worker.")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--autoscaler", help="autoscaler base URL, e.g. http://127.0.0.1:8081")
-    target.add_argument("--worker", help="an UNSECURED worker's URL, skipping the autoscaler")
-    parser.add_argument("--endpoint", default="comfyui", help="endpoint name at the autoscaler")
-    parser.add_argument("--api-key", default="", help="the endpoint's API key")
+    add_worker_target_arguments(parser, endpoint="comfyui")
     parser.add_argument("--workflow", help="an API-format workflow JSON file")
     parser.add_argument("--prompt", default="a lighthouse on a rocky coast at dawn")
     parser.add_argument("--steps", type=int, default=20)

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from pyworker.commands.routing import route, unsigned_auth_data
+from pyworker.commands.routing import add_worker_target_arguments, worker_auth_data
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
 
@@ -63,27 +63,14 @@ async def main_async(arguments: argparse.Namespace) -> None:
     if arguments.model:
         payload["model"] = arguments.model
     async with aiohttp.ClientSession() as session:
-        if arguments.worker:
-            auth_data = unsigned_auth_data(arguments.worker)
-        else:
-            auth_data = await route(
-                session,
-                arguments.autoscaler.rstrip("/"),
-                arguments.endpoint,
-                arguments.api_key,
-                estimated_cost(payload),
-            )
+        auth_data = await worker_auth_data(session, arguments, estimated_cost(payload))
         await stream_chat(session, auth_data, payload)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stream a chat answer from an openai worker.")
     parser.add_argument("prompt")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--autoscaler", help="autoscaler base URL, e.g. http://127.0.0.1:8081")
-    target.add_argument("--worker", help="an UNSECURED worker's URL, skipping the autoscaler")
-    parser.add_argument("--endpoint", default="openai", help="endpoint name at the autoscaler")
-    parser.add_argument("--api-key", default="", help="the endpoint's API key")
+    add_worker_target_arguments(parser, endpoint="openai")
     parser.add_argument("--model", default="", help="model name, if the server checks it")
     parser.add_argument("--max-tokens", type=int, default=256)
     arguments = parser.parse_args(argv)

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from pyworker.commands.routing import route, unsigned_auth_data
+from pyworker.commands.routing import add_worker_target_arguments, worker_auth_data
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
 
@@ -51,7 +51,7 @@ async def generate(
             return
         async for raw in response.content:
             line = raw.strip()
-            if not line.startswith(b"data:"):
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
                 continue
             event = json.loads(line[5:])
             print(event["token"]["text"], end="", flush=True)
@@ -64,25 +64,14 @@ async def main_async(arguments: argparse.Namespace) -> None:
     parameters: dict[str, Any] = {"max_new_tokens": arguments.max_new_tokens, "details": True}
     payload = {"inputs": arguments.prompt, "parameters": parameters}
     async with aiohttp.ClientSession() as session:
-        if arguments.worker:
-            auth_data = unsigned_auth_data(arguments.worker)
-        else:
-            autoscaler = arguments.autoscaler.rstrip("/")
-            cost = estimated_cost(payload)
-            auth_data = await route(
-                session, autoscaler, arguments.endpoint, arguments.api_key, cost
-            )
+        auth_data = await worker_auth_data(session, arguments, estimated_cost(payload))
         await generate(session, auth_data, payload, stream=not arguments.no_stream)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate text through a tgi worker.")
     parser.add_argument("prompt")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--autoscaler", help="autoscaler base URL, e.g. http://127.0.0.1:8081")
-    target.add_argument("--worker", help="an UNSECURED worker's URL, skipping the autoscaler")
-    parser.add_argument("--endpoint", default="tgi", help="endpoint name at the autoscaler")
-    parser.add_argument("--api-key", default="", help="the endpoint's API key")
+    add_worker_target_arguments(parser, endpoint="tgi")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--no-stream", action="store_true", help="use /generate, not a stream")
     arguments = parser.parse_args(argv)

@@ -1,14 +1,17 @@
-"""The ready workers' load scripts (workers/<name>/load.py) against a stand-in worker.
+"""The ready workers' client and load scripts (workers/<name>/) against a stand-in worker.
 
-Each script is `pyworker load` with its worker's route, payload preparation and work
-counting; these tests check those three against what a worker receives and answers.
+Each load script is `pyworker load` with its worker's route, payload preparation and work
+counting; each client sends one request and prints the answer. These tests check them against
+what a worker receives and answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,8 +19,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from workers.comfyui import client as comfyui_client
 from workers.comfyui import load as comfyui_load
+from workers.openai import client as openai_client
 from workers.openai import load as openai_load
+from workers.tgi import client as tgi_client
 from workers.tgi import load as tgi_load
 
 
@@ -41,13 +47,24 @@ class StandIn:
             if payload.get("stream"):
                 return await self.sse(request, [{"choices": [{"text": "x"}]}, {"usage": usage}])
             return web.json_response({"choices": [{"text": "x"}], "usage": usage})
+        if request.path == "/v1/chat/completions":
+            usage = {"prompt_tokens": 3, "completion_tokens": 2}
+            deltas = [{"choices": [{"delta": {"content": part}}]} for part in ("Hel", "lo")]
+            return await self.sse(request, [*deltas, {"choices": [], "usage": usage}])
         if request.path == "/generate_stream":
-            events = [{"token": {"text": "x"}}, {"details": {"generated_tokens": 7}}]
+            events = [
+                {"token": {"text": "x"}},
+                {"token": {"text": "y"}, "details": {"generated_tokens": 7}},
+            ]
             return await self.sse(request, events)
         if request.path == "/generate":
-            return web.json_response({"generated_text": "x", "details": {"generated_tokens": 7}})
+            return web.json_response({"generated_text": "xy", "details": {"generated_tokens": 7}})
         if request.path == "/workflow":
-            return web.json_response({"images": [{"filename": "a.png"}, {"filename": "b.png"}]})
+            images = [
+                {"filename": name, "base64": base64.b64encode(name.encode()).decode()}
+                for name in ("a.png", "b.png")
+            ]
+            return web.json_response({"prompt_id": "p1", "seconds": 1.5, "images": images})
         return web.json_response({"error": "no such route"}, status=404)
 
     @staticmethod
@@ -143,3 +160,70 @@ def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--requests must be between" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tgi_load.main(["--requests", "5"])  # neither --autoscaler nor --worker
+
+
+# --- the clients ---------------------------------------------------------------------------
+async def run_client(
+    main: Callable[[Sequence[str]], int], capsys: pytest.CaptureFixture[str], *argv: str
+) -> tuple[int, str]:
+    status = await asyncio.to_thread(main, list(argv))
+    return status, capsys.readouterr().out
+
+
+async def test_the_openai_client_streams_a_chat_answer(
+    stand_in: tuple[StandIn, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    worker, url = stand_in
+    status, output = await run_client(openai_client.main, capsys, "--worker", url, "Hi there")
+    assert status == 0
+    assert output == "Hello\n[3 + 2 tokens]\n\n"
+    ((path, envelope),) = worker.received
+    payload = envelope["payload"]
+    assert path == "/v1/chat/completions"
+    assert payload["messages"] == [{"role": "user", "content": "Hi there"}]
+    assert payload["stream"] is True
+    assert envelope["auth_data"]["cost"] == openai_client.estimated_cost(payload)
+
+
+@pytest.mark.parametrize(
+    ("flags", "route", "printed"),
+    [
+        ([], "/generate_stream", "xy\n[7 tokens]\n"),
+        (["--no-stream"], "/generate", "xy\n[7 tokens]\n"),
+    ],
+)
+async def test_the_tgi_client_prints_the_generated_text(
+    stand_in: tuple[StandIn, str],
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    route: str,
+    printed: str,
+) -> None:
+    worker, url = stand_in
+    status, output = await run_client(tgi_client.main, capsys, "--worker", url, *flags, "Hi")
+    assert status == 0 and output == printed
+    ((path, envelope),) = worker.received
+    assert path == route and envelope["payload"]["inputs"] == "Hi"
+
+
+async def test_the_comfyui_client_saves_the_images(
+    stand_in: tuple[StandIn, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    worker, url = stand_in
+    out = tmp_path / "images"
+    status, output = await run_client(
+        comfyui_client.main, capsys, "--worker", url, "--prompt", "a fox", "--out", str(out)
+    )
+    assert status == 0
+    assert (out / "a.png").read_bytes() == b"a.png" and (out / "b.png").read_bytes() == b"b.png"
+    assert output.splitlines()[-1] == "[prompt p1 in 1.5 s]"
+    ((path, envelope),) = worker.received
+    assert path == "/workflow" and "a fox" in json.dumps(envelope["payload"]["workflow"])
+
+
+async def test_a_client_without_a_worker_fails_with_a_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = await asyncio.to_thread(tgi_client.main, ["--worker", "http://127.0.0.1:9", "Hi"])
+    assert status == 1
+    assert capsys.readouterr().err.startswith("error: ")
