@@ -248,5 +248,5 @@ class SessionStore:
                     await answer.read()
                     if answer.status >= 400:
                         logger.warning("session close route answered %d", answer.status)
-            except (PoolError, TimeoutError) as error:
+            except (PoolError, TimeoutError, ValueError) as error:
                 logger.warning("session close route failed: %s", error.__class__.__name__)
