@@ -75,24 +75,13 @@ class Relayed:
 
 
 class ModelClient:
-    """The pooled HTTP client to the model server."""
+    """The pooled HTTP client to the model server, and an aiohttp session for custom handlers."""
 
     def __init__(self, base_url: str, connect_timeout: float) -> None:
         self.base_url = base_url
         self.connect_timeout = connect_timeout
         self.pool = ConnectionPool(base_url, connect_timeout)
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
-
-    def timeout(self, read_timeout: float | None) -> aiohttp.ClientTimeout:
-        """One ClientTimeout per distinct read timeout (one per route), not one per request."""
-        timeout = self._timeouts.get(read_timeout)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self.connect_timeout, sock_read=read_timeout
-            )
-            self._timeouts[read_timeout] = timeout
-        return timeout
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -101,7 +90,7 @@ class ModelClient:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 auto_decompress=False,
-                timeout=self.timeout(None),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
             )
         return self._session
 

@@ -211,12 +211,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def command_load(arguments: argparse.Namespace) -> int:
-    if not 0 < arguments.requests <= MAX_REQUESTS:
-        return _usage(f"-n must be between 1 and {MAX_REQUESTS}")
-    if not 0 < arguments.rps < math.inf:
-        return _usage("--rps must be a positive number")
-    if not 0 < arguments.concurrency <= MAX_CONCURRENCY:
-        return _usage(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+    if (error := _size_error(arguments, max_rps=math.inf)) is not None:
+        return _usage(error)
     state = current_state(arguments.autoscaler is not None)
     try:
         payloads = choose_payloads(arguments.data, arguments.dataset, state)
@@ -248,6 +244,17 @@ def _run_and_print(plan: LoadPlan, progress: ProgressBar | None, as_json: bool) 
     else:
         print(format_summary(summary))
     return 0 if summary["failed"] == 0 else 1
+
+
+def _size_error(arguments: argparse.Namespace, max_rps: float | None) -> str | None:
+    """What is wrong with -n, --rps and --concurrency, if anything; `--rps` below `max_rps`."""
+    if not 0 < arguments.requests <= MAX_REQUESTS:
+        return f"-n/--requests must be between 1 and {MAX_REQUESTS}"
+    if not (arguments.rps > 0 and (max_rps is None or arguments.rps < max_rps)):
+        return "--rps must be a positive number"
+    if not 0 < arguments.concurrency <= MAX_CONCURRENCY:
+        return f"--concurrency must be between 1 and {MAX_CONCURRENCY}"
+    return None
 
 
 def _usage(message: str) -> int:
@@ -392,12 +399,8 @@ def run_worker_load(
     work: WorkCounter = produced_work,
 ) -> int:
     """Run a worker's load test from `add_worker_arguments` flags; the exit status."""
-    if not 0 < arguments.requests <= MAX_REQUESTS:
-        return _usage(f"--requests must be between 1 and {MAX_REQUESTS}")
-    if not 0 < arguments.concurrency <= MAX_CONCURRENCY:
-        return _usage(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
-    if not arguments.rps > 0:
-        return _usage("--rps must be a positive number")
+    if (error := _size_error(arguments, max_rps=None)) is not None:
+        return _usage(error)
     try:
         payloads = load_dataset(BenchmarkConfig(dataset_file=str(arguments.dataset)))
     except BenchmarkError as error:
