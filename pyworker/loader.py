@@ -48,7 +48,16 @@ def load_config(
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> WorkerConfig:
-    raw = _read_target(target)
+    return apply_overrides(_read_target(target), overrides, environ, source=target)
+
+
+def apply_overrides(
+    raw: dict[str, Any],
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    source: str = "config",
+) -> WorkerConfig:
+    """The environment's overrides, then `--set` ones, on a raw config; then validation."""
     env = os.environ if environ is None else environ
     for variable, dotted in ENV_OVERRIDES.items():
         if env.get(variable):
@@ -58,7 +67,7 @@ def load_config(
         if not separator or not key.strip():
             raise ConfigError(f"--set {item!r}: expected dotted.key=value")
         _assign(raw, key.strip(), _parse_value(text))
-    return validate_config(raw, source=target)
+    return validate_config(raw, source=source)
 
 
 def validate_config(raw: Mapping[str, Any], source: str = "config") -> WorkerConfig:
@@ -137,7 +146,11 @@ def _import_module(name: str) -> ModuleType:
 
 
 def _from_module(module: ModuleType, source: str) -> dict[str, Any]:
-    worker = getattr(module, "worker", None)
+    return raw_config(getattr(module, "worker", None), source)
+
+
+def raw_config(worker: object, source: str) -> dict[str, Any]:
+    """A config as a dict that overrides can be assigned into."""
     if isinstance(worker, WorkerConfig):
         return worker.model_dump(exclude_unset=True)
     if isinstance(worker, dict):

@@ -319,3 +319,8 @@ worker = WorkerConfig(
         rounds=3,
     ),
 )
+
+if __name__ == "__main__":  # python -m workers.comfyui.worker, as Vast's start script runs it
+    from pyworker.entry import serve
+
+    serve(worker)

@@ -69,3 +69,8 @@ worker = WorkerConfig(
         concurrency=8,
     ),
 )
+
+if __name__ == "__main__":  # python -m workers.hello_world.worker, as Vast's start script runs it
+    from pyworker.entry import serve
+
+    serve(worker)

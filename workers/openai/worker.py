@@ -288,3 +288,8 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
 
 
 worker = build_worker()  # from the environment that `pyworker run openai` runs in
+
+if __name__ == "__main__":  # python -m workers.openai.worker, as Vast's start script runs it
+    from pyworker.entry import serve
+
+    serve(worker)

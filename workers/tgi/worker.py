@@ -125,3 +125,8 @@ worker = WorkerConfig(
         concurrency=16,
     ),
 )
+
+if __name__ == "__main__":  # python -m workers.tgi.worker, as Vast's start script runs it
+    from pyworker.entry import serve
+
+    serve(worker)

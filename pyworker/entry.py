@@ -1,0 +1,40 @@
+"""`python -m workers.<name>.worker`: a worker module that serves itself.
+
+Vast's start script runs `python3 -m workers.$BACKEND.worker` (or `python3 -m worker` for a
+`worker.py` at a repository's root) and expects it to serve. A worker module ends with
+`if __name__ == "__main__": serve(worker)`, which does what `pyworker run` does with that
+config: the environment's overrides, validation (exit 2 naming the field), then serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import NoReturn
+
+from pyworker.config import WorkerConfig
+from pyworker.environment import Environment, InvalidEnvironment
+from pyworker.loader import ConfigError, apply_overrides, raw_config
+
+
+def serve(worker: WorkerConfig | dict[str, object], source: str = "worker.py") -> NoReturn:
+    """Serve `worker` with the process environment; exits with the worker's status."""
+    sys.exit(serve_status(worker, source))
+
+
+def serve_status(worker: WorkerConfig | dict[str, object], source: str = "worker.py") -> int:
+    from pyworker.server import run
+
+    environ = dict(os.environ)
+    logging.basicConfig(
+        level=environ.get("PYWORKER_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        environment = Environment.from_env(environ)
+        config = apply_overrides(raw_config(worker, source), (), environ, source=source)
+    except (ConfigError, InvalidEnvironment) as error:
+        print(f"pyworker: {error}", file=sys.stderr)
+        return 2
+    return run(config, environment)
