@@ -77,7 +77,7 @@ async def _run(command: list[str], timeout: float) -> str:
     )
     try:
         output, errors = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         process.kill()
         await process.wait()
         raise LoadError(f"{command[0]} ran past {timeout:.0f}s") from None

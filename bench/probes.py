@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from pyworker import backports
+
 HEADERS = {"Content-Type": "application/json"}
 
 
@@ -59,13 +61,13 @@ async def _raw_exchange(host: str, port: int, request: bytes, timeout: float) ->
     writer: asyncio.StreamWriter | None = None
     written = math.inf
     try:
-        async with asyncio.timeout(timeout):
+        async with backports.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(request)
             written = time.perf_counter()
             status_line = await reader.readline()
             await reader.read()  # `Connection: close`: the answer ends when the server closes
-    except (OSError, TimeoutError):
+    except (OSError, asyncio.TimeoutError):
         return 0, written
     finally:
         if writer is not None:

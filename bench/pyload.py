@@ -44,7 +44,7 @@ async def _one(
         async with session.post(url, data=body, headers=HEADERS) as response:
             await response.read()
             ok = response.status < 400
-    except (aiohttp.ClientError, TimeoutError):
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         ok = False
     tally.record(started, ok)
 

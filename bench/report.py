@@ -6,9 +6,9 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from bench.probes import SlowBatch
+from pyworker.backports import StrEnum
 
 MiB = 1024 * 1024
 THROUGHPUT_TARGET = 1.0

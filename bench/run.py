@@ -176,7 +176,7 @@ async def wait_ready(url: str, timeout: float = READY_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 async with session.get(url + "/health") as response:
                     document = await response.json(content_type=None)
                     if isinstance(document, dict) and document.get("state") == "ready":

@@ -139,7 +139,7 @@ class Child:
             self.process.send_signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             await self.kill()
             return None
 
@@ -297,7 +297,7 @@ class Soak:
                 status = response.status
         except aiohttp.ClientConnectorError:
             return 503, True  # never reached the worker
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             return 0, False
         if status not in NOT_ACCOUNTED:
             return status, False
@@ -342,7 +342,7 @@ class Soak:
         ]
         index = 0
         while not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.arguments.fault_every)
                 return
             fault = kinds[index % len(kinds)]
@@ -397,7 +397,7 @@ class Soak:
                 while time.monotonic() - started < BODY_TIMEOUT + 5:
                     writer.write(b" ")
                     await writer.drain()
-                    with contextlib.suppress(TimeoutError):
+                    with contextlib.suppress(asyncio.TimeoutError):
                         answer = await asyncio.wait_for(reader.read(64), 0.5)
                         if answer.startswith(b"HTTP/1.1 408") or not answer:
                             self.tally.refused_as_expected += 1
@@ -421,7 +421,7 @@ class Soak:
                 state = document["state"]
                 awaiting = document["requests"]["finished_awaiting_report"]
                 failed = document["reporter"]["failed"]
-        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError):
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
             state = "no answer"
         with process.oneshot():
             sample = Sample(
@@ -452,7 +452,7 @@ class Soak:
 
     async def watch(self, session: aiohttp.ClientSession) -> None:
         while not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.arguments.interval)
             tally, self.tally = self.tally, Tally()
             if not self.worker.alive:
@@ -483,7 +483,7 @@ class Soak:
                 asyncio.create_task(self.faults()),
                 asyncio.create_task(self.watch(session)),
             ]
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), minutes * 60)
             self.stopping.set()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -12,7 +12,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
+
+from pyworker.backports import StrEnum
 
 logger = logging.getLogger(__name__)
 

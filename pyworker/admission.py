@@ -11,7 +11,8 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from enum import StrEnum
+
+from pyworker.backports import StrEnum
 
 
 class Refusal(StrEnum):

@@ -14,7 +14,6 @@ import binascii
 import json
 import logging
 from collections import OrderedDict
-from enum import StrEnum
 from typing import Protocol
 
 import aiohttp
@@ -29,6 +28,8 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     field_validator,
 )
+
+from pyworker.backports import StrEnum
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ async def fetch_public_key(
             verifier.load_pem(body)
             logger.info("public key loaded from %s", url)
             return
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
             logger.warning("public key from %s: attempt %d failed: %s", url, attempt, error)
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_delay)

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from pyworker import backports
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
 from pyworker.connection_pool import ConnectFailed
 from pyworker.upstream import ModelClient
@@ -246,11 +247,11 @@ class Benchmark:
     async def _call(self, payload: JSONObject) -> tuple[int, bytes, str]:
         handler = self.route.handler
         if handler is not None:
-            async with asyncio.timeout(self.config.timeout):
+            async with backports.timeout(self.config.timeout):
                 result = await handler(self.model.session, self.model.base_url, payload)
             return result.status, result.body, result.content_type.split(";")[0].strip()
         async with (
-            asyncio.timeout(self.config.timeout),
+            backports.timeout(self.config.timeout),
             self.model.pool.post(self.route.model_path, orjson.dumps(payload)) as answer,
         ):
             return answer.status, await answer.read(), answer.content_type

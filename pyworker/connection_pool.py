@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from pyworker import backports
+
 IDLE_TIMEOUT = 4.0
 """Seconds an idle connection is kept: under the 5 s keep-alive of uvicorn and llama.cpp."""
 MAX_IDLE = 512
@@ -471,11 +473,11 @@ class ConnectionPool:
         origin = self.origin
         tls = self._tls_context() if origin.tls else None
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with backports.timeout(self.connect_timeout):
                 _, connection = await loop.create_connection(
                     lambda: Connection(loop), origin.host, origin.port, ssl=tls
                 )
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):
             raise ConnectTimedOut(
                 f"no connection to {origin.host_header} in {self.connect_timeout:g}s"
             ) from None

@@ -47,7 +47,7 @@ async def run_hooks(hooks: Sequence[DrainHook], timeout: float = HOOK_TIMEOUT) -
     async def run(hook: DrainHook) -> None:
         try:
             await asyncio.wait_for(hook(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             logger.warning("drain hook %s took over %.0f s: abandoned", _name(hook), timeout)
         except Exception:
             logger.exception("drain hook %s failed", _name(hook))

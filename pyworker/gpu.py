@@ -21,9 +21,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from enum import StrEnum
 from types import ModuleType
 from typing import Any
+
+from pyworker.backports import StrEnum
 
 logger = logging.getLogger(__name__)
 

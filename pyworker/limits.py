@@ -58,10 +58,10 @@ HTTP_LIMITS: dict[str, Any] = {
 }
 
 
-class BodyTimeout(TimeoutError):
+class BodyTimeout(asyncio.TimeoutError):
     """The request body did not arrive within its deadline.
 
-    A TimeoutError, so that aiohttp, draining the unread rest of the body after the answer,
+    An asyncio.TimeoutError, so that aiohttp, draining the unread rest of the body after the answer,
     stops there and closes the connection instead of logging an error.
     """
 

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +19,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from pyworker.config import WorkerConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 ENV_OVERRIDES = {
     "MODEL_SERVER_URL": "model_server.base_url",

@@ -22,8 +22,9 @@ import re
 import stat
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
+
+from pyworker.backports import StrEnum
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ class LogFollower:
             self._last_error = message
 
     async def _pause(self) -> None:
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), self._poll_interval)
 
     def _close(self) -> None:

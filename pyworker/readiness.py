@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pyworker import backports
 from pyworker.benchmark import (
     Benchmark,
     BenchmarkError,
@@ -64,10 +65,10 @@ def _pattern(kind: LineKind, item: Pattern) -> LogPattern:
 
 async def probe_health(model: ModelClient, path: str, timeout: float = 5.0) -> bool:
     try:
-        async with asyncio.timeout(timeout), model.pool.get(path) as answer:
+        async with backports.timeout(timeout), model.pool.get(path) as answer:
             await answer.read()
             return answer.status == 200
-    except (PoolError, TimeoutError):
+    except (PoolError, asyncio.TimeoutError):
         return False
 
 

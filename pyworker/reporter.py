@@ -184,7 +184,7 @@ class Reporter:
                         if response.status < 300:
                             return True
                         problem = f"HTTP {response.status}"
-                except (aiohttp.ClientError, TimeoutError) as error:
+                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                     problem = error.__class__.__name__
                 logger.debug("%s%s attempt %d: %s", address, path, attempt, problem)
         logger.warning("report %s reached none of %d address(es)", path, len(self.addresses))

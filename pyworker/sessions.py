@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from pyworker import backports
 from pyworker.accounting import Ledger, Outcome, RequestRecord
 from pyworker.auth import AuthData
 from pyworker.config import SessionConfig
@@ -242,11 +243,11 @@ class SessionStore:
         async with self._notify_slots:
             try:
                 async with (
-                    asyncio.timeout(self.config.close_timeout),
+                    backports.timeout(self.config.close_timeout),
                     self.model.pool.post(session.on_close_route, orjson.dumps(body)) as answer,
                 ):
                     await answer.read()
                     if answer.status >= 400:
                         logger.warning("session close route answered %d", answer.status)
-            except (PoolError, TimeoutError, ValueError) as error:
+            except (PoolError, asyncio.TimeoutError, ValueError) as error:
                 logger.warning("session close route failed: %s", error.__class__.__name__)

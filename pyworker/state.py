@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from enum import StrEnum
+
+from pyworker.backports import StrEnum
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class WorkerStatus:
         """Wait for the next transition, up to `timeout` seconds; True if one happened."""
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return False
         finally:
             self._changed.clear()

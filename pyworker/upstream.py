@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from pyworker import backports
 from pyworker.config import HandlerResult, JSONObject, ModelHandler, ResponseHook
 from pyworker.connection_pool import (
     IDLE_TIMEOUT,
@@ -124,7 +125,7 @@ class ModelClient:
     ) -> HandlerResult:
         """Run a route's custom handler, bounded by `timeout` in all."""
         with model_errors():
-            async with asyncio.timeout(timeout):
+            async with backports.timeout(timeout):
                 return await handler(self.session, self.base_url, payload)
 
     async def relay_handler(
@@ -159,7 +160,7 @@ def model_errors() -> Iterator[None]:
         raise UpstreamError(502, "model server unreachable: connect timed out") from None
     except aiohttp.ClientConnectorError as error:
         raise UpstreamError(502, f"model server unreachable: {error.os_error}") from None
-    except TimeoutError:
+    except (TimeoutError, asyncio.TimeoutError):
         raise UpstreamError(504, "model server timed out") from None
     except aiohttp.ClientError as error:
         raise UpstreamError(502, f"model server failed: {error.__class__.__name__}") from None

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from pyworker import backports
 from pyworker.connection_pool import (
     HIGH_WATER,
     BadAnswer,
@@ -439,7 +440,7 @@ async def test_a_connection_paused_under_an_unread_answer_reads_the_next_one(
     async with pool.post("/", b"big") as upstream:
         await wait_until(lambda: upstream.complete)  # arrived, never read
     assert pool.idle == 1
-    async with asyncio.timeout(5), pool.post("/", b"next") as upstream:
+    async with backports.timeout(5), pool.post("/", b"next") as upstream:
         assert await upstream.read() == b"small"
     assert server.connections == 1
 

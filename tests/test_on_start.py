@@ -96,7 +96,7 @@ class StartScript:
         assert self.process is not None
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise AssertionError(f"on_start.sh still running; output:\n{self.text()}") from None
 
     def text(self) -> str:
@@ -121,7 +121,7 @@ class StartScript:
             self.process.terminate()  # the script knows its children, even unrecorded ones
             try:
                 await asyncio.wait_for(self.process.wait(), 15)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 self.process.kill()
                 await self.process.wait()
         for name in ("model", "helper", "worker"):

@@ -154,7 +154,7 @@ async def call(request: CallRequest, out: BinaryIO) -> int:
                 else:
                     await _write(out, _pretty(await response.read()))
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             await _say(f"pyworker call: worker {url} failed: {error.__class__.__name__} {error}")
             return 1
     if request.verbose or status >= 300:

@@ -134,10 +134,10 @@ class Child:
             signal_group(self.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.exited.wait(), grace)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 logger.warning("%s did not stop in %.0f s: killing it", self.name, grace)
                 signal_group(self.pid, signal.SIGKILL)
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.exited.wait(), KILL_WAIT)
         signal_group(self.pid, signal.SIGKILL)  # anything left in its group
         await self.close()
@@ -148,7 +148,7 @@ class Child:
 
     async def close(self) -> None:
         if self._reader is not None:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._reader), READER_WAIT)
             self._reader.cancel()
         self._waiter.cancel()

@@ -24,13 +24,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
 import orjson
 
+from pyworker.backports import StrEnum
 from pyworker.benchmark import BenchmarkError, load_dataset
 from pyworker.commands.children import Child, ChildExited, Children
 from pyworker.commands.devstate import (
@@ -320,7 +321,14 @@ class DevSession:
             await self._note(self.how_to_call(plan))
             child = await self.children.wait_any_exit()
             raise child.exit_error()
-        except (DevError, ChildExited, ConfigError, TimeoutError, OSError) as error:
+        except (
+            DevError,
+            ChildExited,
+            ConfigError,
+            TimeoutError,
+            asyncio.TimeoutError,
+            OSError,
+        ) as error:
             await asyncio.to_thread(self.spinner.fail, str(error))
             return 2 if isinstance(error, ConfigError) else 1
 
@@ -513,7 +521,7 @@ class DevSession:
                 timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
             ) as response:
                 document = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return "", ""
         if not isinstance(document, dict):
             return "", ""
@@ -548,7 +556,14 @@ class DevSession:
                 document = await response.json(content_type=None)
             benchmark = document.get("benchmark") or {}
             perf = float(benchmark["perf"])
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+        except (
+            aiohttp.ClientError,
+            asyncio.TimeoutError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ):
             return f"benchmark done in {elapsed:.1f} s"
         source = "from the cache" if benchmark.get("cached") else f"in {elapsed:.1f} s"
         return f"benchmark done {source}: {perf:.1f} workload/s"
@@ -572,7 +587,7 @@ class DevSession:
                 ) as response:
                     body = await response.read()
                     status = response.status
-            except (RoutingError, aiohttp.ClientError, TimeoutError) as error:
+            except (RoutingError, aiohttp.ClientError, asyncio.TimeoutError) as error:
                 await asyncio.to_thread(self.spinner.fail, f"the request failed: {error}")
                 return False
         seconds = time.monotonic() - started

@@ -340,7 +340,7 @@ async def send_one(session: aiohttp.ClientSession, plan: LoadPlan, payload: Any)
             status, content_type = response.status, response.content_type
     except RoutingError:
         return Outcome("routing", time.monotonic() - started, 0.0)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         return Outcome("timeout", time.monotonic() - started, 0.0)
     except aiohttp.ClientError:
         return Outcome("connection", time.monotonic() - started, 0.0)

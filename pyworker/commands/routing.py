@@ -145,7 +145,7 @@ async def _ask(
             f"cannot reach the autoscaler at {target.autoscaler}: {reason}"
             " (is `pyworker dev` running? else pass --autoscaler URL)"
         ) from None
-    except (aiohttp.ClientError, TimeoutError) as error:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         raise RoutingError(f"autoscaler {url} failed: {error.__class__.__name__}") from None
     try:
         answer = orjson.loads(text)

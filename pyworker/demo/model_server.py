@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pyworker.backports import StrEnum
 from pyworker.demo.lines import LineWriter
 from pyworker.demo.openai import (
     GenerationRequest,

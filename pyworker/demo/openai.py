@@ -10,9 +10,9 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
+from pyworker.backports import StrEnum
 from pyworker.demo.text import count_prompt_tokens
 
 DEFAULT_MAX_TOKENS = 16

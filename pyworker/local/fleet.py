@@ -18,9 +18,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from typing import Any
 
+from pyworker.backports import StrEnum
 from pyworker.local.messages import DeleteRequests, WorkerReport
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,6 @@ not to paper over. Unknown keys are kept, as newer workers may send more.
 
 from __future__ import annotations
 
-from typing import Self
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -59,7 +57,7 @@ class DeleteRequests(BaseModel):
     success: bool = True
 
     @model_validator(mode="after")
-    def _one_form(self) -> Self:
+    def _one_form(self) -> DeleteRequests:
         if self.requests is None and self.request_idxs is None:
             raise ValueError("either requests or request_idxs is required")
         return self

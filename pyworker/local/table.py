@@ -155,9 +155,9 @@ async def watch(
                 ) as answer:
                     answer.raise_for_status()
                     fleet = await answer.json()
-            except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
                 await asyncio.to_thread(table.note, f"cannot read the fleet: {error}")
             else:
                 await asyncio.to_thread(table.update, fleet)
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)

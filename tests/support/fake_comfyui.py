@@ -206,7 +206,7 @@ class FakeComfyUI:
             try:
                 await asyncio.wait_for(job.interrupted.wait(), seconds)
                 return None
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
             rate = steps / seconds if seconds > 0 else 0.0
             self.log(f"100%|██████████| {steps}/{steps} [00:00<00:00, {rate:.2f}it/s]")

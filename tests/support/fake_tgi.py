@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import json
 import signal
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
@@ -96,7 +96,7 @@ CRASH = (
 
 
 def timestamp() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class FakeTgi:

@@ -31,6 +31,7 @@ from urllib.parse import urlencode
 import aiohttp
 import orjson
 
+from pyworker import backports
 from pyworker.config import (
     BenchmarkConfig,
     HandlerResult,
@@ -173,9 +174,9 @@ async def run_workflow(
     if not isinstance(prompt_id, str):
         return _json(502, {"error": "ComfyUI answered /prompt without a prompt_id"})
     try:
-        async with asyncio.timeout(MAX_WAIT):
+        async with backports.timeout(MAX_WAIT):
             entry = await _wait_for(session, base_url, prompt_id)
-    except (asyncio.CancelledError, TimeoutError):
+    except (asyncio.CancelledError, asyncio.TimeoutError):
         await asyncio.shield(_forget(session, base_url, prompt_id))
         raise
     failure = _failure(entry)
@@ -210,7 +211,7 @@ async def _forget(session: aiohttp.ClientSession, base_url: str, prompt_id: str)
         ("/queue", {"delete": [prompt_id]}),
         ("/interrupt", {"prompt_id": prompt_id}),
     ):
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
             async with session.post(
                 base_url + path, data=orjson.dumps(body), headers=JSON_HEADERS, timeout=timeout
             ) as response:

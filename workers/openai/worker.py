@@ -16,12 +16,12 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TypeGuard
 
 import orjson
 
+from pyworker.backports import StrEnum
 from pyworker.config import (
     BenchmarkConfig,
     JSONObject,
