@@ -3,6 +3,8 @@
 # keep both alive together, and tell the autoscaler why when the worker cannot come up.
 #
 #   1. choose the worker, and install pyworker into a venv unless it is already there;
+#      with USE_SSL=true, make sure the TLS key and certificate are there (`python -m
+#      pyworker.certificate`: reused when still good, else a new key signed by Vast);
 #   2. rotate the model server's log and start the model server, its output into that log;
 #   3. start `pyworker run <worker>`;
 #   4. on SIGTERM or SIGINT, send SIGTERM to both (SIGINT is ignored by the background
@@ -39,6 +41,12 @@
 #   MASTER_TOKEN           worker secret sent as `mtoken`
 #   PUBLIC_IPADDR, WORKER_PORT (default 3000), VAST_TCP_PORT_<WORKER_PORT>, USE_SSL
 #                          make the `url` of an error report, as the worker itself does
+#   USE_SSL                true: serve HTTPS with TLS_CERT_FILE and TLS_KEY_FILE (default
+#                          /etc/instance.crt, /etc/instance.key), signed by Vast for CONTAINER_ID
+#                          when missing, mismatched or expiring (see pyworker/certificate.py for
+#                          PYWORKER_SIGN_CERT_URL, PYWORKER_SIGN_ATTEMPTS, PYWORKER_SIGN_BACKOFF)
+#   PYWORKER_PYTHON        the python that runs that step (default the venv's, or python3 when
+#                          PYWORKER_CMD is set)
 #
 # Exit status: 1 when the start failed; else that of the child that exited first, or after a
 # signal the worker's.
@@ -194,6 +202,30 @@ choose_pyworker() {
     fi
 }
 
+use_ssl() {
+    case "${USE_SSL:-}" in
+    [Tt][Rr][Uu][Ee] | 1 | [Yy][Ee][Ss] | [Oo][Nn]) return 0 ;;
+    *) return 1 ;;
+    esac
+}
+
+# USE_SSL=true: reuse the certificate, or get a new one signed. The module retries a failed
+# signing itself (bounded, each failure reported); when it gives up, the start fails.
+prepare_certificate() {
+    local python output
+    use_ssl || return 0
+    python="${PYWORKER_PYTHON:-}"
+    if [[ -z $python && -n ${PYWORKER_CMD:-} ]]; then
+        python=python3
+    fi
+    python="${python:-$VENV/bin/python}"
+    output="$(mktemp)"
+    if ! "$python" -m pyworker.certificate 2>&1 | tee "$output" >&2; then
+        fail "no TLS certificate: $(tail -n 1 -- "$output" | sed 's/^.*pyworker.certificate: //')"
+    fi
+    rm -f -- "$output"
+}
+
 rotate_model_log() {
     mkdir -p -- "$(dirname -- "$MODEL_LOG")"
     if [[ -e $MODEL_LOG ]]; then
@@ -344,6 +376,7 @@ main() {
     trap 'on_startup_signal INT 130' INT
     check_settings
     choose_pyworker
+    prepare_certificate
     if [[ -n $MODEL_SERVER_CMD ]]; then
         start_model_server
     else

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
+from pyworker.tls import server_ssl_context
 from tests.conftest import wait_until
 from tests.support.fake_autoscaler import FakeAutoscaler
+from tests.support.fake_signer import Failure, FakeSigner, write_certificate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "on_start.sh"
@@ -58,6 +60,8 @@ class StartScript:
         self.model_log = root / "logs" / "server.log"
         self.output = root / "script.out"
         self.process: asyncio.subprocess.Process | None = None
+        # USE_SSL=true: a good certificate is already there, so the script reuses it
+        cert_file, key_file = write_certificate(root / "etc")
         self.environ = clean_environ() | {
             "PYWORKER_WORKER": "demo",
             "MODEL_LOG": str(self.model_log),
@@ -73,6 +77,9 @@ class StartScript:
             "WORKER_PORT": "3000",
             "VAST_TCP_PORT_3000": "41234",
             "USE_SSL": "true",
+            "TLS_CERT_FILE": str(cert_file),
+            "TLS_KEY_FILE": str(key_file),
+            "PYWORKER_PYTHON": PYTHON,
         }
 
     def fake_command(self, name: str, *options: str) -> str:
@@ -305,6 +312,63 @@ async def test_without_model_command_only_the_worker_runs(script: StartScript) -
     # the log belongs to whoever runs the model server: not rotated
     assert script.model_log.read_text() == "written by a model server started elsewhere\n"
     assert not script.model_log.with_name("server.log.old").exists()
+
+
+# --- the TLS certificate -----------------------------------------------------------------------
+
+
+async def test_use_ssl_gets_the_certificate_signed_before_the_worker_starts(
+    script: StartScript, tmp_path: Path
+) -> None:
+    cert_file, key_file = tmp_path / "new" / "instance.crt", tmp_path / "new" / "instance.key"
+    async with FakeSigner() as signer:
+        await script.start(
+            TLS_CERT_FILE=str(cert_file),
+            TLS_KEY_FILE=str(key_file),
+            PYWORKER_SIGN_CERT_URL=signer.url,
+        )
+        worker = await script.started("worker", timeout=30)
+
+    [request] = signer.requests
+    assert request.instance_id == "42"
+    assert (worker["env"]["TLS_CERT_FILE"], worker["env"]["TLS_KEY_FILE"]) == (
+        str(cert_file),
+        str(key_file),
+    )
+    server_ssl_context(str(cert_file), str(key_file))  # the pair the worker will load
+
+
+async def test_without_use_ssl_no_certificate_is_made(script: StartScript, tmp_path: Path) -> None:
+    cert_file = tmp_path / "new" / "instance.crt"
+    async with FakeSigner() as signer:
+        await script.start(
+            USE_SSL="false", TLS_CERT_FILE=str(cert_file), PYWORKER_SIGN_CERT_URL=signer.url
+        )
+        await script.started("worker")
+    assert signer.requests == []
+    assert not cert_file.exists()
+
+
+async def test_signing_that_keeps_failing_fails_the_start_with_a_report(
+    script: StartScript, autoscalers: tuple[FakeAutoscaler, FakeAutoscaler], tmp_path: Path
+) -> None:
+    async with FakeSigner() as signer:
+        signer.answers = [Failure(status=503)]
+        await script.start(
+            TLS_CERT_FILE=str(tmp_path / "new" / "instance.crt"),
+            TLS_KEY_FILE=str(tmp_path / "new" / "instance.key"),
+            PYWORKER_SIGN_CERT_URL=signer.url,
+            PYWORKER_SIGN_ATTEMPTS="1",
+        )
+        assert await script.exit_status() == 1
+
+    report = await assert_reported_to_both(autoscalers)
+    assert report["error_msg"] == (
+        "no TLS certificate: TLS certificate not signed (attempt 1 of 1): "
+        "the signing endpoint answered HTTP 503"
+    )
+    assert not script.started_file("model").exists()
+    assert not script.started_file("worker").exists()
 
 
 # --- bootstrap failures ------------------------------------------------------------------------
