@@ -3,13 +3,17 @@ each mapped to the pyworker setting with the same meaning, or refused naming it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from pyworker.app import Worker as AppWorker
 from pyworker.compat.translate import UNLIMITED_SESSIONS, UnsupportedField, translate
 from pyworker.compat.vastai import (
     BenchmarkConfig,
@@ -21,7 +25,10 @@ from pyworker.compat.vastai import (
     listen_settings,
 )
 from pyworker.config import WorkerConfig as NativeConfig
-from tests.conftest import KeyPair, ModelServer, WorkerFactory
+from pyworker.environment import Environment
+from pyworker.gpu import GpuMonitor
+from tests.conftest import KeyPair, ModelServer, WorkerFactory, wait_until
+from tests.fakes.nvml import FakeNvml
 
 SAMPLE = BenchmarkConfig(dataset=[{"max_tokens": 4}])
 
@@ -387,3 +394,35 @@ async def test_remote_function_answers_its_result(
     async with worker.post("/add", envelope(keypair, {"a": 2})) as response:
         assert response.status == 500
     assert model_server.recorder.payloads == []
+
+
+# --- log actions in a running worker ----------------------------------------------------------
+async def test_on_info_lines_appear_in_the_worker_log(
+    tmp_path: Path, model_server: ModelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "model.log"
+    log.write_text("starting\n")
+    config = reference(
+        model_server_url=model_server.url,
+        model_server_port=None,
+        model_log_file=str(log),
+        log_action_config=LogActionConfig(on_load=["loaded"], on_info=['"message":"Download']),
+    )
+    worker = AppWorker(translate(config), Environment.from_env({}), GpuMonitor(FakeNvml([])))
+    caplog.set_level(logging.INFO, logger="pyworker.readiness")
+    running = asyncio.create_task(worker.readiness.run())
+    try:
+        with log.open("a") as model_log:
+            model_log.write('{"message":"Downloading weights","progress":40}\n')
+            model_log.write("an unrelated line\n")
+
+        def info_logged() -> bool:
+            return any("Downloading weights" in record.message for record in caplog.records)
+
+        await wait_until(info_logged)
+        assert not any("unrelated" in record.message for record in caplog.records)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await worker.model.close()
