@@ -287,6 +287,7 @@ class Example:
     payload: dict[str, Any]
     workload: float
     check_answer: Callable[[int, bytes], None]
+    error_line: str
 
 
 def _json_where(predicate: Callable[[Any], bool]) -> Callable[[int, bytes], None]:
@@ -313,6 +314,7 @@ EXAMPLES = {
         {"inputs": "seven!!"},
         7.0,
         _json_where(lambda answer: answer == {"generated_text": "echo: seven!!"}),
+        "Traceback (most recent call last):",
     ),
     "vllm": Example(
         VLLM,
@@ -321,6 +323,7 @@ EXAMPLES = {
         {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 24},
         24.0,
         _json_where(lambda answer: answer["usage"]["completion_tokens"] == 24),
+        "ERROR 11-30 10:01:00 engine.py:135] RuntimeError: Engine loop has died",
     ),
     "tgi": Example(
         TGI,
@@ -329,6 +332,7 @@ EXAMPLES = {
         {"inputs": "hello", "parameters": {"max_new_tokens": 5}},
         5.0,
         _streamed_tokens(5),
+        '{"level":"ERROR","message":"Shard complete standard error output: CUDA OOM"}',
     ),
     "comfyui": Example(
         COMFYUI,
@@ -345,6 +349,7 @@ EXAMPLES = {
         },
         40.0,
         _json_where(lambda answer: answer == {"images": ["job-1.png"]}),
+        "Value not in list: ckpt_name: 'missing.safetensors'",
     ),
 }
 
@@ -432,6 +437,17 @@ async def test_reference_worker_runs_with_its_import_line_changed(
         ):
             assert answer.status == 401
         assert len(model.received) == benchmarked + 1
+
+        # An on_error line in the model's log: reported, and requests are refused meanwhile.
+        with model.log.open("a") as log:
+            log.write(example.error_line + "\n")
+        errored = await scene.wait_report(lambda report: report["error_msg"] != "")
+        assert example.error_line in errored["error_msg"]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + example.route, json=body) as answer,
+        ):
+            assert answer.status == 503
     finally:
         assert await stop(worker) == 0
         await model.server.close()
