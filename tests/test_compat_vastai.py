@@ -239,10 +239,14 @@ class FakeModelServer:
     def requests_to(self, path: str) -> list[dict[str, Any]]:
         return [payload for where, payload in self.received if where == path]
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> FakeModelServer:
         await self.server.start_server()
         lines = ["starting model server", "loading weights", self.loaded_line]
         self.log.write_text("".join(line + "\n" for line in lines))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.server.close()
 
     def _app(self) -> web.Application:
         app = web.Application()
@@ -404,53 +408,52 @@ async def test_reference_worker_runs_with_its_import_line_changed(
     scene: Scene, tmp_path: Path, name: str
 ) -> None:
     example = EXAMPLES[name]
-    model = FakeModelServer(tmp_path / "model.log", example.loaded_line)
-    await model.start()
-    scene.write_worker(example.source, model.port, model.log)
-    worker, url = await spawn("-m", "worker", env=scene.env())
-    try:
-        ready = await scene.wait_report(lambda report: report["max_perf"] > 0)
-        assert ready["url"] == url and ready["error_msg"] == ""
-        benchmarked = len(model.received)
-        assert benchmarked > 0  # the benchmark ran against the model server
+    async with FakeModelServer(tmp_path / "model.log", example.loaded_line) as model:
+        scene.write_worker(example.source, model.port, model.log)
+        worker, url = await spawn("-m", "worker", env=scene.env())
+        try:
+            ready = await scene.wait_report(lambda report: report["max_perf"] > 0)
+            assert ready["url"] == url and ready["error_msg"] == ""
+            benchmarked = len(model.received)
+            assert benchmarked > 0  # the benchmark ran against the model server
 
-        auth = scene.keypair.auth_data(request_idx=4242, cost=example.workload)
-        body = {"auth_data": auth, "payload": example.payload}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(url + example.route, json=body) as answer,
-        ):
-            example.check_answer(answer.status, await answer.read())
-        assert len(model.received) == benchmarked + 1
-        assert model.received[-1][0] == example.route
+            # The signed cost differs from the workload: the calculator decides the workload.
+            auth = scene.keypair.auth_data(request_idx=4242, cost=1)
+            body = {"auth_data": auth, "payload": example.payload}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url + example.route, json=body) as answer,
+            ):
+                example.check_answer(answer.status, await answer.read())
+            assert len(model.received) == benchmarked + 1
+            assert model.received[-1][0] == example.route
 
-        def reported_load() -> float:
-            return sum(report["new_load"] for report in scene.autoscaler.worker_status)
+            def reported_load() -> float:
+                return sum(report["new_load"] for report in scene.autoscaler.worker_status)
 
-        await scene.wait_report(lambda report: reported_load() > 0)
-        assert reported_load() == pytest.approx(example.workload)
+            await scene.wait_report(lambda report: reported_load() > 0)
+            assert reported_load() == pytest.approx(example.workload)
 
-        unsigned = {**body, "auth_data": {**auth, "signature": "bm90IGEgc2lnbmF0dXJl"}}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(url + example.route, json=unsigned) as answer,
-        ):
-            assert answer.status == 401
-        assert len(model.received) == benchmarked + 1
+            unsigned = {**body, "auth_data": {**auth, "signature": "bm90IGEgc2lnbmF0dXJl"}}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url + example.route, json=unsigned) as answer,
+            ):
+                assert answer.status == 401
+            assert len(model.received) == benchmarked + 1
 
-        # An on_error line in the model's log: reported, and requests are refused meanwhile.
-        with model.log.open("a") as log:
-            log.write(example.error_line + "\n")
-        errored = await scene.wait_report(lambda report: report["error_msg"] != "")
-        assert example.error_line in errored["error_msg"]
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(url + example.route, json=body) as answer,
-        ):
-            assert answer.status == 503
-    finally:
-        assert await stop(worker) == 0
-        await model.server.close()
+            # An on_error line in the model's log: reported, and requests are refused meanwhile.
+            with model.log.open("a") as log:
+                log.write(example.error_line + "\n")
+            errored = await scene.wait_report(lambda report: report["error_msg"] != "")
+            assert example.error_line in errored["error_msg"]
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url + example.route, json=body) as answer,
+            ):
+                assert answer.status == 503
+        finally:
+            assert await stop(worker) == 0
 
 
 REFUSED = {
