@@ -134,6 +134,9 @@ class Readiness:
                 self.error_lines += 1
                 if event.fatal:
                     self._fail(f"model server error: {event.line[:MAX_ERROR_LINE]}", cause="log")
+            elif event.kind is LineKind.INFO:
+                # What info patterns are for: progress (downloads, compilation) in our log.
+                logger.info("model server: %s", event.line[:MAX_ERROR_LINE])
 
     async def _wait_for_health_then_load(self) -> None:
         path = self.config.model_server.health_path

@@ -1,0 +1,412 @@
+"""A reference SDK config, translated into pyworker's native `WorkerConfig`.
+
+Every field of `vastai` 1.9.1 either maps to a pyworker setting with the same meaning or is
+refused with `UnsupportedField`, which names the field and the pyworker way to do the same
+thing: nothing a template author wrote is dropped without a word. docs/migrating.md lists the
+mapping field by field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import ClientResponse, ClientSession, web
+
+from pyworker.benchmark import BenchmarkError
+from pyworker.compat.reference import (
+    DEFAULT_WORKLOAD,
+    BenchmarkConfig,
+    ClientResponseGenerator,
+    HandlerConfig,
+    LogActionConfig,
+    WorkerConfig,
+    WorkloadCalculator,
+)
+from pyworker.config import HandlerResult, JSONObject, ModelHandler, WorkloadFunction
+from pyworker.config import WorkerConfig as NativeConfig
+from pyworker.loader import ConfigError, validate_config
+
+DEFAULT_HOST_URL = "http://127.0.0.1"
+MAX_ROUNDS = 100
+MAX_CONCURRENCY = 1024
+UNLIMITED_SESSIONS = 1000
+"""The reference's "no limit" (`max_sessions=None` or `0`); pyworker bounds every table."""
+REFERENCE_RUNS = 8
+REFERENCE_CONCURRENCY = 10
+
+
+class UnsupportedField(ConfigError):
+    """A reference field pyworker cannot honour as written; the message says what to do."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+def translate(config: WorkerConfig) -> NativeConfig:
+    """The native config with the same meaning as `config`; `UnsupportedField` if none exists."""
+    if not isinstance(config, WorkerConfig):
+        raise UnsupportedField(
+            "Worker(config)", "expects a WorkerConfig from pyworker.compat.vastai"
+        )
+    return validate_config(raw_native(config), source="(translated from the reference config)")
+
+
+def raw_native(config: WorkerConfig) -> dict[str, Any]:
+    """The native config as a dict, before pyworker's own validation."""
+    if config.lifecycle is not None:
+        raise UnsupportedField(
+            "WorkerConfig.lifecycle",
+            "pyworker does not start or stop the model server. Start it from the template's "
+            "start script (or scripts/on_start.sh) and let the worker follow its log "
+            "(model_log_file and LogActionConfig.on_load) or its health URL "
+            "(model_healthcheck_url); docs/migrating.md shows both.",
+        )
+    handlers = list(config.handlers) or [HandlerConfig(route="/")]
+    base_url = _base_url(config.model_server_url, config.model_server_port)
+    routes = [_route(index, handler) for index, handler in enumerate(handlers)]
+    _check_unique(handlers)
+    return {
+        "model_server": {
+            "base_url": base_url,
+            "log_file": config.model_log_file or None,
+            "health_path": _health_path(config, handlers, base_url),
+            **_log_patterns(config.log_action_config),
+        },
+        "routes": routes,
+        "benchmark": _benchmark(config, handlers),
+        "sessions": {"max_sessions": _max_sessions(config.max_sessions)},
+    }
+
+
+# --- the model server ---------------------------------------------------------------------
+def _base_url(url: str | None, port: int | None) -> str:
+    base = (url or DEFAULT_HOST_URL).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise UnsupportedField(
+            "WorkerConfig.model_server_url", f"{url!r} is not an http:// or https:// URL"
+        )
+    if port is None:
+        return base
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise UnsupportedField("WorkerConfig.model_server_port", f"{port!r} is not a TCP port")
+    return f"{base}:{port}"
+
+
+def _health_path(config: WorkerConfig, handlers: list[HandlerConfig], base_url: str) -> str | None:
+    """The worker-wide health URL, else the one the handlers agree on (the reference
+    declares `HandlerConfig.healthcheck` but never reads it; pyworker probes it)."""
+    if config.model_healthcheck_url:
+        url = config.model_healthcheck_url
+        return _as_path("WorkerConfig.model_healthcheck_url", url, base_url)
+    declared = {h.healthcheck for h in handlers if h.healthcheck}
+    if len(declared) > 1:
+        raise UnsupportedField(
+            "HandlerConfig.healthcheck",
+            f"handlers name different health URLs {sorted(declared)}; pyworker probes one "
+            "health URL for the model server: set WorkerConfig.model_healthcheck_url",
+        )
+    if declared:
+        return _as_path("HandlerConfig.healthcheck", declared.pop(), base_url)
+    return None
+
+
+def _as_path(field: str, url: str, base_url: str) -> str:
+    """A path on the model server, as the reference's session resolves the URL against it."""
+    parts = urlsplit(url)
+    if parts.scheme or parts.netloc:
+        base = urlsplit(base_url)
+        if (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
+            raise UnsupportedField(
+                field,
+                f"{url!r} is not on the model server {base_url}; pyworker probes a path "
+                "on the model server: give the path (e.g. '/health')",
+            )
+    path = parts.path if parts.path.startswith("/") else "/" + parts.path
+    return path + (f"?{parts.query}" if parts.query else "")
+
+
+def _log_patterns(actions: LogActionConfig) -> dict[str, list[str]]:
+    patterns: dict[str, list[str]] = {}
+    for name, native in (
+        ("on_load", "load_patterns"),
+        ("on_error", "error_patterns"),
+        ("on_info", "info_patterns"),
+    ):
+        values = getattr(actions, name)
+        if isinstance(values, str):
+            raise UnsupportedField(
+                f"LogActionConfig.{name}", "must be a list of strings, not one string"
+            )
+        for index, value in enumerate(values):
+            if not isinstance(value, str) or not value:
+                raise UnsupportedField(
+                    f"LogActionConfig.{name}[{index}]",
+                    f"{value!r}: each entry must be a non-empty string (an empty one would "
+                    "match every line)",
+                )
+        patterns[native] = list(values)
+    return patterns
+
+
+def _max_sessions(value: int | None) -> int:
+    if value is None or value == 0:
+        return UNLIMITED_SESSIONS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UnsupportedField(
+            "WorkerConfig.max_sessions",
+            f"{value!r}: give a number of sessions, or None for pyworker's bound "
+            f"({UNLIMITED_SESSIONS})",
+        )
+    return value
+
+
+# --- the routes ---------------------------------------------------------------------------
+def _route(index: int, handler: HandlerConfig) -> dict[str, Any]:
+    where = f"handlers[{index}]"
+    _refuse_classes(where, handler)
+    route = handler.route
+    if not isinstance(route, str) or not route.startswith("/"):
+        raise UnsupportedField(f"{where}.route", f"{route!r} is not a path starting with /")
+    max_queue_time = handler.max_queue_time
+    if max_queue_time is not None and not (
+        isinstance(max_queue_time, int | float) and 0 < max_queue_time < math.inf
+    ):
+        raise UnsupportedField(
+            f"{where}.max_queue_time",
+            f"{max_queue_time!r}: give a number of seconds above 0, or None for no limit",
+        )
+    native: dict[str, Any] = {
+        "path": route,
+        "fifo": not handler.allow_parallel_requests,
+        "max_queue_time": None if max_queue_time is None else float(max_queue_time),
+        "workload": _workload(handler.workload_calculator),
+        "default_workload": DEFAULT_WORKLOAD,
+    }
+    if handler.request_parser is not None:
+        native["request_hook"] = handler.request_parser
+    custom = _custom_handler(where, handler)
+    if custom is not None:
+        native["handler"] = custom
+    return native
+
+
+def _refuse_classes(where: str, handler: HandlerConfig) -> None:
+    if handler.handler_class is not None:
+        raise UnsupportedField(
+            f"{where}.handler_class",
+            "pyworker has no EndpointHandler classes. Use HandlerConfig's request_parser, "
+            "workload_calculator and response_generator, or pyworker's native "
+            "RouteConfig(request_hook=, workload=, response_hook=, handler=) "
+            "(docs/migrating.md)",
+        )
+    if handler.payload_class is not None:
+        raise UnsupportedField(
+            f"{where}.payload_class",
+            "pyworker has no ApiPayload classes. Use request_parser (from_json_msg and "
+            "generate_payload_json), workload_calculator (count_workload) and "
+            "BenchmarkConfig(dataset= or generator=) (for_test), or pyworker's native "
+            "RouteConfig(request_hook=, workload=) (docs/migrating.md)",
+        )
+    if handler.is_remote_dispatch and handler.remote_function is None:
+        raise UnsupportedField(
+            f"{where}.is_remote_dispatch",
+            "is True but no remote_function is given: give the async function to call",
+        )
+
+
+def _workload(calculator: WorkloadCalculator | None) -> float | WorkloadFunction:
+    if calculator is None:
+        return DEFAULT_WORKLOAD
+
+    def workload(payload: JSONObject) -> float:
+        # float() as the reference does, so a calculator returning "12" or Decimal works;
+        # anything it raises makes pyworker use default_workload (100), as the reference.
+        return float(calculator(payload))
+
+    return workload
+
+
+def _custom_handler(where: str, handler: HandlerConfig) -> ModelHandler | None:
+    if handler.remote_function is not None:
+        if handler.response_generator is not None:
+            raise UnsupportedField(
+                f"{where}.response_generator",
+                "is never called on a handler with a remote_function (its result is "
+                'answered as {"result": ...}): remove one of the two',
+            )
+        return remote_function_handler(handler.remote_function)
+    if handler.response_generator is not None:
+        return response_generator_handler(handler.route, handler.response_generator)
+    return None
+
+
+def _check_unique(handlers: list[HandlerConfig]) -> None:
+    seen: set[str] = set()
+    for index, handler in enumerate(handlers):
+        if handler.route in seen:
+            raise UnsupportedField(
+                f"handlers[{index}].route", f"{handler.route} is given to two handlers"
+            )
+        seen.add(handler.route)
+
+
+def remote_function_handler(function: Any) -> ModelHandler:
+    """The reference's remote dispatch: `await function(**payload)`, answered as
+    `{"result": ...}`; a failure is a 500, as in the reference."""
+
+    async def call(session: ClientSession, base_url: str, payload: JSONObject) -> HandlerResult:
+        result = await function(**payload)
+        return HandlerResult(200, orjson.dumps({"result": result}))
+
+    return call
+
+
+class StreamingGeneratorError(RuntimeError):
+    """A `response_generator` tried to stream its answer itself."""
+
+
+class _NoClientRequest:
+    """Stands in for the client's request: pyworker answers the client itself, so a generator
+    may build a `web.Response` but cannot `prepare()` a stream on the client's connection."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise StreamingGeneratorError(
+            "HandlerConfig.response_generator used the client request "
+            f"(.{name}): pyworker relays streams itself; drop the response_generator of a "
+            "streaming route, or return a web.Response built from the model's answer"
+        )
+
+
+def response_generator_handler(route: str, generator: ClientResponseGenerator) -> ModelHandler:
+    """Post the payload to `route`, then let the reference generator shape the answer."""
+
+    async def call(session: ClientSession, base_url: str, payload: JSONObject) -> HandlerResult:
+        async with session.post(base_url + route, json=payload) as model_response:
+            answer = await generator(_client_request(), model_response)
+            return await _result(answer, model_response)
+
+    return call
+
+
+def _client_request() -> web.Request:
+    stand_in: Any = _NoClientRequest()
+    return stand_in  # type: ignore[no-any-return]
+
+
+async def _result(answer: object, model_response: ClientResponse) -> HandlerResult:
+    if not isinstance(answer, web.Response):
+        raise StreamingGeneratorError(
+            f"HandlerConfig.response_generator returned {type(answer).__name__}: pyworker "
+            "needs a web.Response (streams are relayed by pyworker itself)"
+        )
+    body = answer.body
+    if body is None:
+        body = b""
+    if not isinstance(body, bytes | bytearray):
+        raise StreamingGeneratorError(
+            "HandlerConfig.response_generator returned a web.Response whose body is not bytes"
+        )
+    content_type = answer.content_type or model_response.content_type or "application/json"
+    if answer.charset and "charset" not in content_type:
+        content_type += f"; charset={answer.charset}"
+    return HandlerResult(answer.status, bytes(body), content_type)
+
+
+# --- the benchmark ------------------------------------------------------------------------
+def _benchmark(config: WorkerConfig, handlers: list[HandlerConfig]) -> dict[str, Any]:
+    routes = [handler.route for handler in handlers]
+    if config.benchmark_route is not None and config.benchmark_route not in routes:
+        raise UnsupportedField(
+            "WorkerConfig.benchmark_route",
+            f"{config.benchmark_route!r} is not the route of a handler ({', '.join(routes)})",
+        )
+    configured = [h for h in handlers if h.benchmark_config is not None]
+    if len(configured) > 1:
+        raise UnsupportedField(
+            f"handlers[{handlers.index(configured[1])}].benchmark_config",
+            "a BenchmarkConfig on more than one handler: pyworker, like the reference, "
+            "measures one route; keep it on one handler",
+        )
+    if configured:
+        handler = configured[0]
+        if config.benchmark_route is not None and config.benchmark_route != handler.route:
+            raise UnsupportedField(
+                "WorkerConfig.benchmark_route",
+                f"{config.benchmark_route!r} but the BenchmarkConfig is on {handler.route!r}",
+            )
+        assert handler.benchmark_config is not None
+        where = f"handlers[{handlers.index(handler)}].benchmark_config"
+        return {"route": handler.route, **_benchmark_settings(where, handler.benchmark_config)}
+    if config.benchmark_data:
+        # Declared but unread in the reference; here it means what it says.
+        route = config.benchmark_route or routes[0]
+        return {
+            "route": route,
+            "dataset": _dataset("WorkerConfig.benchmark_data", config.benchmark_data),
+            "rounds": REFERENCE_RUNS,
+            "concurrency": REFERENCE_CONCURRENCY,
+        }
+    raise UnsupportedField(
+        "HandlerConfig.benchmark_config",
+        "no handler has one (the reference refuses to start too): give the handler to "
+        "measure benchmark_config=BenchmarkConfig(dataset=[...]) or (generator=...)",
+    )
+
+
+def _benchmark_settings(where: str, benchmark: BenchmarkConfig) -> dict[str, Any]:
+    settings: dict[str, Any] = {"warmup": bool(benchmark.do_warmup)}
+    if benchmark.dataset is not None and benchmark.generator is not None:
+        raise UnsupportedField(
+            f"{where}.generator",
+            "the reference uses the dataset and never calls the generator: give only one",
+        )
+    if benchmark.dataset is not None:
+        settings["dataset"] = _dataset(f"{where}.dataset", benchmark.dataset)
+    elif benchmark.generator is not None:
+        settings["generator"] = _generator(benchmark.generator)
+    else:
+        raise UnsupportedField(where, "give dataset=[...] or generator=... to send")
+    runs = benchmark.runs
+    if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_ROUNDS:
+        raise UnsupportedField(f"{where}.runs", f"{runs!r}: give 1 to {MAX_ROUNDS} rounds")
+    settings["rounds"] = runs
+    concurrency = REFERENCE_CONCURRENCY if not benchmark.concurrency else benchmark.concurrency
+    if (
+        isinstance(concurrency, bool)
+        or not isinstance(concurrency, int)
+        or not 1 <= concurrency <= MAX_CONCURRENCY
+    ):
+        raise UnsupportedField(
+            f"{where}.concurrency", f"{concurrency!r}: give 1 to {MAX_CONCURRENCY} requests"
+        )
+    settings["concurrency"] = concurrency
+    return settings
+
+
+def _dataset(where: str, dataset: object) -> list[JSONObject]:
+    if not isinstance(dataset, list) or not dataset:
+        raise UnsupportedField(where, "must be a non-empty list of JSON objects")
+    for index, item in enumerate(dataset):
+        if not isinstance(item, dict):
+            raise UnsupportedField(f"{where}[{index}]", f"{type(item).__name__} is not a dict")
+    return list(dataset)
+
+
+def _generator(generator: Any) -> Any:
+    """pyworker calls `generator(index)`; the reference calls `generator()`."""
+
+    def generate(index: int) -> JSONObject:
+        # A failing generator fails the benchmark (error_msg), as in the reference.
+        try:
+            sample = generator()
+        except Exception as error:
+            raise BenchmarkError(f"benchmark generator raised {error!r}") from error
+        if not isinstance(sample, dict):
+            raise BenchmarkError(f"benchmark generator returned {type(sample).__name__}")
+        return dict(sample)
+
+    return generate
