@@ -230,6 +230,33 @@ async def test_the_deadline_in_process_and_zero_turns_it_off(tmp_path: Path) -> 
     assert off.status.state is WorkerState.LOADING and off.status.error_msg == ""
 
 
+async def test_a_health_only_worker_errors_at_the_deadline_and_recovers(
+    model_server: Any, tmp_path: Path
+) -> None:
+    """No log to follow: the first 200 from the health route is the load signal."""
+    model_server.recorder.healthy = False  # the engine answers 503 while it loads, for ever
+    raw: dict[str, Any] = {
+        "model_server": {"base_url": model_server.url, "health_path": "/health"},
+        "routes": [{"path": "/echo"}],
+        "perf": 5.0,
+    }
+    worker = Worker(
+        WorkerConfig.model_validate(raw), Environment.from_env({}), GpuMonitor(FakeNvml([]))
+    )
+    worker.readiness.load_deadline = LoadDeadline(first_start=0.3, restart=0.3)
+    worker.readiness.poll_interval = 0.02
+    task = asyncio.create_task(worker.readiness.run())
+    try:
+        await wait_until(lambda: worker.status.state is WorkerState.ERRORED, timeout=5)
+        assert worker.status.error_msg == never_loaded_message(0.3, loaded_here_before=False)
+        model_server.recorder.healthy = True  # it loads after all
+        await wait_until(lambda: worker.status.ready, timeout=5)
+        assert worker.status.error_msg == "" and worker.status.max_perf == 5.0
+    finally:
+        task.cancel()
+        await worker.model.close()
+
+
 def test_message_says_how_long_and_which_variable() -> None:
     assert never_loaded_message(7200, loaded_here_before=False).startswith(
         "model never loaded: no load signal from the model server after waiting 2 h "

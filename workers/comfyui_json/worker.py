@@ -50,7 +50,7 @@ FORK_WORKFLOW = HERE.parent / "comfyui-json" / "misc" / "benchmark.json"
 """Where a fork commits its benchmark workflow (the reference's `misc/benchmark.json`)."""
 IMAGE_WORKFLOW = Path("/opt/comfyui-api-wrapper/workflows/pyworker_benchmark.json")
 """The link Vast's ComfyUI image keeps to the first provisioned workflow."""
-PROMPTS_FILE = HERE / "prompts.txt"
+PROMPTS_FILE = HERE / "prompts.json"
 FALLBACK_PROMPT = "a still life of fruit on a wooden table, soft window light"
 
 LOAD_PATTERNS: list[Pattern] = [PatternConfig(text=r"\bBACKENDS_READY\b", regex=True)]
@@ -118,10 +118,12 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
 
 def _prompts() -> list[str]:
     try:
-        lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
-    except OSError:
+        document = orjson.loads(PROMPTS_FILE.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
         return [FALLBACK_PROMPT]
-    return [line.strip() for line in lines if line.strip()] or [FALLBACK_PROMPT]
+    items = document if isinstance(document, list) else []
+    prompts = [item.strip() for item in items if isinstance(item, str) and item.strip()]
+    return prompts or [FALLBACK_PROMPT]
 
 
 def benchmark_payloads(
