@@ -86,6 +86,7 @@ class Worker:
             self.model,
             self.gpu,
             None if environment.unsecured else self.key_loaded,
+            load_deadline=environment.load_deadline,
         )
         self.reporter = Reporter(
             environment,

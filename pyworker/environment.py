@@ -13,6 +13,14 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from pyworker.load_deadline import (
+    DEFAULT_LOAD_TIMEOUT,
+    DEFAULT_RELOAD_TIMEOUT,
+    LOAD_VARIABLE,
+    RELOAD_VARIABLE,
+    LoadDeadline,
+)
+
 DEFAULT_REPORT_ADDR = "https://run.vast.ai"
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
@@ -107,6 +115,11 @@ class Environment(BaseModel):
     keepalive_timeout: float = Field(default=75.0, gt=0)
     """Seconds an idle connection, or one still sending its headers, is kept
     (PYWORKER_KEEPALIVE_TIMEOUT)."""
+    load_timeout: float = Field(default=DEFAULT_LOAD_TIMEOUT, ge=0)
+    """Seconds a first start waits for the model to load before ERRORED; 0: no deadline
+    (PYWORKER_LOAD_TIMEOUT)."""
+    reload_timeout: float = Field(default=DEFAULT_RELOAD_TIMEOUT, ge=0)
+    """The same for a restart where this model loaded before (PYWORKER_RELOAD_TIMEOUT)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -139,6 +152,8 @@ class Environment(BaseModel):
         if http_port is None:
             http_port = port + 1 if 0 < port < 65535 else 0  # port 0: any free port for both
         grace = _seconds(env, "PYWORKER_GRACE")
+        load_timeout = _seconds(env, LOAD_VARIABLE)
+        reload_timeout = _seconds(env, RELOAD_VARIABLE)
         token = env.get("MASTER_TOKEN") or None
         return cls(
             worker_port=port,
@@ -163,7 +178,13 @@ class Environment(BaseModel):
             report_interval=_positive(env, "PYWORKER_REPORT_INTERVAL", 1.0),
             body_timeout=_positive(env, "PYWORKER_BODY_TIMEOUT", 60.0),
             keepalive_timeout=_positive(env, "PYWORKER_KEEPALIVE_TIMEOUT", 75.0),
+            load_timeout=DEFAULT_LOAD_TIMEOUT if load_timeout is None else load_timeout,
+            reload_timeout=DEFAULT_RELOAD_TIMEOUT if reload_timeout is None else reload_timeout,
         )
+
+    @property
+    def load_deadline(self) -> LoadDeadline:
+        return LoadDeadline(first_start=self.load_timeout, restart=self.reload_timeout)
 
     def public_url(self, bound_port: int | None = None) -> str:
         """The worker's address as the autoscaler hands it to clients."""

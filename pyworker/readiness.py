@@ -5,7 +5,9 @@ useful log, its health path answering), the benchmark done (or its cached result
 these GPUs and this model), the health path answering 200 when one is configured, and the
 public key loaded unless unsecured. A fatal error line or a failing health check makes the
 worker ERRORED with an `error_msg` that says why; when the model server comes back (its load
-line again, or its health recovering) the worker goes through readiness again.
+line again, or its health recovering) the worker goes through readiness again. A model that
+gives no load signal within its load deadline (pyworker.load_deadline) makes the worker ERRORED
+too, until it loads.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pyworker.benchmark import (
 from pyworker.config import Pattern, PatternConfig, RouteConfig, WorkerConfig
 from pyworker.connection_pool import PoolError
 from pyworker.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
+from pyworker.load_deadline import LoadDeadline, never_loaded_message
 from pyworker.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.state import WorkerState, WorkerStatus
 from pyworker.upstream import ModelClient
@@ -84,6 +87,7 @@ class Readiness:
         key_loaded: asyncio.Event | None,
         *,
         poll_interval: float = 0.2,
+        load_deadline: LoadDeadline | None = None,
     ) -> None:
         self.config = config
         self.status = status
@@ -91,12 +95,15 @@ class Readiness:
         self.gpu = gpu
         self.key_loaded = key_loaded
         self.poll_interval = poll_interval
+        self.load_deadline = load_deadline
         self.benchmark: BenchmarkResult | None = None
         self.inventory = GpuInventory()
         self.follower: LogFollower | None = None
         self.error_lines = 0
         self.error_cause = ""
         self._loaded = asyncio.Event()
+        self._load_seen = asyncio.Event()
+        """Set at the model's first load signal: what the load deadline waits for."""
         self._pass: asyncio.Task[None] | None = None
 
     @property
@@ -121,7 +128,33 @@ class Readiness:
             watchers.append(self._watch_log(self.follower))
         if server.readiness_source == "health":
             watchers.append(self._wait_for_health_then_load())
+        if self.load_deadline is not None:
+            watchers.append(self._enforce_load_deadline(self.load_deadline))
         await asyncio.gather(self._drive(), *watchers)
+
+    async def _enforce_load_deadline(self, deadline: LoadDeadline) -> None:
+        """ERRORED, reported at once, when the model gives no load signal in time."""
+        before = await asyncio.to_thread(self.loaded_here_before)
+        seconds = deadline.seconds(before)
+        if seconds <= 0:
+            return
+        logger.info(
+            "waiting up to %g s for the model to load (%s)",
+            seconds,
+            "it loaded here before" if before else "first start on this machine",
+        )
+        seen = asyncio.ensure_future(self._load_seen.wait())
+        try:
+            done, _ = await asyncio.wait({seen}, timeout=seconds)
+        finally:
+            seen.cancel()
+        if not done:
+            self._fail(never_loaded_message(seconds, before), cause="load deadline")
+
+    def loaded_here_before(self) -> bool:
+        """Whether the benchmark cache holds a result for these GPUs and this model."""
+        key, cache_file = self._cache_entry()
+        return read_cache(cache_file, key) is not None
 
     # --- what says the model is loaded, or broken ----------------------------------------
     async def _watch_log(self, follower: LogFollower) -> None:
@@ -159,6 +192,7 @@ class Readiness:
         while True:
             await self._loaded.wait()
             self._loaded.clear()
+            self._load_seen.set()
             self._pass = asyncio.create_task(self._readiness_pass())
             try:
                 await asyncio.wait({self._pass})
@@ -197,8 +231,7 @@ class Readiness:
     async def _benchmark(self) -> BenchmarkResult:
         settings = self.config.benchmark
         route = self.route
-        key = cache_key(settings, route, self._identity())
-        cache_file = Path(settings.cache_file) if settings.cache_file else default_cache_file()
+        key, cache_file = self._cache_entry()
         cached = await asyncio.to_thread(read_cache, cache_file, key)
         if cached is not None:
             logger.info("benchmark cache hit: perf %.2f/s", cached.perf)
@@ -218,6 +251,13 @@ class Readiness:
         await asyncio.to_thread(write_cache, cache_file, result, reference)
         self.benchmark = result
         return result
+
+    def _cache_entry(self) -> tuple[str, Path]:
+        """The benchmark cache key for these GPUs, this model and route, and its file."""
+        settings = self.config.benchmark
+        key = cache_key(settings, self.route, self._identity())
+        cache_file = Path(settings.cache_file) if settings.cache_file else default_cache_file()
+        return key, cache_file
 
     def _identity(self) -> dict[str, Any]:
         server = self.config.model_server

@@ -5,7 +5,9 @@
 It prints `listening on http://127.0.0.1:PORT` once its port is open (before the model is
 "loaded"), answers `/health` 503 until loaded, and serves an OpenAI-like `/v1/completions`
 with `usage`. `POST /control/log {"line": ...}` appends a line to its log, to script errors
-and recoveries; `GET /control/stats` says how many completions it served.
+and recoveries; `POST /control/load` loads the model now (its health turns 200, its load line
+is logged), for a test that sets `--load-after` far out; `GET /control/stats` says how many
+completions it served.
 """
 
 from __future__ import annotations
@@ -42,8 +44,12 @@ class LoggingModelServer:
         for line in STARTUP_NOISE:
             self.log(line)
         await asyncio.sleep(self.load_after)
-        self.loaded = True
-        self.log(LOADED_LINE)
+        self.finish_loading()
+
+    def finish_loading(self) -> None:
+        if not self.loaded:
+            self.loaded = True
+            self.log(LOADED_LINE)
 
     def app(self) -> web.Application:
         async def completions(request: web.Request) -> web.Response:
@@ -60,6 +66,10 @@ class LoggingModelServer:
             self.log((await request.json())["line"])
             return web.json_response({"ok": True})
 
+        async def control_load(request: web.Request) -> web.Response:
+            self.finish_loading()
+            return web.json_response({"ok": True})
+
         async def stats(request: web.Request) -> web.Response:
             return web.json_response({"completions": self.completions})
 
@@ -67,6 +77,7 @@ class LoggingModelServer:
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/health", health)
         app.router.add_post("/control/log", control_log)
+        app.router.add_post("/control/load", control_load)
         app.router.add_get("/control/stats", stats)
         return app
 

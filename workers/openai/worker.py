@@ -15,22 +15,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeGuard
 
 import orjson
 
-from pyworker.backports import StrEnum
-from pyworker.config import (
-    BenchmarkConfig,
-    JSONObject,
-    ModelServerConfig,
-    Pattern,
-    PatternConfig,
-    RouteConfig,
-    WorkerConfig,
-)
+from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig, WorkerConfig
+from workers.openai.engines import ServerKind, engine_model_server, server_kind
 
 HERE = Path(__file__).resolve().parent
 BENCHMARK_FILE = HERE / "benchmark.jsonl"
@@ -46,92 +37,6 @@ MESSAGE_OVERHEAD_TOKENS = 4
 MAX_CHOICES = 128
 MAX_ITEMS = 100_000
 """Bounds the walk over a hostile payload (lists of prompts, messages, content parts)."""
-
-
-class ServerKind(StrEnum):
-    VLLM = "vllm"
-    SGLANG = "sglang"
-    LLAMACPP = "llamacpp"
-    TGI = "tgi"
-    GENERIC = "generic"
-
-
-@dataclass(frozen=True, slots=True)
-class ServerProfile:
-    """What tells that one kind of server is loaded, alive, or broken."""
-
-    base_url: str
-    health_path: str
-    load_patterns: list[Pattern] = field(default_factory=list)
-    error_patterns: list[Pattern] = field(default_factory=list)
-
-
-def _regex(text: str) -> PatternConfig:
-    return PatternConfig(text=text, regex=True)
-
-
-PROFILES: dict[ServerKind, ServerProfile] = {
-    # vLLM: uvicorn's line comes after "Starting vLLM API server ... on http://..." and the
-    # route list, once the engine is up and the app serves.
-    ServerKind.VLLM: ServerProfile(
-        base_url="http://127.0.0.1:8000",
-        health_path="/health",
-        load_patterns=["Application startup complete."],
-        error_patterns=[
-            "Engine core initialization failed",
-            "EngineDeadError",
-            "CUDA out of memory",
-            "No available memory for the cache blocks",
-            _regex(r"(?i)larger than the available KV cache memory"),
-        ],
-    ),
-    # SGLang prints this after its warm-up request, later than uvicorn's own startup lines.
-    ServerKind.SGLANG: ServerProfile(
-        base_url="http://127.0.0.1:30000",
-        health_path="/health",
-        load_patterns=["The server is fired up and ready to roll!"],
-        error_patterns=[
-            "Scheduler hit an exception",
-            "Received sigquit from a child process",
-            "Not enough memory. Please try to increase --mem-fraction-static",
-            "Initialization failed. warmup error",
-            "CUDA out of memory",
-        ],
-    ),
-    # llama-server: "srv  llama_server: model loaded" (older builds: "main: model loaded");
-    # /health answers 503 while the model loads, then 200.
-    ServerKind.LLAMACPP: ServerProfile(
-        base_url="http://127.0.0.1:8080",
-        health_path="/health",
-        load_patterns=[_regex(r"(?:\bsrv\s+\S+|\bmain): model loaded\s*$")],
-        error_patterns=[
-            "exiting due to model loading error",
-            "error loading model",
-            "failed to load model",
-            "cudaMalloc failed: out of memory",
-            "exiting due to HTTP server error",
-            "GGML_ASSERT",
-        ],
-    ),
-    # TGI's router, in its text and its JSON log formats.
-    ServerKind.TGI: ServerProfile(
-        base_url="http://127.0.0.1:8080",
-        health_path="/health",
-        load_patterns=[
-            _regex(r"text_generation_router(?:::server)?: \S+: Connected\s*$"),
-            _regex(r'"message":"Connected","target":"text_generation_router'),
-        ],
-        error_patterns=[
-            "Error: ShardCannotStart",
-            "Error: DownloadError",
-            "Error: WebserverFailed",
-            "CUDA out of memory",
-        ],
-    ),
-    # Anything else (llama-cpp-python, LM Studio, ...): no log patterns, ready when the
-    # model list answers, which every OpenAI-compatible server has.
-    ServerKind.GENERIC: ServerProfile(base_url="http://127.0.0.1:8000", health_path="/v1/models"),
-}
 
 
 # --- workload: what a request may cost, before it runs ------------------------------------
@@ -238,21 +143,14 @@ def benchmark_payloads(path: Path, model: str | None) -> list[JSONObject]:
     return payloads
 
 
-def server_kind(environ: Mapping[str, str]) -> ServerKind:
-    name = environ.get("OPENAI_SERVER", ServerKind.VLLM).strip().lower()
-    try:
-        return ServerKind(name)
-    except ValueError:
-        choices = ", ".join(kind.value for kind in ServerKind)
-        raise ValueError(f"OPENAI_SERVER={name!r}: expected one of {choices}") from None
-
-
-def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
-    """The worker config for the server that `OPENAI_SERVER` names."""
+def build_worker(
+    environ: Mapping[str, str] | None = None, kind: ServerKind | None = None
+) -> WorkerConfig:
+    """The worker config for engine `kind`, by default the one `OPENAI_SERVER` names."""
     env = os.environ if environ is None else environ
-    kind = server_kind(env)
-    profile = PROFILES[kind]
-    model = env.get("OPENAI_MODEL") or None
+    kind = server_kind(env) if kind is None else kind
+    model_server = engine_model_server(kind, env)
+    model = model_server.model_id
     default_max_tokens = int(env.get("OPENAI_DEFAULT_MAX_TOKENS", DEFAULT_MAX_TOKENS))
 
     def route_workload(payload: JSONObject) -> float:
@@ -269,14 +167,8 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     ]
     dataset_file = Path(env.get("OPENAI_BENCHMARK_FILE") or BENCHMARK_FILE)
     return WorkerConfig(
-        name=f"openai-{kind}",
-        model_server=ModelServerConfig(
-            base_url=profile.base_url,
-            health_path=profile.health_path,
-            model_id=model,
-            load_patterns=list(profile.load_patterns),
-            error_patterns=list(profile.error_patterns),
-        ),
+        name=f"openai-{kind.value}",
+        model_server=model_server,
         routes=routes,
         benchmark=BenchmarkConfig(
             route=COMPLETIONS,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ from pyworker.config import (
     BenchmarkConfig,
     JSONObject,
     ModelServerConfig,
+    Pattern,
     PatternConfig,
     RouteConfig,
     WorkerConfig,
 )
+from pyworker.template_env import engine_url, log_grammar, served_model
 
 HERE = Path(__file__).resolve().parent
 CHARS_PER_TOKEN = 4
@@ -96,35 +99,50 @@ def _patterns(*texts: str, regex: bool = False, fatal: bool = True) -> list[Any]
     return [PatternConfig(text=text, regex=regex, fatal=fatal) for text in texts]
 
 
-worker = WorkerConfig(
-    name="tgi",
-    model_server=ModelServerConfig(
-        base_url="http://127.0.0.1:5001",
-        health_path="/health",
-        model_id=os.environ.get("MODEL_ID") or None,
-        load_patterns=_patterns(CONNECTED, regex=True),
-        error_patterns=[
-            *_patterns(LAUNCHER_EXIT, r"Shard \d+ (failed to start|crashed)", regex=True),
-            *_patterns("CUDA out of memory", "Error when initializing model", "Webserver Crashed"),
-            # The router failing one request: counted; /health tells whether the shards died.
-            *_patterns("Request failed during generation", fatal=False),
-        ],
-        info_patterns=[
-            "Starting download process",
-            "Download file:",
-            "Waiting for shard to be ready",
-            "Shard ready in",
-            "Warming up model",
-        ],
-    ),
-    routes=[_route("/generate"), _route("/generate_stream")],
-    benchmark=BenchmarkConfig(
-        route="/generate",
-        dataset_file=str(HERE / "benchmark.jsonl"),
-        rounds=3,
-        concurrency=16,
-    ),
-)
+LOAD_PATTERNS: list[Pattern] = _patterns(CONNECTED, regex=True)
+ERROR_PATTERNS: list[Pattern] = [
+    *_patterns(LAUNCHER_EXIT, r"Shard \d+ (failed to start|crashed)", regex=True),
+    *_patterns("CUDA out of memory", "Error when initializing model", "Webserver Crashed"),
+    # The router failing one request: counted; /health tells whether the shards died.
+    *_patterns("Request failed during generation", fatal=False),
+]
+INFO_PATTERNS: list[Pattern] = [
+    "Starting download process",
+    "Download file:",
+    "Waiting for shard to be ready",
+    "Shard ready in",
+    "Warming up model",
+]
+VAST_TGI_PORT = 5001
+"""Where Vast's TGI template starts text-generation-launcher."""
+
+
+def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
+    """The config, with what Vast's TGI template sets: `MODEL_ID` (or `MODEL_NAME`), the
+    port (`MODEL_SERVER_PORT`, 5001 as in the template) and the log grammar variables."""
+    env = os.environ if environ is None else environ
+    grammar = log_grammar(env, LOAD_PATTERNS, ERROR_PATTERNS, INFO_PATTERNS)
+    return WorkerConfig(
+        name="tgi",
+        model_server=ModelServerConfig(
+            base_url=engine_url(env, VAST_TGI_PORT),
+            health_path="/health",
+            model_id=served_model(env, ("MODEL_ID",)),
+            load_patterns=grammar.load,
+            error_patterns=grammar.error,
+            info_patterns=grammar.info,
+        ),
+        routes=[_route("/generate"), _route("/generate_stream")],
+        benchmark=BenchmarkConfig(
+            route="/generate",
+            dataset_file=str(HERE / "benchmark.jsonl"),
+            rounds=3,
+            concurrency=16,
+        ),
+    )
+
+
+worker = build_worker()
 
 if __name__ == "__main__":  # python -m workers.tgi.worker, as Vast's start script runs it
     from pyworker.entry import serve

@@ -1,0 +1,14 @@
+"""`BACKEND=comfyui-json`, run by Vast's start script as `python3 -m workers.comfyui-json.worker`.
+
+The worker is defined in workers/comfyui_json (a folder name Python can import by name too);
+this module only gives it the name Vast's templates use.
+"""
+
+from __future__ import annotations
+
+from workers.comfyui_json.worker import worker
+
+if __name__ == "__main__":
+    from pyworker.entry import serve
+
+    serve(worker)

@@ -1,0 +1,17 @@
+"""`BACKEND=llama`: the OpenAI-compatible worker (workers/openai) with llama-server defaults.
+
+Its port, log file, model variable, health route and log lines are in workers/openai/engines.py;
+each can be overridden through the environment (see README.md in this folder).
+"""
+
+from __future__ import annotations
+
+from workers.openai.engines import ServerKind
+from workers.openai.worker import build_worker
+
+worker = build_worker(kind=ServerKind.LLAMACPP)
+
+if __name__ == "__main__":  # python -m workers.llama.worker, as Vast's start script runs it
+    from pyworker.entry import serve
+
+    serve(worker)

@@ -1,0 +1,176 @@
+"""The engines behind the OpenAI-compatible workers and what each one's defaults are.
+
+`vllm`, `sglang`, `llama` and `openai` (an alias of `vllm`, or of the engine `OPENAI_SERVER`
+names) share one worker definition (workers/openai/worker.py) and differ only in a profile:
+the port, log file and model variable of Vast's template for that engine, its health route,
+and the log lines that say it loaded or failed. The log patterns quote the real lines (see
+README.md in this folder); every default can be overridden through the environment
+(`MODEL_SERVER_PORT`, `MODEL_SERVER_URL`, `MODEL_LOG`, `MODEL_HEALTH_ENDPOINT`, `MODEL_NAME`,
+`MODEL_LOAD_LOG_MSG`, `MODEL_ERROR_LOG_MSGS`, `MODEL_INFO_LOG_MSGS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pyworker.backports import StrEnum
+from pyworker.config import ModelServerConfig, Pattern, PatternConfig
+from pyworker.template_env import engine_url, existing_log, log_grammar, served_model
+
+VAST_ENGINE_PORT = 18000
+"""Where Vast's vLLM, SGLang and llama.cpp templates start the engine."""
+VAST_TGI_PORT = 5001
+"""Where Vast's TGI template starts text-generation-launcher."""
+DOWNLOAD_LINE = '"message":"Download'
+"""Echoed as information: the Hugging Face download progress Vast's images log as JSON."""
+
+
+class ServerKind(StrEnum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    LLAMACPP = "llamacpp"
+    TGI = "tgi"
+    GENERIC = "generic"
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    """What tells that one kind of server is loaded, alive, or broken, and where it is."""
+
+    port: int
+    health_path: str
+    log_file: str | None = None
+    """Where Vast's template writes the engine's output; used when that file exists."""
+    model_variables: tuple[str, ...] = ()
+    """The engine's own variable naming the served model, read after `MODEL_NAME`."""
+    load_patterns: list[Pattern] = field(default_factory=list)
+    error_patterns: list[Pattern] = field(default_factory=list)
+    info_patterns: list[Pattern] = field(default_factory=list)
+
+
+def _regex(text: str) -> PatternConfig:
+    return PatternConfig(text=text, regex=True)
+
+
+def _supervisor_exit(program: str) -> str:
+    """supervisord's line when the image's engine program dies: `INFO exited: vllm (exit ...`."""
+    return f"INFO exited: {program} "
+
+
+PROFILES: dict[ServerKind, ServerProfile] = {
+    # vLLM: uvicorn's line comes after "Starting vLLM API server ... on http://..." and the
+    # route list, once the engine is up and the app serves.
+    ServerKind.VLLM: ServerProfile(
+        port=VAST_ENGINE_PORT,
+        health_path="/health",
+        log_file="/var/log/portal/vllm.log",
+        model_variables=("VLLM_MODEL",),
+        load_patterns=["Application startup complete."],
+        error_patterns=[
+            "Engine core initialization failed",
+            "EngineDeadError",
+            "CUDA out of memory",
+            "No available memory for the cache blocks",
+            _regex(r"(?i)larger than the available KV cache memory"),
+            _supervisor_exit("vllm"),
+        ],
+        info_patterns=[DOWNLOAD_LINE],
+    ),
+    # SGLang prints this after its warm-up request, later than uvicorn's own startup lines.
+    ServerKind.SGLANG: ServerProfile(
+        port=VAST_ENGINE_PORT,
+        health_path="/health",
+        log_file="/var/log/portal/sglang.log",
+        model_variables=("SGLANG_MODEL",),
+        load_patterns=["The server is fired up and ready to roll!"],
+        error_patterns=[
+            "Scheduler hit an exception",
+            "Received sigquit from a child process",
+            "Not enough memory. Please try to increase --mem-fraction-static",
+            "Initialization failed. warmup error",
+            "CUDA out of memory",
+            _supervisor_exit("sglang"),
+        ],
+        info_patterns=[DOWNLOAD_LINE],
+    ),
+    # llama-server: "srv  llama_server: model loaded" (older builds: "main: model loaded");
+    # /health answers 503 while the model loads, then 200.
+    ServerKind.LLAMACPP: ServerProfile(
+        port=VAST_ENGINE_PORT,
+        health_path="/health",
+        log_file="/var/log/portal/llama.log",
+        model_variables=("LLAMA_MODEL",),
+        load_patterns=[_regex(r"(?:\bsrv\s+\S+|\bmain): model loaded\s*$")],
+        error_patterns=[
+            "exiting due to model loading error",
+            "error loading model",
+            "failed to load model",
+            "cudaMalloc failed: out of memory",
+            "exiting due to HTTP server error",
+            "GGML_ASSERT",
+            _supervisor_exit("llama"),
+        ],
+        info_patterns=[DOWNLOAD_LINE],
+    ),
+    # TGI's router, in its text and its JSON log formats (its messages API, /v1/...).
+    ServerKind.TGI: ServerProfile(
+        port=VAST_TGI_PORT,
+        health_path="/health",
+        model_variables=("MODEL_ID",),
+        load_patterns=[
+            _regex(r"text_generation_router(?:::server)?: \S+: Connected\s*$"),
+            _regex(r'"message":"Connected","target":"text_generation_router'),
+        ],
+        error_patterns=[
+            "Error: ShardCannotStart",
+            "Error: DownloadError",
+            "Error: WebserverFailed",
+            "CUDA out of memory",
+        ],
+        info_patterns=[DOWNLOAD_LINE],
+    ),
+    # Anything else (llama-cpp-python, LM Studio, ...): no log patterns, ready when the
+    # model list answers, which every OpenAI-compatible server has.
+    ServerKind.GENERIC: ServerProfile(port=VAST_ENGINE_PORT, health_path="/v1/models"),
+}
+
+BACKEND_KINDS: dict[str, ServerKind] = {
+    "vllm": ServerKind.VLLM,
+    "sglang": ServerKind.SGLANG,
+    "llama": ServerKind.LLAMACPP,
+}
+"""The `BACKEND` names of Vast's start path and the engine each one is."""
+
+
+def server_kind(environ: Mapping[str, str]) -> ServerKind:
+    """The engine `OPENAI_SERVER` names, vLLM by default (`BACKEND=openai` is vLLM's alias)."""
+    name = environ.get("OPENAI_SERVER", ServerKind.VLLM.value).strip().lower()
+    try:
+        return ServerKind(name)
+    except ValueError:
+        choices = ", ".join(kind.value for kind in ServerKind)
+        raise ValueError(f"OPENAI_SERVER={name!r}: expected one of {choices}") from None
+
+
+def engine_model(kind: ServerKind, environ: Mapping[str, str]) -> str | None:
+    """The served model: `OPENAI_MODEL`, else `MODEL_NAME`, else the engine's own variable."""
+    explicit = environ.get("OPENAI_MODEL", "").strip()
+    return explicit or served_model(environ, PROFILES[kind].model_variables)
+
+
+def engine_model_server(kind: ServerKind, environ: Mapping[str, str]) -> ModelServerConfig:
+    """The model server part of the config: the profile, with the template's variables."""
+    profile = PROFILES[kind]
+    grammar = log_grammar(
+        environ, profile.load_patterns, profile.error_patterns, profile.info_patterns
+    )
+    return ModelServerConfig(
+        base_url=engine_url(environ, profile.port),
+        log_file=existing_log(profile.log_file),
+        health_path=profile.health_path,
+        model_id=engine_model(kind, environ),
+        load_patterns=grammar.load,
+        error_patterns=grammar.error,
+        info_patterns=grammar.info,
+    )

@@ -1,0 +1,14 @@
+"""`BACKEND=vllm-score`, run by Vast's start script as `python3 -m workers.vllm-score.worker`.
+
+The worker is defined in workers/vllm_score (a folder name Python can import by name too);
+this module only gives it the name Vast's templates use.
+"""
+
+from __future__ import annotations
+
+from workers.vllm_score.worker import worker
+
+if __name__ == "__main__":
+    from pyworker.entry import serve
+
+    serve(worker)
