@@ -24,6 +24,7 @@ import orjson
 
 from pyworker.config import JSONObject
 from pyworker.encoded_body import BodyPart, EncodedBody, PayloadRefused
+from pyworker.loader import ConfigError
 
 MiB = 1024 * 1024
 DEFAULT_FILE_BYTES = 25 * MiB
@@ -85,7 +86,7 @@ def _positive(environ: Mapping[str, str], name: str, default: int) -> int:
     if not text:
         return default
     if not text.isdigit() or int(text) <= 0:
-        raise ValueError(f"{name}={text!r}: expected a positive number of bytes")
+        raise ConfigError(f"{name}={text!r}: expected a positive number of bytes")
     return int(text)
 
 

@@ -30,12 +30,12 @@ from pyworker.config import (
     PatternConfig,
     WorkerConfig,
 )
+from pyworker.loader import ConfigError
 
 # Re-exported: the route names live in routes.py.
 from workers.openai.routes import CHAT as CHAT
 from workers.openai.routes import COMPLETIONS as COMPLETIONS
 from workers.openai.routes import (
-    RouteChoiceError,
     RouteSettings,
     benchmark_config,
     benchmark_route,
@@ -298,7 +298,7 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
 
 try:
     worker = build_worker()  # from the environment that `pyworker run openai` runs in
-except RouteChoiceError as error:
+except ConfigError as error:
     if __name__ != "__main__":
         raise  # the loader reports it and exits 2
     print(f"pyworker: {error}", file=sys.stderr)
