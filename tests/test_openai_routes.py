@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -499,3 +500,27 @@ def test_each_route_weighs_its_own_unit() -> None:
     assert weigh(IMAGE_GENERATIONS, {"prompt": "p"}) == 4096
     assert weigh(IMAGE_GENERATIONS, {"size": "512x512", "n": 2}) == 2048
     assert weigh(IMAGE_EDITS, {"size": "auto", "n": "x"}) == 4096
+
+
+# --- large envelopes --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "tail", [b', "temperature": NaN}}', b', "prompt": "\xff\xfe"}}', b', "x": }}']
+)
+async def test_a_large_envelope_is_held_to_strict_json_like_a_small_one(
+    harness: Harness, keypair: KeyPair, tail: bytes
+) -> None:
+    running = await harness.start(keypair)
+    head = json.dumps({"auth_data": keypair.auth_data(), "payload": {}})[:-2].encode()
+    body = head + b'"file": "' + b64(bytes(2 * 1024 * 1024)).encode() + b'"' + tail
+    headers = {"Content-Type": "application/json"}
+    async with running.session.post(
+        running.url + TRANSCRIPTIONS, data=body, headers=headers
+    ) as response:
+        assert response.status == 422
+        assert "not valid JSON" in (await response.json())["error"]
+    assert harness.engine.received == []
+    good = head + b'"file": "' + b64(bytes(2 * 1024 * 1024)).encode() + b'"}}'
+    async with running.session.post(
+        running.url + TRANSCRIPTIONS, data=good, headers=headers
+    ) as response:
+        assert response.status == 200

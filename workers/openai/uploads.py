@@ -32,8 +32,8 @@ DEFAULT_FILE_BYTES = 25 * MiB
 DEFAULT_REQUEST_BYTES = 64 * MiB
 MAX_FILES = 16
 """Files in one field (`image` as a list): a bound, not a model's limit."""
-DECODE_SLICE = 4 * MiB
-"""Base64 characters decoded at once (a multiple of 4): 3 MiB of file per body part."""
+DECODE_SLICE = MiB
+"""Base64 characters decoded at once (a multiple of 4): 768 KiB of file per body part."""
 THREAD_THRESHOLD = MiB
 """Base64 characters above which a request's uploads are decoded off the event loop."""
 MAX_DATA_URI_PREFIX = 128
