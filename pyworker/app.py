@@ -25,6 +25,7 @@ from pyworker.admission import Refusal, RouteGate
 from pyworker.auth import SignatureVerifier, Verifier, fetch_public_key
 from pyworker.config import RouteConfig, WorkerConfig
 from pyworker.drain import DrainHook
+from pyworker.encoded_body import EncodedBody, PayloadRefused
 from pyworker.envelope import EnvelopeError, parse_envelope
 from pyworker.environment import Environment
 from pyworker.gpu import GpuMonitor
@@ -190,6 +191,15 @@ class Worker:
                 except Exception:
                     logger.exception("request hook of %s failed", route.path)
                     return error_response(500, "the worker's request hook failed")
+            encoded: EncodedBody | None = None
+            if route.body_encoder is not None:
+                try:
+                    encoded = await _call(route.body_encoder, payload)
+                except PayloadRefused as error:
+                    return json_response(error.status, error.body())
+                except Exception:
+                    logger.exception("body encoder of %s failed", route.path)
+                    return error_response(500, "the worker's body encoder failed")
             workload = route.compute_workload(payload, auth.cost)
             refusal = gate.refuse(workload, status.max_perf)
             if refusal is not None:
@@ -210,7 +220,7 @@ class Worker:
                         relayed = await self.model.relay(
                             request,
                             route.model_path,
-                            orjson.dumps(payload),
+                            orjson.dumps(payload) if encoded is None else encoded,
                             route.read_timeout,
                             route.response_hook,
                         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import logging
 import os
 import statistics
@@ -25,6 +26,7 @@ import orjson
 from pyworker import backports
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
 from pyworker.connection_pool import ConnectFailed
+from pyworker.encoded_body import EncodedBody
 from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -171,6 +173,8 @@ class Benchmark:
         self.route = route
         self.config = config
         self.concurrency = 1 if route.fifo else config.concurrency
+        self.last_failure = ""
+        """What the model server last answered to a failed request: status and excerpt."""
 
     async def run(self, payloads: list[JSONObject]) -> BenchmarkResult:
         cycle = _cycle(payloads)
@@ -193,7 +197,12 @@ class Benchmark:
             )
         good = [r.perf for r in rounds if r.succeeded]
         if not good:
-            raise BenchmarkError(f"every benchmark request to {self.route.model_path} failed")
+            message = f"every benchmark request to {self.route.model_path} failed"
+            if self.last_failure:
+                message += f" (last answer: {self.last_failure})"
+            if self.config.failure_hint:
+                message += f"; {self.config.failure_hint}"
+            raise BenchmarkError(message)
         return BenchmarkResult(statistics.median(good), rounds)
 
     async def _wait_for_first_answer(self, payload: JSONObject) -> None:
@@ -232,6 +241,7 @@ class Benchmark:
         status, answer, content_type = await self._call(payload)
         if status >= 400:
             logger.warning("benchmark request answered HTTP %d", status)
+            self.last_failure = f"HTTP {status} {_excerpt(answer)}".rstrip()
             return None
         requested = self.route.compute_workload(payload, cost=self.route.default_workload)
         hook = self.route.produced_work
@@ -250,11 +260,27 @@ class Benchmark:
             async with backports.timeout(self.config.timeout):
                 result = await handler(self.model.session, self.model.base_url, payload)
             return result.status, result.body, result.content_type.split(";")[0].strip()
+        body: bytes | EncodedBody
+        if self.route.body_encoder is not None:
+            encoded = self.route.body_encoder(payload)
+            body = await encoded if inspect.isawaitable(encoded) else encoded
+        else:
+            body = orjson.dumps(payload)
         async with (
             backports.timeout(self.config.timeout),
-            self.model.pool.post(self.route.model_path, orjson.dumps(payload)) as answer,
+            self.model.pool.post(self.route.model_path, body) as answer,
         ):
             return answer.status, await answer.read(), answer.content_type
+
+
+FAILURE_EXCERPT = 200
+"""Characters of a failed answer quoted in the benchmark's error: enough to name the cause."""
+
+
+def _excerpt(answer: bytes) -> str:
+    text = answer[: FAILURE_EXCERPT * 4].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return text[:FAILURE_EXCERPT] + ("..." if len(text) > FAILURE_EXCERPT else "")
 
 
 def _cycle(payloads: list[JSONObject]) -> Iterator[JSONObject]:

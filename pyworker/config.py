@@ -15,6 +15,8 @@ from typing import Any, Literal, NamedTuple, TypeAlias
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pyworker.encoded_body import BodyEncoder
+
 logger = logging.getLogger(__name__)
 
 JSONObject: TypeAlias = dict[str, Any]
@@ -112,6 +114,9 @@ class RouteConfig(_Model):
     request_hook: RequestHook | None = None
     response_hook: ResponseHook | None = None
     produced_work: ProducedWork | None = None
+    body_encoder: BodyEncoder | None = None
+    """Sends the model server another body than the payload's JSON (multipart uploads, say),
+    here and in the benchmark: see pyworker.encoded_body."""
     handler: ModelHandler | None = None
     """For model servers with no single request/answer endpoint (ComfyUI: submit, then poll):
     called with the worker's pooled session instead of forwarding the payload to `model_path`,
@@ -188,6 +193,8 @@ class BenchmarkConfig(_Model):
     cache_file: str | None = None
     """Default: $PYWORKER_CACHE_DIR/benchmark.json, else ~/.cache/pyworker/benchmark.json."""
     reference_file: str | None = ".has_benchmark"
+    failure_hint: str | None = None
+    """Added to the error when every benchmark request fails: what the operator may change."""
     """The reference worker's marker (its perf as text), kept so its tooling works."""
 
 

@@ -13,6 +13,10 @@ connections pile up in two pools. Custom route handlers get an aiohttp session i
 Bounds: idle connections are capped and expire before common model servers close them (5 s
 in uvicorn, vLLM and llama.cpp), so a request is never written into a connection the server
 is closing; a streamed body is buffered up to a high-water mark, then the socket is paused.
+A request body in parts (`EncodedBody`, a multipart upload) is written a slice at a time,
+waiting while the socket's send buffer is full, so it is never copied whole into the
+transport's buffer; if the model server answers before it has all of it, the rest is not sent
+and the connection is not reused.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import socket
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
@@ -31,6 +36,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from pyworker import backports
+from pyworker.encoded_body import BodyPart, EncodedBody
 
 IDLE_TIMEOUT = 4.0
 """Seconds an idle connection is kept: under the 5 s keep-alive of uvicorn and llama.cpp."""
@@ -43,6 +49,9 @@ JOIN_LIMIT = 64 * 1024
 """Bodies up to this size are sent in one write with the head; larger ones are not copied."""
 MAX_HEADS = 64
 """Request heads cached by path; paths come from the config, so a few are all there is."""
+WRITE_SLICE = 256 * 1024
+"""Bytes of a body in parts handed to the transport at once, before waiting for it to drain."""
+JSON_TYPE = "application/json"
 
 
 class PoolError(Exception):
@@ -162,9 +171,33 @@ class Connection(asyncio.Protocol):
         self._read_timeout: float | None = None
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._body_unsent = False
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None
 
     # --- used by the pool ---------------------------------------------------------------
     def send(self, head: bytes, body: bytes, read_timeout: float | None) -> asyncio.Future[Answer]:
+        answer = self._begin(read_timeout)
+        assert self.transport is not None
+        if len(body) <= JOIN_LIMIT:
+            self.transport.write(head + body)  # one segment; copying a small body is cheap
+        else:
+            self.transport.writelines((head, body))
+        return answer
+
+    def send_parts(
+        self, head: bytes, parts: Sequence[BodyPart], read_timeout: float | None
+    ) -> asyncio.Future[Answer]:
+        """Send a body in parts, a slice at a time as the socket drains; see the module doc."""
+        answer = self._begin(read_timeout)
+        assert self.transport is not None
+        self.transport.write(head)
+        self._body_unsent = True
+        self._writer = self._loop.create_task(self._write_parts(parts))
+        return answer
+
+    def _begin(self, read_timeout: float | None) -> asyncio.Future[Answer]:
         assert self.transport is not None and self.state is State.IDLE
         self.state = State.WAITING
         self._answer = self._loop.create_future()
@@ -181,18 +214,41 @@ class Connection(asyncio.Protocol):
         if read_timeout is not None:
             self._last_data = self._loop.time()
             self._timer = self._loop.call_at(self._last_data + read_timeout, self._check_timeout)
-        if len(body) <= JOIN_LIMIT:
-            self.transport.write(head + body)  # one segment; copying a small body is cheap
-        else:
-            self.transport.writelines((head, body))
         return self._answer
+
+    async def _write_parts(self, parts: Sequence[BodyPart]) -> None:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), WRITE_SLICE):
+                if self.state is not State.WAITING or self.transport is None:
+                    return  # answered already, or gone: the rest is not needed
+                self.transport.write(view[start : start + WRITE_SLICE])
+                if self._write_paused:
+                    self._writable = self._loop.create_future()
+                    try:
+                        await self._writable
+                    finally:
+                        self._writable = None
+        self._body_unsent = False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        writable = self._writable
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     @property
     def complete(self) -> bool:
         return self._complete
 
     def reusable(self) -> bool:
-        return self.state is State.DONE and self.keep_alive
+        return self.state is State.DONE and self.keep_alive and not self._body_unsent
 
     def close(self) -> None:
         """Drop the connection now: the model server sees the request abandoned."""
@@ -326,6 +382,7 @@ class Connection(asyncio.Protocol):
         self.state = State.CLOSED
         self.keep_alive = False
         self._wake()
+        self._wake_writer()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -365,7 +422,7 @@ class Exchange:
         pool: ConnectionPool,
         method: str,
         path: str,
-        body: bytes,
+        body: bytes | EncodedBody,
         read_timeout: float | None,
     ) -> None:
         self._pool = pool
@@ -377,13 +434,19 @@ class Exchange:
 
     async def __aenter__(self) -> Answer:
         pool = self._pool
-        head = pool.head(self._method, self._path, len(self._body))  # may refuse the path
+        body = self._body
+        if isinstance(body, EncodedBody):
+            head = pool.head(self._method, self._path, body.length, body.content_type)
+        else:
+            head = pool.head(self._method, self._path, len(body))  # may refuse the path
         connection = pool.take_idle()
         if connection is None:
             connection = await pool.connect()
         self._connection = connection
         try:
-            return await connection.send(head, self._body, self._read_timeout)
+            if isinstance(body, EncodedBody):
+                return await connection.send_parts(head, body.parts, self._read_timeout)
+            return await connection.send(head, body, self._read_timeout)
         except BaseException:
             self._connection = None
             pool.release(connection)  # not reusable: closed, and the model sees it
@@ -427,32 +490,41 @@ class ConnectionPool:
     def idle(self) -> int:
         return len(self._idle)
 
-    def post(self, path: str, body: bytes, read_timeout: float | None = None) -> Exchange:
-        """POST `body` (JSON) to the model server's `path`, under the base URL's path."""
+    def post(
+        self, path: str, body: bytes | EncodedBody, read_timeout: float | None = None
+    ) -> Exchange:
+        """POST `body` (JSON, or an `EncodedBody`) to the model server's `path`, under the base
+        URL's path."""
         return Exchange(self, "POST", path, body, read_timeout)
 
     def get(self, path: str, read_timeout: float | None = None) -> Exchange:
         return Exchange(self, "GET", path, b"", read_timeout)
 
-    def head(self, method: str, path: str, length: int) -> bytes:
-        """The request's head; all of it but the length is built once per method and path."""
+    def head(self, method: str, path: str, length: int, content_type: str | None = None) -> bytes:
+        """The request's head; all of it but the length is built once per method and path
+        (a body of another type than JSON gets a head of its own: its boundary differs)."""
+        if content_type is not None:
+            return self._build_head(method, path, content_type) + b"%d\r\n\r\n" % length
         key = (method, path)
         start = self._heads.get(key)
         if start is None:
-            if not (path.startswith("/") and path.isascii() and path.isprintable()) or " " in path:
-                raise ValueError(f"not a request path: {path!r}")  # no header injection
-            content_type = "Content-Type: application/json\r\n" if method == "POST" else ""
-            start = (
-                f"{method} {self.origin.prefix}{path} HTTP/1.1\r\n"
-                f"Host: {self.origin.host_header}\r\n"
-                f"{content_type}"
-                "Accept-Encoding: identity\r\n"
-                "User-Agent: pyworker\r\n"
-                "Content-Length: "
-            ).encode("latin-1")
+            start = self._build_head(method, path, JSON_TYPE if method == "POST" else None)
             if len(self._heads) < MAX_HEADS:
                 self._heads[key] = start
         return start + b"%d\r\n\r\n" % length
+
+    def _build_head(self, method: str, path: str, content_type: str | None) -> bytes:
+        if not (path.startswith("/") and path.isascii() and path.isprintable()) or " " in path:
+            raise ValueError(f"not a request path: {path!r}")  # no header injection
+        type_line = f"Content-Type: {content_type}\r\n" if content_type else ""
+        return (
+            f"{method} {self.origin.prefix}{path} HTTP/1.1\r\n"
+            f"Host: {self.origin.host_header}\r\n"
+            f"{type_line}"
+            "Accept-Encoding: identity\r\n"
+            "User-Agent: pyworker\r\n"
+            "Content-Length: "
+        ).encode("latin-1")
 
     def take_idle(self) -> Connection | None:
         """The most recently used idle connection still fit to carry a request."""

@@ -128,6 +128,8 @@ def _import_path(path: Path) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except ConfigError:
+        raise  # the worker's own start-up error says what to change
     except Exception as error:
         raise ConfigError(f"{path}: import failed: {error!r}") from error
     return module

@@ -30,6 +30,7 @@ from pyworker.connection_pool import (
     PoolError,
     ReadTimedOut,
 )
+from pyworker.encoded_body import EncodedBody
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ModelClient:
         self,
         request: web.Request,
         path: str,
-        body: bytes,
+        body: bytes | EncodedBody,
         read_timeout: float | None,
         response_hook: ResponseHook | None = None,
     ) -> Relayed:

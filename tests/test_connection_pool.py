@@ -22,6 +22,7 @@ from pyworker.connection_pool import (
     Disconnected,
     ReadTimedOut,
 )
+from pyworker.encoded_body import EncodedBody
 from tests.conftest import wait_until
 
 Script = Callable[["Exchange"], Awaitable[bool]]
@@ -492,3 +493,66 @@ async def test_a_get_has_no_body_and_a_path_cannot_inject_headers(
                 pass
     assert len(server.requests) == 1
     assert pool.idle == 1  # the connection was not taken for the refused paths
+
+
+# --- bodies in parts (multipart uploads) ------------------------------------------------------
+async def test_a_body_in_parts_arrives_whole_under_its_own_content_type(
+    serve: ServeFixture, pools: PoolFixture
+) -> None:
+    async def script(exchange: Exchange) -> bool:
+        await exchange.send(answer(b"%d" % len(exchange.body)))
+        return True
+
+    server, url = await serve(script)
+    pool = pools(url)
+    large = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # many slices, past the socket buffer
+    parts = [b"--b\r\n", large, bytearray(b"\r\n--b--\r\n"), memoryview(b"tail")]
+    body = EncodedBody("multipart/form-data; boundary=b", parts)
+    async with pool.post("/v1/audio/transcriptions", body) as upstream:
+        assert await upstream.read() == b"%d" % body.length
+    async with pool.post("/v1/completions", b"{}") as upstream:
+        assert await upstream.read() == b"2"
+    first, second = server.requests
+    assert first.body == b"".join(bytes(part) for part in parts)
+    assert "Content-Type: multipart/form-data; boundary=b\r\n" in first.head.decode()
+    assert f"Content-Length: {body.length}\r\n" in first.head.decode()
+    assert "Content-Type: application/json\r\n" in second.head.decode()
+    assert server.connections == 1  # a body sent whole leaves the connection reusable
+
+
+async def test_an_answer_before_the_whole_body_stops_the_upload_and_drops_the_connection(
+    pools: PoolFixture,
+) -> None:
+    """An engine that refuses an upload from its headers (413) and never reads the rest."""
+    connections: list[asyncio.StreamWriter] = []
+    dropped = asyncio.Event()
+    received = 0
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(b'{"error": "too large"}', status="413 Payload Too Large"))
+        await writer.drain()
+        nonlocal received
+        try:
+            while data := await reader.read(1024 * 1024):
+                received += len(data)
+        except ConnectionError:
+            pass
+        dropped.set()  # the client closed the connection
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        pool = pools(url)
+        body = EncodedBody("multipart/form-data; boundary=b", [bytes(64 * 1024 * 1024)])
+        async with pool.post("/upload", body) as upstream:
+            assert upstream.status == 413
+            assert await upstream.read() == b'{"error": "too large"}'
+        assert pool.idle == 0  # half a request went out: the connection cannot carry another
+        await asyncio.wait_for(dropped.wait(), 10)
+        assert received < body.length // 2  # the rest of the upload was never sent
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()

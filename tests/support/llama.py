@@ -182,11 +182,12 @@ def start_llama_server(
     port: int = 0,
     slots: int = 4,
     context_per_slot: int = 512,
+    extra: tuple[str, ...] = (),
 ) -> Process:
     """Start llama-server (on a port of its choosing unless told) and wait until it listens,
     which it does once the model is loaded."""
     server = spawn_llama_server(
-        binary, model, log, port=port, slots=slots, context_per_slot=context_per_slot
+        binary, model, log, port=port, slots=slots, context_per_slot=context_per_slot, extra=extra
     )
     offset = log.stat().st_size if log.exists() else 0  # the log may hold an earlier run's lines
     try:

@@ -14,19 +14,31 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TypeGuard
 
 import orjson
 
-from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig, WorkerConfig
+from pyworker.config import JSONObject, WorkerConfig
+from pyworker.loader import ConfigError
 from workers.openai.engines import ServerKind, engine_model_server, server_kind
+
+# Re-exported: the route names live in routes.py.
+from workers.openai.routes import CHAT as CHAT
+from workers.openai.routes import COMPLETIONS as COMPLETIONS
+from workers.openai.routes import (
+    RouteSettings,
+    benchmark_config,
+    benchmark_route,
+    route_configs,
+    served_routes,
+)
+from workers.openai.uploads import UploadLimits
 
 HERE = Path(__file__).resolve().parent
 BENCHMARK_FILE = HERE / "benchmark.jsonl"
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
 
 DEFAULT_MAX_TOKENS = 256
 """Assumed when a request sets no limit (OpenAI's chat API has none): a guess, not a bound."""
@@ -146,7 +158,11 @@ def benchmark_payloads(path: Path, model: str | None) -> list[JSONObject]:
 def build_worker(
     environ: Mapping[str, str] | None = None, kind: ServerKind | None = None
 ) -> WorkerConfig:
-    """The worker config for engine `kind`, by default the one `OPENAI_SERVER` names."""
+    """The worker config for engine `kind`, by default the one `OPENAI_SERVER` names.
+
+    Raises `RouteChoiceError` (a ValueError) when `OPENAI_ROUTES` or `BENCHMARK_ROUTE`
+    name what cannot be served.
+    """
     env = os.environ if environ is None else environ
     kind = server_kind(env) if kind is None else kind
     model_server = engine_model_server(kind, env)
@@ -156,30 +172,31 @@ def build_worker(
     def route_workload(payload: JSONObject) -> float:
         return workload(payload, default_max_tokens)
 
-    routes = [
-        RouteConfig(
-            path=path,
-            workload=route_workload,
-            produced_work=produced_tokens,
-            max_queue_time=30.0,
-        )
-        for path in (COMPLETIONS, CHAT)
-    ]
+    limits = UploadLimits.from_env(env)
+    settings = RouteSettings(route_workload, produced_tokens, limits, model)
+    routes = route_configs(served_routes(env), settings)
     dataset_file = Path(env.get("OPENAI_BENCHMARK_FILE") or BENCHMARK_FILE)
+    completions = benchmark_payloads(dataset_file, model)
+    prompts = [item["prompt"] for item in completions if isinstance(item.get("prompt"), str)]
+    benchmarked = benchmark_route(env)
+    custom = bool(env.get("OPENAI_BENCHMARK_FILE"))
+    benchmark = benchmark_config(benchmarked, completions, model, prompts, custom)
     return WorkerConfig(
         name=f"openai-{kind.value}",
         model_server=model_server,
         routes=routes,
-        benchmark=BenchmarkConfig(
-            route=COMPLETIONS,
-            dataset=benchmark_payloads(dataset_file, model),
-            rounds=3,
-            concurrency=8,
-        ),
+        benchmark=benchmark,
+        max_body_size=limits.body_bytes,
     )
 
 
-worker = build_worker()  # from the environment that `pyworker run openai` runs in
+try:
+    worker = build_worker()  # from the environment that `pyworker run openai` runs in
+except ConfigError as error:
+    if __name__ != "__main__":
+        raise  # the loader reports it and exits 2
+    print(f"pyworker: {error}", file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":  # python -m workers.openai.worker, as Vast's start script runs it
     from pyworker.entry import serve
