@@ -29,6 +29,7 @@ from tests.support.fake_engines import EngineRecorder, create_app
 from tests.support.processes import spawn, stop
 from workers.comfyui_json import worker as comfyui_json
 from workers.openai.engines import PROFILES, ServerKind
+from workers.openai.routes import ALL_ROUTES
 from workers.openai.worker import build_worker as openai_worker
 from workers.tgi.worker import build_worker as tgi_worker
 from workers.vllm_score import worker as vllm_score
@@ -42,7 +43,7 @@ TGI_LOADED = (
     "router/src/server.rs:2311: Connected"
 )
 WRAPPER_LOADED = "2025-11-02 10:00:04,112 INFO api-wrapper: BACKENDS_READY (1/1 backends)"
-OPENAI_ROUTES = ["/v1/completions", "/v1/chat/completions"]
+OPENAI_ROUTES = list(ALL_ROUTES)  # every OpenAI route the openai worker serves
 SCORE_ROUTES = ["/score", "/v1/score", "/rerank", "/v1/rerank"]
 
 BACKENDS: dict[str, tuple[str, int, list[str], str]] = {
