@@ -1,0 +1,78 @@
+"""Reference hooks that change how the model server is called, run as pyworker route handlers.
+
+A route's `handler` (pyworker.config.ModelHandler) replaces the plain forward, on the request
+path and in the benchmark alike: the reference's `remote_function` and `response_generator`
+both fit that shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import ClientResponse, ClientSession, web
+
+from pyworker.compat.reference import ClientResponseGenerator
+from pyworker.config import HandlerResult, JSONObject, ModelHandler
+
+
+def remote_function_handler(function: Any) -> ModelHandler:
+    """The reference's remote dispatch: `await function(**payload)`, answered as
+    `{"result": ...}`; a failure is a 500, as in the reference."""
+
+    async def call(session: ClientSession, base_url: str, payload: JSONObject) -> HandlerResult:
+        result = await function(**payload)
+        return HandlerResult(200, orjson.dumps({"result": result}))
+
+    return call
+
+
+class StreamingGeneratorError(RuntimeError):
+    """A `response_generator` tried to stream its answer itself."""
+
+
+class _NoClientRequest:
+    """Stands in for the client's request: pyworker answers the client itself, so a generator
+    may build a `web.Response` but cannot `prepare()` a stream on the client's connection."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise StreamingGeneratorError(
+            "HandlerConfig.response_generator used the client request "
+            f"(.{name}): pyworker relays streams itself; drop the response_generator of a "
+            "streaming route, or return a web.Response built from the model's answer"
+        )
+
+
+def response_generator_handler(route: str, generator: ClientResponseGenerator) -> ModelHandler:
+    """Post the payload to `route`, then let the reference generator shape the answer."""
+
+    async def call(session: ClientSession, base_url: str, payload: JSONObject) -> HandlerResult:
+        async with session.post(base_url + route, json=payload) as model_response:
+            answer = await generator(_client_request(), model_response)
+            return await _result(answer, model_response)
+
+    return call
+
+
+def _client_request() -> web.Request:
+    stand_in: Any = _NoClientRequest()
+    return stand_in  # type: ignore[no-any-return]
+
+
+async def _result(answer: object, model_response: ClientResponse) -> HandlerResult:
+    if not isinstance(answer, web.Response):
+        raise StreamingGeneratorError(
+            f"HandlerConfig.response_generator returned {type(answer).__name__}: pyworker "
+            "needs a web.Response (streams are relayed by pyworker itself)"
+        )
+    body = answer.body
+    if body is None:
+        body = b""
+    if not isinstance(body, bytes | bytearray):
+        raise StreamingGeneratorError(
+            "HandlerConfig.response_generator returned a web.Response whose body is not bytes"
+        )
+    content_type = answer.content_type or model_response.content_type or "application/json"
+    if answer.charset and "charset" not in content_type:
+        content_type += f"; charset={answer.charset}"
+    return HandlerResult(answer.status, bytes(body), content_type)
