@@ -23,7 +23,13 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pyworker.commands.devstate import DEFAULT_AUTOSCALER, DEFAULT_ENDPOINT, DevState, find_state
+from pyworker.commands.devstate import (
+    DEFAULT_AUTOSCALER,
+    DEFAULT_ENDPOINT,
+    DevState,
+    find_state,
+    search_paths,
+)
 
 ROUTE_TIMEOUT = 10.0
 FIRST_POLL = 0.1
@@ -39,6 +45,10 @@ class RoutingError(Exception):
 
 class DataError(ValueError):
     """A `--data` argument that is not usable JSON."""
+
+
+class NoAutoscaler(RoutingError):
+    """No `--autoscaler` was given and no `pyworker dev` runs: there is nothing to ask."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +67,26 @@ class Target:
         api_key: str | None,
         state: DevState | None,
     ) -> Target:
-        """Flags win; then the running `pyworker dev` session; then the defaults."""
-        base = autoscaler or (state.autoscaler if state else DEFAULT_AUTOSCALER)
+        """Flags win; then the running `pyworker dev` session; NoAutoscaler when neither.
+
+        There is no default address: an autoscaler guessed at a well-known port may be
+        another service, or an old one, and its answers would mislead.
+        """
+        base = autoscaler or (state.autoscaler if state else None)
+        if not base:
+            raise NoAutoscaler(no_autoscaler_message())
         name = endpoint or (state.endpoint if state else DEFAULT_ENDPOINT)
         return cls(base.rstrip("/"), name, api_key or "")
+
+
+def no_autoscaler_message() -> str:
+    looked = ", ".join(str(path) for path in search_paths())
+    return (
+        f"no `pyworker dev` is running (none found in {looked}), so there is no autoscaler to "
+        "route through: start `pyworker dev` (in another terminal, from this folder), or pass "
+        "--autoscaler URL (for a local autoscaler started with `python -m "
+        f"pyworker.local.autoscaler`: --autoscaler {DEFAULT_AUTOSCALER})"
+    )
 
 
 def current_state(autoscaler_given: bool) -> DevState | None:
