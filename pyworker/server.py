@@ -21,6 +21,7 @@ from pyworker.app import Worker
 from pyworker.config import WorkerConfig
 from pyworker.drain import drain
 from pyworker.environment import Environment
+from pyworker.failure import fail
 from pyworker.limits import HTTP_LIMITS, body_deadline
 from pyworker.session_routes import create_side_app
 from pyworker.tls import TLSError, server_ssl_context
@@ -130,7 +131,7 @@ def run(config: WorkerConfig, environment: Environment) -> int:
         try:
             ssl_context = server_ssl_context(environment.tls_cert_file, environment.tls_key_file)
         except TLSError as error:
-            print(f"pyworker: {error}", file=sys.stderr)
+            fail(str(error))
             return 2
     install_fast_loop()
 
@@ -145,7 +146,7 @@ def run(config: WorkerConfig, environment: Environment) -> int:
     try:
         asyncio.run(main())
     except OSError as error:
-        print(f"pyworker: cannot serve: {error}", file=sys.stderr)
+        fail(f"cannot serve: {error}")
         return 1
     return 0
 
