@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from pyworker.app import Worker
+from pyworker.bind import bind_warnings, running_in_container
 from pyworker.config import WorkerConfig
 from pyworker.drain import drain
 from pyworker.environment import Environment
@@ -134,6 +135,8 @@ def run(config: WorkerConfig, environment: Environment) -> int:
             fail(str(error))
             return 2
     install_fast_loop()
+    for warning in bind_warnings(environment, running_in_container()):
+        logger.warning(warning)
 
     async def main() -> None:
         stop = asyncio.Event()
