@@ -224,7 +224,19 @@ def test_call_passes_the_model_servers_refusal_through(dev: DevRun) -> None:
 def test_call_for_an_unknown_endpoint_says_so(dev: DevRun) -> None:
     result = dev.pyworker("call", "/v1/completions", "--endpoint", "other")
     assert result.returncode == 1
-    assert "HTTP 404" in result.stderr and "other" in result.stderr
+    assert "HTTP 404" in result.stderr
+    assert "unknown endpoint 'other': this autoscaler serves 'hello_world'" in result.stderr
+
+
+def test_call_to_a_wrong_autoscaler_names_the_running_one(dev: DevRun) -> None:
+    wrong = f"http://127.0.0.1:{_closed_port()}"
+    result = dev.pyworker("call", "/v1/completions", "--autoscaler", wrong)
+    assert result.returncode == 1
+    assert f"cannot reach the autoscaler at {wrong}" in result.stderr
+    assert (
+        f"the running `pyworker dev`'s autoscaler is {dev.state.autoscaler}: leave out "
+        f"--autoscaler, or pass --autoscaler {dev.state.autoscaler}" in result.stderr
+    ), result.stderr
 
 
 def test_call_refuses_data_that_is_not_json(dev: DevRun) -> None:
@@ -248,6 +260,7 @@ async def test_call_reports_an_autoscaler_that_is_not_there() -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
     code, _, err = await _pyworker("call", "/v1/completions", "--autoscaler", url)
     assert code == 1 and f"cannot reach the autoscaler at {url}" in err
+    assert "no `pyworker dev` runs here: start one, or pass the --autoscaler URL" in err
 
 
 # -- load -----------------------------------------------------------------------------------------

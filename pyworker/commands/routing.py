@@ -167,9 +167,10 @@ async def _ask(
             status = response.status
     except aiohttp.ClientConnectorError as error:
         reason = error.os_error.strerror or str(error)
+        running = await asyncio.to_thread(find_state)
         raise RoutingError(
             f"cannot reach the autoscaler at {target.autoscaler}: {reason}"
-            " (is `pyworker dev` running? else pass --autoscaler URL)"
+            + _what_runs(target, running)
         ) from None
     except (aiohttp.ClientError, TimeoutError) as error:
         raise RoutingError(f"autoscaler {url} failed: {error.__class__.__name__}") from None
@@ -182,6 +183,21 @@ async def _ask(
         reason = str(told) if told else text[:200].decode(errors="replace")
         raise RoutingError(f"autoscaler answered HTTP {status}: {reason}")
     return answer
+
+
+def _what_runs(target: Target, running: DevState | None) -> str:
+    """After a connection refused: the autoscaler that does run here, if any."""
+    if running is None:
+        return (
+            " (no `pyworker dev` runs here: start one, or pass the --autoscaler URL of a "
+            "running autoscaler)"
+        )
+    if running.autoscaler.rstrip("/") != target.autoscaler:
+        return (
+            f" (the running `pyworker dev`'s autoscaler is {running.autoscaler}: leave out "
+            f"--autoscaler, or pass --autoscaler {running.autoscaler})"
+        )
+    return " (it belongs to the running `pyworker dev`: is it stopping?)"
 
 
 def _waiting_summary(answer: Mapping[str, Any]) -> str:
