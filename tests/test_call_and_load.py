@@ -201,9 +201,14 @@ def test_call_of_a_route_the_worker_lacks_names_its_routes(dev: DevRun) -> None:
 
 def test_call_without_a_dev_session_says_so_and_sends_nothing(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
-    for command in (["call", "/v1/completions"], ["load", "-n", "1", "--data", "{}"]):
+    client = str(DATASET.parent / "client.py")
+    for command in (
+        ["-m", "pyworker", "call", "/v1/completions"],
+        ["-m", "pyworker", "load", "-n", "1", "--data", "{}"],
+        [client, "hello"],  # the hello_world worker's client
+    ):
         result = subprocess.run(
-            [sys.executable, "-m", "pyworker", *command],
+            [sys.executable, *command],
             cwd=tmp_path, env=_environ(runtime), capture_output=True, text=True, timeout=60,
             check=False,
         )  # fmt: skip
