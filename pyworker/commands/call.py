@@ -193,15 +193,13 @@ async def _say_unknown_route(
     """After a 404: name the worker's routes, unless the route is one (the model's 404)."""
     base = str(auth_data["url"]).rstrip("/")
     routes = await worker_routes(session, base)
-    if routes is None:
-        await _say(f"pyworker call: the worker has no route {route}? its routes: {base}/status")
-    elif route not in routes:
-        await _say(
-            f"pyworker call: the worker has no route {route}; its routes: {', '.join(routes)} "
-            f"(e.g. pyworker call {routes[0]} --data '{{...}}')"
-            if routes
-            else f"pyworker call: the worker has no route {route}, and no routes at all"
-        )
+    if routes is not None and route in routes:
+        return  # a route of the worker: the 404 is the model server's own
+    if routes:
+        named = f"its routes: {', '.join(routes)} (e.g. pyworker call {routes[0]} --data JSON)"
+    else:
+        named = f"its routes are listed in {base}/status"
+    await _say(f"pyworker call: the worker has no route {route}; {named}")
 
 
 async def worker_routes(session: aiohttp.ClientSession, base: str) -> list[str] | None:
