@@ -3,8 +3,9 @@
 Requests start at a steady rate R (open loop), each routed like a real client's, with at most
 C in flight: when C are in flight the next waits for a slot, so a saturated worker shows as an
 achieved rate below R. The summary gives throughput, latency percentiles of the successful
-requests, the count of each status, and the workload served per second (the completion tokens
-the answers report in `usage`, else the cost announced to the autoscaler).
+requests, the count of each status (with the reason for those that got no HTTP answer:
+routing, timeout, connection), and the workload served per second (the completion tokens the
+answers report in `usage`, else the cost announced to the autoscaler).
 
 The load scripts of the ready workers (`workers/<name>/load.py`) are this same loop with the
 worker's route, payload preparation and work counting: see `add_worker_arguments` and
