@@ -3,7 +3,12 @@
 # MODEL_SERVER_CMD; scripts/on_start.sh documents every environment variable.
 #
 #   docker build -t pyworker .
-#   docker run -e PYWORKER_WORKER=<worker> -e MODEL_SERVER_CMD='...' -p 3000:3000 pyworker
+#   docker run -e PYWORKER_WORKER=<worker> -e MODEL_SERVER_CMD='...' -p 127.0.0.1:3000:3000 pyworker
+#
+# Without CONTAINER_ID or REPORT_ADDR the worker is in local mode: it checks no signature, so
+# publish its port on the host's loopback only (127.0.0.1:3000:3000), as above. Inside the
+# container it listens on every interface (WORKER_HOST=0.0.0.0 below), since `-p` forwards to
+# the container's interface and not to its loopback. docs/container.md says more.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -14,6 +19,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYWORKER_UPDATE_MARKER=/opt/pyworker/state/force_update \
     MODEL_LOG=/var/log/model/server.log \
     WORKER_PORT=3000 \
+    WORKER_HOST=0.0.0.0 \
     PATH=/opt/pyworker/venv/bin:$PATH
 
 # The image runs as the unprivileged user pyworker (uid 10001): serving, following a log and

@@ -173,11 +173,18 @@ class Worker:
             except EnvelopeError as error:
                 return json_response(422, error.body())
             auth = envelope.auth
-            if check_signatures and (refused := signature_refusal(verifier, auth)) is not None:
+            session_id = envelope.session_id
+            # The auth_data a session was created with is good for that session's requests.
+            bound = session_id is not None and self.sessions.bound(session_id, auth) is not None
+            if (
+                check_signatures
+                and not bound
+                and (refused := signature_refusal(verifier, auth)) is not None
+            ):
                 return refused
             session = None
-            if envelope.session_id is not None:
-                session = self.sessions.extend(envelope.session_id)
+            if session_id is not None:
+                session = self.sessions.extend(session_id)
                 if session is None:
                     return error_response(410, "invalid session")
             if (refused := not_ready_refusal(status)) is not None:

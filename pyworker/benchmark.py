@@ -90,11 +90,27 @@ def _read_dataset(path: Path) -> list[JSONObject]:
         document = orjson.loads(text)
         items = document if isinstance(document, list) else [document]
     except orjson.JSONDecodeError:
-        items = [orjson.loads(line) for line in text.splitlines() if line.strip()]
+        items = _json_lines(path, text)
     payloads = [item for item in items if isinstance(item, dict)]
     if not payloads:
         raise BenchmarkError(f"benchmark dataset {path} holds no JSON objects")
     return payloads[:MAX_DATASET]
+
+
+def _json_lines(path: Path, text: bytes) -> list[Any]:
+    """A JSONL file's documents; BenchmarkError naming the first line that is not JSON."""
+    items: list[Any] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(orjson.loads(line))
+        except orjson.JSONDecodeError as error:
+            raise BenchmarkError(
+                f"benchmark dataset {path}, line {number}: not JSON ({error}); "
+                "a dataset is one JSON list, or one JSON object per line"
+            ) from None
+    return items
 
 
 def cache_key(config: BenchmarkConfig, route: RouteConfig, identity: dict[str, Any]) -> str:

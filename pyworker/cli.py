@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from pyworker import __version__
 from pyworker.environment import Environment, InvalidEnvironment
+from pyworker.failure import fail
 from pyworker.loader import ConfigError, load_config
 
 
@@ -58,7 +59,7 @@ def command_run(arguments: argparse.Namespace) -> int:
         environment = Environment.from_env(environ)
         config = load_config(arguments.target, arguments.overrides, environ)
     except (ConfigError, InvalidEnvironment) as error:
-        print(f"pyworker: {error}", file=sys.stderr)
+        fail(str(error), environ)
         return 2
     return run(config, environment)
 

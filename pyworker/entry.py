@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from pyworker.config import WorkerConfig
 from pyworker.environment import Environment, InvalidEnvironment
+from pyworker.failure import fail
 from pyworker.loader import ConfigError, apply_overrides, raw_config
 
 
@@ -35,6 +36,6 @@ def serve_status(worker: WorkerConfig | dict[str, object], source: str = "worker
         environment = Environment.from_env(environ)
         config = apply_overrides(raw_config(worker, source), (), environ, source=source)
     except (ConfigError, InvalidEnvironment) as error:
-        print(f"pyworker: {error}", file=sys.stderr)
+        fail(str(error), environ)
         return 2
     return run(config, environment)

@@ -1,7 +1,9 @@
 """Parsing the client's request body: `{"auth_data": {...}, "payload": {...}, "session_id": ...}`.
 
 Every problem is collected and named by field, in the reference's shape
-(`{"auth_data": {"reqnum": "missing parameter"}}`), so a client fixes all of them at once.
+(`{"auth_data": {"reqnum": "missing parameter"}}`), so a client fixes all of them at once. A
+body with neither field (a model server's request sent straight to the worker) also gets a
+`hint` saying that requests go through the autoscaler's `/route/` first.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from pyworker.auth import AuthData
 FieldErrors = dict[str, Any]
 LARGE_BODY = 1024 * 1024
 """Bodies above this size are parsed by `_load_large`; below it orjson is faster by far."""
+ENVELOPE_HINT = (
+    'a worker takes {"auth_data": ..., "payload": ...}, not the model server\'s request: '
+    'POST {"endpoint": ..., "cost": ...} to the autoscaler\'s /route/ first, then send its '
+    "answer as auth_data and your request as payload (`pyworker call ROUTE --data JSON` does both)"
+)
+"""Added to the 422 of a body with neither field: most likely a model request sent directly."""
 
 
 class EnvelopeError(ValueError):
@@ -60,6 +68,8 @@ def parse_envelope(body: bytes) -> Envelope:
     if session_id is not None and not isinstance(session_id, str):
         fields["session_id"] = "must be a string or null"
     if fields or auth is None or not isinstance(payload, dict):
+        if "auth_data" not in document and "payload" not in document:
+            fields["hint"] = ENVELOPE_HINT
         raise EnvelopeError("invalid request", fields)
     return Envelope(auth=auth, payload=payload, session_id=session_id)
 

@@ -6,6 +6,7 @@ Overrides come last and win: first the environment of PROTOCOL.md (`MODEL_LOG`,
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import json
@@ -18,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pyworker.benchmark import BenchmarkError, load_dataset
 from pyworker.config import WorkerConfig
 
 if sys.version_info >= (3, 11):
@@ -76,9 +78,42 @@ def apply_overrides(
 
 def validate_config(raw: Mapping[str, Any], source: str = "config") -> WorkerConfig:
     try:
-        return WorkerConfig.model_validate(raw)
+        config = WorkerConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(format_validation_error(source, error)) from None
+    check_dataset(config)
+    return config
+
+
+def check_dataset(config: WorkerConfig) -> None:
+    """Read the benchmark's dataset file now, so a missing or broken one stops the start.
+
+    Found only once the model has loaded, it would cost a model load to learn of a typo.
+    Skipped when the benchmark will not read it (an inline dataset, or a known `perf`).
+    """
+    benchmark = config.benchmark
+    if not benchmark.dataset_file or benchmark.dataset or config.perf is not None:
+        return
+    try:
+        load_dataset(benchmark)
+    except BenchmarkError as error:
+        hint = ""
+        if not Path(benchmark.dataset_file).exists():
+            hint = (
+                "; a relative path in a TOML config is read from the TOML file's folder, "
+                "one given with --set from the current folder"
+            )
+        raise ConfigError(f"benchmark.dataset_file: {error}{hint}") from None
+
+
+def _beside(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A TOML config's relative `benchmark.dataset_file` is a path next to the TOML file."""
+    benchmark = raw.get("benchmark")
+    if isinstance(benchmark, dict):
+        dataset_file = benchmark.get("dataset_file")
+        if isinstance(dataset_file, str) and dataset_file and not Path(dataset_file).is_absolute():
+            benchmark["dataset_file"] = str(folder.absolute() / dataset_file)
+    return raw
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
@@ -104,9 +139,10 @@ def _read_target(target: str) -> dict[str, Any]:
         raise ConfigError(f"worker config {target!r} not found")
     if path.suffix == ".toml":
         try:
-            return tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
+        return _beside(raw, path.parent)
     if path.suffix == ".py":
         return _from_module(_import_path(path), str(path))
     raise ConfigError(f"{path}: expected a .toml or .py worker config")
@@ -135,14 +171,44 @@ def _import_path(path: Path) -> ModuleType:
     return module
 
 
+def available_workers() -> list[str]:
+    """The names `pyworker run <name>` finds in the `workers/` folders, sorted."""
+    names: set[str] = set()
+    for folder in workers_dirs():
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        names.update(
+            entry.name
+            for entry in entries
+            if entry.is_dir() and any((entry / name).is_file() for name in CONFIG_FILES)
+        )
+    return sorted(names)
+
+
+def not_found_message(name: str) -> str:
+    """Why `name` names no worker, what the workers are, and the closest one."""
+    searched = ", ".join(str(d) for d in workers_dirs())
+    lines = [f"worker {name!r} not found: not a file, not a folder in {searched}, not a module"]
+    names = available_workers()
+    close = difflib.get_close_matches(name.replace("-", "_"), names, n=1, cutoff=0.6)
+    if close:
+        lines.append(f"did you mean {close[0]!r}?  pyworker run {close[0]}")
+    if names:
+        lines.append(f"workers there: {', '.join(names)}")
+    lines.append("or give a worker config file: pyworker run path/to/worker.toml (or .py)")
+    return "\n".join(lines)
+
+
 def _import_module(name: str) -> ModuleType:
     try:
         module = importlib.import_module(name)
-    except ModuleNotFoundError:
-        searched = ", ".join(str(d) for d in workers_dirs())
-        raise ConfigError(
-            f"worker {name!r} not found: not a file, not a folder in {searched}, not a module"
-        ) from None
+    except ModuleNotFoundError as error:
+        missing = error.name or ""
+        if missing and missing != name and not name.startswith(missing + "."):
+            raise ConfigError(f"worker module {name!r}: import failed: {error}") from None
+        raise ConfigError(not_found_message(name)) from None
     if not hasattr(module, "worker") and module.__file__:
         # A package such as `workers.tgi`: its config lives in worker.py beside __init__.py.
         folder = Path(module.__file__).parent

@@ -18,9 +18,11 @@ from typing import Any
 from aiohttp import web
 
 from pyworker.app import Worker
+from pyworker.bind import bind_warnings, running_in_container
 from pyworker.config import WorkerConfig
 from pyworker.drain import drain
 from pyworker.environment import Environment
+from pyworker.failure import fail
 from pyworker.limits import HTTP_LIMITS, body_deadline
 from pyworker.session_routes import create_side_app
 from pyworker.tls import TLSError, server_ssl_context
@@ -130,9 +132,11 @@ def run(config: WorkerConfig, environment: Environment) -> int:
         try:
             ssl_context = server_ssl_context(environment.tls_cert_file, environment.tls_key_file)
         except TLSError as error:
-            print(f"pyworker: {error}", file=sys.stderr)
+            fail(str(error))
             return 2
     install_fast_loop()
+    for warning in bind_warnings(environment, running_in_container()):
+        logger.warning(warning)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -145,7 +149,7 @@ def run(config: WorkerConfig, environment: Environment) -> int:
     try:
         asyncio.run(main())
     except OSError as error:
-        print(f"pyworker: cannot serve: {error}", file=sys.stderr)
+        fail(f"cannot serve: {error}")
         return 1
     return 0
 

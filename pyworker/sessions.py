@@ -160,6 +160,19 @@ class SessionStore:
     def find(self, session_id: str) -> Session | None:
         return self._open.get(session_id)
 
+    def bound(self, session_id: str, auth: AuthData) -> Session | None:
+        """The open session `session_id` if `auth` is the auth_data it was created with.
+
+        A client sends its session's auth_data with every request made in the session (the
+        vastai client does). That auth_data was verified, and in strict mode used up, at
+        `/session/create`; it stays valid for this session while the session lives, and for
+        nothing else: elsewhere it goes through the signature check again (strict: 401).
+        """
+        session = self._open.get(session_id)
+        if session is None or not hmac.compare_digest(auth_digest(auth), session.auth_fingerprint):
+            return None
+        return session
+
     def was_closed(self, session_id: str) -> bool:
         return session_id in self._closed
 

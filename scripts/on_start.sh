@@ -35,6 +35,8 @@
 #   PYWORKER_UPDATE_MARKER file that /pyworker/update writes to ask for a reinstall on the next
 #                          start (default /.force_update); removed once the reinstall succeeded
 #   PYWORKER_GRACE         seconds a child has to exit after SIGTERM before SIGKILL (default 30)
+#   PYWORKER_ERROR_FILE    where pyworker writes why it stopped; its text ends the error_msg of
+#                          the report when pyworker exits (default: a fresh temporary file)
 #   REPORT_ADDR            comma-separated autoscaler base URLs (default https://run.vast.ai);
 #                          with neither REPORT_ADDR nor CONTAINER_ID (local mode) nothing is posted
 #   CONTAINER_ID           worker id sent as `id` (default 0)
@@ -68,12 +70,14 @@ readonly SOURCE="${PYWORKER_SOURCE:-$SCRIPT_ROOT}"
 readonly UPDATE_MARKER="${PYWORKER_UPDATE_MARKER:-/.force_update}"
 readonly GRACE="${PYWORKER_GRACE:-30}"
 readonly REPORT_TAIL_LINES=5
+readonly REPORT_ERROR_BYTES=2000
 
 model_pid=""
 worker_pid=""
 caught_signal=""
 child_status=0
 worker_command=()
+worker_error_file=""
 
 log() {
     printf '%s on_start: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2
@@ -252,6 +256,12 @@ start_model_server() {
 
 start_worker() {
     log "starting ${worker_command[*]} run $WORKER"
+    # pyworker writes why it stopped there, for the report (pyworker/failure.py).
+    worker_error_file="${PYWORKER_ERROR_FILE:-$(mktemp 2>/dev/null || true)}"
+    if [[ -n $worker_error_file ]]; then
+        : >"$worker_error_file" 2>/dev/null || true
+        export PYWORKER_ERROR_FILE="$worker_error_file"
+    fi
     spawn "${worker_command[@]}" run "$WORKER" </dev/null
     worker_pid=$!
 }
@@ -346,6 +356,8 @@ supervise() {
     fi
     if [[ $name != pyworker ]]; then
         message+=": $(tail_of "$MODEL_LOG")"
+    elif [[ -n $worker_error_file && -s $worker_error_file ]]; then
+        message+=": $(head -c "$REPORT_ERROR_BYTES" -- "$worker_error_file" 2>/dev/null || true)"
     fi
     log "$message; stopping the other child"
     stop_children TERM

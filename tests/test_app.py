@@ -126,6 +126,24 @@ async def test_unparseable_bodies_are_422(
             assert error.startswith("request body is not valid JSON")
 
 
+async def test_a_model_request_sent_straight_to_the_worker_gets_a_hint(
+    start_worker: WorkerFactory, model_server: ModelServer
+) -> None:
+    worker = await start_worker()
+    openai = {"model": "m", "prompt": "hello", "max_tokens": 5}
+    async with worker.post("/echo", openai) as response:
+        assert response.status == 422
+        answer = await response.json()
+    # The reference's shape, each field named, plus what to do.
+    assert answer["error"] == "invalid request"
+    assert answer["auth_data"] == answer["payload"] == "missing parameter"
+    assert "/route/" in answer["hint"] and "pyworker call" in answer["hint"]
+    assert model_server.recorder.payloads == []  # nothing reached the model
+    # A body with one of the two fields is a client that knows the envelope: no hint.
+    async with worker.post("/echo", {"payload": openai}) as response:
+        assert "hint" not in await response.json()
+
+
 async def test_each_bad_field_is_named(start_worker: WorkerFactory, keypair: KeyPair) -> None:
     worker = await start_worker()
     auth = keypair.auth_data()

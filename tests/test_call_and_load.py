@@ -38,7 +38,13 @@ from pyworker.commands.load import (
     percentile,
     produced_work,
 )
-from pyworker.commands.routing import DataError, Target, default_cost, parse_data
+from pyworker.commands.routing import (
+    DataError,
+    NoAutoscaler,
+    Target,
+    default_cost,
+    parse_data,
+)
 from pyworker.local.autoscaler import LocalAutoscaler
 
 TOKENS_PER_SECOND = 50  # slow enough to see a stream arrive in pieces
@@ -168,6 +174,51 @@ async def test_call_stream_prints_chunks_as_they_arrive(dev: DevRun) -> None:
     assert arrivals[-1][0] - arrivals[0][0] > 0.1
 
 
+def test_call_stream_into_a_reader_that_goes_away_exits_quietly(dev: DevRun) -> None:
+    """`pyworker call --stream | head -1`: no BrokenPipeError traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyworker", "call", "/v1/completions", "--stream",
+         "--data", '{"prompt": "stream me", "max_tokens": 100}'],
+        cwd=dev.folder, env=_environ(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline().startswith(b"data: ")  # 100 tokens at 50/s: 2 s to go
+    process.stdout.close()  # what `head -1` does after its line
+    errors = process.stderr.read().decode()
+    assert process.wait(30) == 141, errors  # a shell's status for SIGPIPE
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors
+
+
+def test_call_of_a_route_the_worker_lacks_names_its_routes(dev: DevRun) -> None:
+    result = dev.pyworker("call", "/v1/nothing", "--data", "{}")
+    assert result.returncode == 1
+    assert (
+        "the worker has no route /v1/nothing; its routes: /v1/completions, /v1/chat/completions"
+        in result.stderr
+    ), result.stderr
+    assert "HTTP 404" in result.stderr
+
+
+def test_call_without_a_dev_session_says_so_and_sends_nothing(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    client = str(DATASET.parent / "client.py")
+    for command in (
+        ["-m", "pyworker", "call", "/v1/completions"],
+        ["-m", "pyworker", "load", "-n", "1", "--data", "{}"],
+        [client, "hello"],  # the hello_world worker's client
+    ):
+        result = subprocess.run(
+            [sys.executable, *command],
+            cwd=tmp_path, env=_environ(runtime), capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert "no `pyworker dev` is running" in result.stderr
+        assert str(tmp_path / ".pyworker" / STATE_FILE) in result.stderr
+        assert "start `pyworker dev`" in result.stderr and "--autoscaler URL" in result.stderr
+        assert result.stdout == ""
+
+
 def test_call_passes_the_model_servers_refusal_through(dev: DevRun) -> None:
     result = dev.pyworker("call", "/v1/completions", "--data", '{"prompt": 5}')
     assert result.returncode == 1
@@ -178,7 +229,19 @@ def test_call_passes_the_model_servers_refusal_through(dev: DevRun) -> None:
 def test_call_for_an_unknown_endpoint_says_so(dev: DevRun) -> None:
     result = dev.pyworker("call", "/v1/completions", "--endpoint", "other")
     assert result.returncode == 1
-    assert "HTTP 404" in result.stderr and "other" in result.stderr
+    assert "HTTP 404" in result.stderr
+    assert "unknown endpoint 'other': this autoscaler serves 'hello_world'" in result.stderr
+
+
+def test_call_to_a_wrong_autoscaler_names_the_running_one(dev: DevRun) -> None:
+    wrong = f"http://127.0.0.1:{_closed_port()}"
+    result = dev.pyworker("call", "/v1/completions", "--autoscaler", wrong)
+    assert result.returncode == 1
+    assert f"cannot reach the autoscaler at {wrong}" in result.stderr
+    assert (
+        f"the running `pyworker dev`'s autoscaler is {dev.state.autoscaler}: leave out "
+        f"--autoscaler, or pass --autoscaler {dev.state.autoscaler}" in result.stderr
+    ), result.stderr
 
 
 def test_call_refuses_data_that_is_not_json(dev: DevRun) -> None:
@@ -202,6 +265,7 @@ async def test_call_reports_an_autoscaler_that_is_not_there() -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
     code, _, err = await _pyworker("call", "/v1/completions", "--autoscaler", url)
     assert code == 1 and f"cannot reach the autoscaler at {url}" in err
+    assert "no `pyworker dev` runs here: start one, or pass the --autoscaler URL" in err
 
 
 # -- load -----------------------------------------------------------------------------------------
@@ -248,7 +312,19 @@ async def test_load_counts_requests_that_were_never_routed() -> None:
             "--wait", "0.2", "--data", "{}",
         )  # fmt: skip
     assert code == 1
-    assert orjson.loads(out)["status_counts"] == {"routing": 3}
+    summary = orjson.loads(out)
+    assert summary["status_counts"] == {"routing": 3}
+    assert summary["reasons"]["routing"].startswith("no worker ready after 0.2 s")
+
+
+async def test_load_says_why_requests_were_not_routed() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    code, out, _ = await _pyworker(
+        "load", "-n", "3", "--rps", "100", "--autoscaler", url, "--data", "{}"
+    )
+    assert code == 1
+    assert "status:     routing x3" in out
+    assert f"why routing: cannot reach the autoscaler at {url}" in out
 
 
 def test_load_rejects_a_rate_of_zero() -> None:
@@ -314,7 +390,9 @@ def test_flags_win_over_the_session_which_wins_over_defaults() -> None:
     state = DevState(pid=1, autoscaler="http://127.0.0.1:5/", endpoint="mine")
     assert Target.resolve(None, None, None, state) == Target("http://127.0.0.1:5", "mine")
     assert Target.resolve("http://h:1", "e", "k", state) == Target("http://h:1", "e", "k")
-    assert Target.resolve(None, None, None, None).autoscaler == DEFAULT_AUTOSCALER
+    with pytest.raises(NoAutoscaler, match="no `pyworker dev` is running"):
+        Target.resolve(None, None, None, None)  # no quiet default: it may be another service
+    assert Target.resolve(DEFAULT_AUTOSCALER, None, None, None).endpoint == "hello_world"
 
 
 def test_data_may_come_from_a_file(tmp_path: Path) -> None:

@@ -268,6 +268,22 @@ async def test_worker_exit_stops_model_server(
     assert report["error_msg"] == "pyworker exited with status 5"
 
 
+async def test_the_report_of_a_pyworker_that_exits_carries_its_own_message(
+    script: StartScript, autoscalers: tuple[FakeAutoscaler, FakeAutoscaler], tmp_path: Path
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[[routes]]\npath = "/echo"\nmax_queue_time = "soon"\n')
+    # The real pyworker, with a config it refuses (exit 2).
+    await script.start(PYWORKER_CMD=f"{PYTHON} -m pyworker", PYWORKER_WORKER=str(config))
+
+    assert await script.exit_status() == 2
+    report = await assert_reported_to_both(autoscalers)
+    message = report["error_msg"]
+    assert message.startswith(f"pyworker exited with status 2: invalid worker config {config}")
+    assert "routes.0.max_queue_time: Input should be a valid number" in message
+    assert len(message) <= 2000
+
+
 async def test_child_ignoring_sigterm_is_killed_after_the_grace_period(
     script: StartScript,
 ) -> None:

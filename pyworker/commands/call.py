@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import orjson
 
 from pyworker.commands.routing import (
     DataError,
+    NoAutoscaler,
     RoutingError,
     Target,
     current_state,
@@ -31,6 +33,9 @@ from pyworker.commands.routing import (
 
 DEFAULT_WAIT = 60.0
 DEFAULT_TIMEOUT = 600.0
+STATUS_TIMEOUT = 5.0
+BROKEN_PIPE_STATUS = 141
+"""128 + SIGPIPE: what a shell reports for a writer whose reader went away."""
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +43,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--autoscaler",
         metavar="URL",
-        help="autoscaler base URL (default: the running `pyworker dev`, else "
-        "http://127.0.0.1:8081)",
+        help="autoscaler base URL (default: the running `pyworker dev`'s)",
     )
     parser.add_argument(
         "--endpoint", help="endpoint name (default: the running `pyworker dev`'s, else hello_world)"
@@ -110,8 +114,13 @@ def command_call(arguments: argparse.Namespace) -> int:
     if arguments.stream and isinstance(payload, dict):
         payload.setdefault("stream", True)
     state = current_state(arguments.autoscaler is not None)
+    try:
+        target = Target.resolve(arguments.autoscaler, arguments.endpoint, arguments.api_key, state)
+    except NoAutoscaler as error:
+        print(f"pyworker call: {error}", file=sys.stderr)
+        return 1
     request = CallRequest(
-        target=Target.resolve(arguments.autoscaler, arguments.endpoint, arguments.api_key, state),
+        target=target,
         route=arguments.route,
         payload=payload,
         cost=arguments.cost if arguments.cost is not None else default_cost(payload),
@@ -124,6 +133,20 @@ def command_call(arguments: argparse.Namespace) -> int:
         return asyncio.run(call(request, sys.stdout.buffer))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return reader_gone()
+
+
+def reader_gone() -> int:
+    """The reader of stdout went away (`pyworker call --stream | head`): stop quietly.
+
+    Python would print a traceback, then another when it flushes stdout at exit; stdout now
+    points at /dev/null so that the exit is silent. The status is a shell's for SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE_STATUS
 
 
 async def call(request: CallRequest, out: BinaryIO) -> int:
@@ -157,9 +180,39 @@ async def call(request: CallRequest, out: BinaryIO) -> int:
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             await _say(f"pyworker call: worker {url} failed: {error.__class__.__name__} {error}")
             return 1
+        if status == 404:
+            await _say_unknown_route(session, auth_data, request.route)
     if request.verbose or status >= 300:
         await _say(f"HTTP {status} in {time.monotonic() - started:.3f} s")
     return 0 if 200 <= status < 300 else 1
+
+
+async def _say_unknown_route(
+    session: aiohttp.ClientSession, auth_data: dict[str, Any], route: str
+) -> None:
+    """After a 404: name the worker's routes, unless the route is one (the model's 404)."""
+    base = str(auth_data["url"]).rstrip("/")
+    routes = await worker_routes(session, base)
+    if routes is not None and route in routes:
+        return  # a route of the worker: the 404 is the model server's own
+    if routes:
+        named = f"its routes: {', '.join(routes)} (e.g. pyworker call {routes[0]} --data JSON)"
+    else:
+        named = f"its routes are listed in {base}/status"
+    await _say(f"pyworker call: the worker has no route {route}; {named}")
+
+
+async def worker_routes(session: aiohttp.ClientSession, base: str) -> list[str] | None:
+    """The routes a worker serves, from its `/status`; None when it does not say."""
+    try:
+        async with session.get(
+            base + "/status", timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT)
+        ) as response:
+            document = orjson.loads(await response.read())
+    except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+        return None
+    routes = document.get("routes") if isinstance(document, dict) else None
+    return [str(path) for path in routes] if isinstance(routes, dict) else None
 
 
 async def _relay(response: aiohttp.ClientResponse, out: BinaryIO) -> None:

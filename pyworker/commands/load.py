@@ -3,8 +3,9 @@
 Requests start at a steady rate R (open loop), each routed like a real client's, with at most
 C in flight: when C are in flight the next waits for a slot, so a saturated worker shows as an
 achieved rate below R. The summary gives throughput, latency percentiles of the successful
-requests, the count of each status, and the workload served per second (the completion tokens
-the answers report in `usage`, else the cost announced to the autoscaler).
+requests, the count of each status (with the reason for those that got no HTTP answer:
+routing, timeout, connection), and the workload served per second (the completion tokens the
+answers report in `usage`, else the cost announced to the autoscaler).
 
 The load scripts of the ready workers (`workers/<name>/load.py`) are this same loop with the
 worker's route, payload preparation and work counting: see `add_worker_arguments` and
@@ -34,6 +35,7 @@ from pyworker.commands.devstate import DevState
 from pyworker.commands.progress import ProgressBar
 from pyworker.commands.routing import (
     DataError,
+    NoAutoscaler,
     RoutingError,
     Target,
     add_worker_target_arguments,
@@ -131,6 +133,8 @@ class Outcome:
     work: float
     first_byte: float | None = None
     """Seconds from sending to the first byte of the answer's body (a stream's first token)."""
+    reason: str = ""
+    """Why there was no HTTP status (routing, timeout, connection), in words."""
 
     @property
     def ok(self) -> bool:
@@ -169,9 +173,18 @@ class LoadReport:
                 "p90": percentile(first_bytes, 90),
             },
             "status_counts": dict(sorted(Counter(o.status for o in self.outcomes).items())),
+            "reasons": self.reasons(),
             "workload": work,
             "workload_per_second": work / elapsed,
         }
+
+    def reasons(self) -> dict[str, str]:
+        """For each status without an HTTP answer, the first reason seen (one per status)."""
+        found: dict[str, str] = {}
+        for outcome in self.outcomes:
+            if outcome.reason and outcome.status not in found:
+                found[outcome.status] = outcome.reason
+        return dict(sorted(found.items()))
 
 
 def percentile(ordered: Sequence[float], rank: float) -> float | None:
@@ -203,6 +216,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"first byte: p50 {first_byte['p50']:.3f} s  p90 {first_byte['p90']:.3f} s")
     counts = ", ".join(f"{status} x{count}" for status, count in summary["status_counts"].items())
     lines.append(f"status:     {counts or '-'}")
+    for status, reason in summary["reasons"].items():
+        lines.append(f"why {status}: {reason}")
     lines.append(
         f"workload:   {summary['workload']:.1f} served,"
         f" {summary['workload_per_second']:.2f} per second"
@@ -215,11 +230,16 @@ def command_load(arguments: argparse.Namespace) -> int:
         return _usage(error)
     state = current_state(arguments.autoscaler is not None)
     try:
+        target = Target.resolve(arguments.autoscaler, arguments.endpoint, arguments.api_key, state)
+    except NoAutoscaler as error:
+        print(f"pyworker load: {error}", file=sys.stderr)
+        return 1
+    try:
         payloads = choose_payloads(arguments.data, arguments.dataset, state)
     except (DataError, BenchmarkError) as error:
         return _usage(str(error))
     plan = LoadPlan(
-        target=Target.resolve(arguments.autoscaler, arguments.endpoint, arguments.api_key, state),
+        target=target,
         route=arguments.route or (state.route if state and state.route else DEFAULT_ROUTE),
         payloads=payloads,
         requests=arguments.requests,
@@ -338,12 +358,14 @@ async def send_one(session: aiohttp.ClientSession, plan: LoadPlan, payload: Any)
                 parts.append(chunk)
             body = b"".join(parts)
             status, content_type = response.status, response.content_type
-    except RoutingError:
-        return Outcome("routing", time.monotonic() - started, 0.0)
+    except RoutingError as error:
+        return Outcome("routing", time.monotonic() - started, 0.0, reason=str(error))
     except asyncio.TimeoutError:
-        return Outcome("timeout", time.monotonic() - started, 0.0)
-    except aiohttp.ClientError:
-        return Outcome("connection", time.monotonic() - started, 0.0)
+        reason = f"no complete answer within --timeout {plan.timeout:g} s"
+        return Outcome("timeout", time.monotonic() - started, 0.0, reason=reason)
+    except aiohttp.ClientError as error:
+        reason = f"the worker failed: {error.__class__.__name__} {error}".strip()
+        return Outcome("connection", time.monotonic() - started, 0.0, reason=reason)
     seconds = time.monotonic() - started
     return Outcome(str(status), seconds, plan.work(body, content_type, cost), first_byte)
 

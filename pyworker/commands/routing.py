@@ -23,7 +23,13 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pyworker.commands.devstate import DEFAULT_AUTOSCALER, DEFAULT_ENDPOINT, DevState, find_state
+from pyworker.commands.devstate import (
+    DEFAULT_AUTOSCALER,
+    DEFAULT_ENDPOINT,
+    DevState,
+    find_state,
+    search_paths,
+)
 
 ROUTE_TIMEOUT = 10.0
 FIRST_POLL = 0.1
@@ -39,6 +45,10 @@ class RoutingError(Exception):
 
 class DataError(ValueError):
     """A `--data` argument that is not usable JSON."""
+
+
+class NoAutoscaler(RoutingError):
+    """No `--autoscaler` was given and no `pyworker dev` runs: there is nothing to ask."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +67,26 @@ class Target:
         api_key: str | None,
         state: DevState | None,
     ) -> Target:
-        """Flags win; then the running `pyworker dev` session; then the defaults."""
-        base = autoscaler or (state.autoscaler if state else DEFAULT_AUTOSCALER)
+        """Flags win; then the running `pyworker dev` session; NoAutoscaler when neither.
+
+        There is no default address: an autoscaler guessed at a well-known port may be
+        another service, or an old one, and its answers would mislead.
+        """
+        base = autoscaler or (state.autoscaler if state else None)
+        if not base:
+            raise NoAutoscaler(no_autoscaler_message())
         name = endpoint or (state.endpoint if state else DEFAULT_ENDPOINT)
         return cls(base.rstrip("/"), name, api_key or "")
+
+
+def no_autoscaler_message() -> str:
+    looked = ", ".join(str(path) for path in search_paths())
+    return (
+        f"no `pyworker dev` is running (none found in {looked}), so there is no autoscaler to "
+        "route through: start `pyworker dev` (in another terminal, from this folder), or pass "
+        "--autoscaler URL (for a local autoscaler started with `python -m "
+        f"pyworker.local.autoscaler`: --autoscaler {DEFAULT_AUTOSCALER})"
+    )
 
 
 def current_state(autoscaler_given: bool) -> DevState | None:
@@ -141,9 +167,10 @@ async def _ask(
             status = response.status
     except aiohttp.ClientConnectorError as error:
         reason = error.os_error.strerror or str(error)
+        running = await asyncio.to_thread(find_state)
         raise RoutingError(
             f"cannot reach the autoscaler at {target.autoscaler}: {reason}"
-            " (is `pyworker dev` running? else pass --autoscaler URL)"
+            + _what_runs(target, running)
         ) from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         raise RoutingError(f"autoscaler {url} failed: {error.__class__.__name__}") from None
@@ -156,6 +183,21 @@ async def _ask(
         reason = str(told) if told else text[:200].decode(errors="replace")
         raise RoutingError(f"autoscaler answered HTTP {status}: {reason}")
     return answer
+
+
+def _what_runs(target: Target, running: DevState | None) -> str:
+    """After a connection refused: the autoscaler that does run here, if any."""
+    if running is None:
+        return (
+            " (no `pyworker dev` runs here: start one, or pass the --autoscaler URL of a "
+            "running autoscaler)"
+        )
+    if running.autoscaler.rstrip("/") != target.autoscaler:
+        return (
+            f" (the running `pyworker dev`'s autoscaler is {running.autoscaler}: leave out "
+            f"--autoscaler, or pass --autoscaler {running.autoscaler})"
+        )
+    return " (it belongs to the running `pyworker dev`: is it stopping?)"
 
 
 def _waiting_summary(answer: Mapping[str, Any]) -> str:

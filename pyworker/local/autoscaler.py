@@ -110,7 +110,8 @@ class LocalAutoscaler:
         """The `/route/` answer: signed auth_data for a ready worker, or a waiting status."""
         name = endpoint if endpoint is not None else (self.endpoint or "")
         if self.endpoint is not None and name != self.endpoint:
-            raise Refused(404, f"unknown endpoint {name!r}")
+            served = f"this autoscaler serves {self.endpoint!r}"
+            raise Refused(404, f"unknown endpoint {name!r}: {served}")
         if self.api_key is not None and not _same(api_key, self.api_key):
             raise Refused(401, "invalid api_key")
         request_idx = self._request_idx(request_idx)

@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pyworker.commands.devstate import DEFAULT_AUTOSCALER, find_state
+from pyworker.commands.devstate import find_state
+from pyworker.commands.routing import no_autoscaler_message
 
 ENDPOINT = "hello_world"
 ROUTE = "/v1/completions"
@@ -79,7 +80,10 @@ def main() -> int:
     parser.add_argument("--vastai", action="store_true", help="use the vastai SDK's client")
     arguments = parser.parse_args()
     state = None if arguments.autoscaler else find_state()
-    autoscaler = arguments.autoscaler or (state.autoscaler if state else DEFAULT_AUTOSCALER)
+    autoscaler = arguments.autoscaler or (state.autoscaler if state else None)
+    if not autoscaler:  # no guess: another service may listen where an autoscaler often does
+        print(f"client.py: {no_autoscaler_message()}", file=sys.stderr)
+        return 1
     complete = complete_with_vastai if arguments.vastai else complete_with_aiohttp
     answer = asyncio.run(complete(autoscaler.rstrip("/"), arguments.prompt, arguments.max_tokens))
     sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
