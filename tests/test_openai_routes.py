@@ -241,6 +241,22 @@ async def test_image_edits_send_every_image_and_the_mask(
     assert received.fields() == {"prompt": ["add a hat"], "n": ["1"]}
 
 
+async def test_an_image_edit_may_name_a_url_instead_of_an_upload(
+    harness: Harness, keypair: KeyPair
+) -> None:
+    running = await harness.start(keypair)
+    payload = {"url": "https://example.com/cat.png", "prompt": "add a hat"}
+    async with running.post(IMAGE_EDITS, payload) as response:
+        assert response.status == 200
+    (received,) = harness.engine.received
+    assert received.files("image") == []
+    assert received.fields() == {"url": ["https://example.com/cat.png"], "prompt": ["add a hat"]}
+    async with running.post(IMAGE_EDITS, {"prompt": "add a hat"}) as response:
+        assert response.status == 422
+        assert "(or url)" in (await response.json())["image"]
+    assert len(harness.engine.received) == 1
+
+
 async def test_image_variations_send_one_image(harness: Harness, keypair: KeyPair) -> None:
     running = await harness.start(keypair)
     payload = {"image": b64(b"\x89PNG only"), "n": 2, "size": "256x256"}

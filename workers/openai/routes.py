@@ -164,7 +164,9 @@ class RouteSettings:
 def _upload_forms(settings: RouteSettings) -> dict[str, BodyEncoder]:
     defaults = {"model": settings.model} if settings.model else {}
     audio = FileField("file", "filename", AUDIO_TYPES, "audio.wav", required=True)
-    image = FileField("image", "filename", IMAGE_TYPES, "image.png", many=True, required=True)
+    image = FileField(
+        "image", "filename", IMAGE_TYPES, "image.png", many=True, required=True, unless=("url",)
+    )
     one_image = FileField("image", "filename", IMAGE_TYPES, "image.png", required=True)
     mask = FileField("mask", "mask_filename", IMAGE_TYPES, "mask.png")
     return {
