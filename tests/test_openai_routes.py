@@ -174,6 +174,19 @@ async def test_speech_comes_back_byte_for_byte_with_its_content_type(
         assert await response.read() == speech_bytes("Hello there.")
 
 
+async def test_long_speech_is_streamed_through_byte_for_byte(
+    harness: Harness, keypair: KeyPair
+) -> None:
+    running = await harness.start(keypair)
+    payload = {"input": "Hello there.", "seconds": 300}  # 9.6 MB of audio
+    async with running.post(SPEECH, payload) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "audio/wav"
+        audio = await response.read()
+    one = speech_bytes("Hello there.")
+    assert len(audio) > 8 * 1024 * 1024 and audio == one * (len(audio) // len(one))
+
+
 # --- uploads ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", [TRANSCRIPTIONS, TRANSLATIONS])
 async def test_an_audio_upload_reaches_the_engine_as_a_file_part(
