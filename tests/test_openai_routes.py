@@ -151,6 +151,28 @@ async def test_json_routes_reach_the_engine_as_sent(
         assert len(answer["data"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("path", "request_"),
+    [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 3}),
+        (EMBEDDINGS, {"input": "text to embed"}),
+        (TRANSCRIPTIONS, {"file": b64(b"RIFF"), "language": "en"}),
+    ],
+)
+async def test_a_request_wrapped_in_input_is_unwrapped(
+    harness: Harness, keypair: KeyPair, path: str, request_: dict[str, Any]
+) -> None:
+    running = await harness.start(keypair)
+    async with running.post(path, {"input": request_}) as response:
+        assert response.status == 200
+    (received,) = harness.engine.received
+    if received.json is not None:
+        assert received.json == request_
+    else:
+        assert received.fields() == {"language": ["en"]}
+        assert received.files("file")[0].data == b"RIFF"
+
+
 async def test_a_stream_is_relayed_as_events(harness: Harness, keypair: KeyPair) -> None:
     running = await harness.start(keypair)
     payload = {"prompt": "hi", "max_tokens": 3, "stream": True}

@@ -147,6 +147,13 @@ def image_workload(payload: JSONObject) -> float:
 DEFAULT_LIMITS = UploadLimits()
 
 
+def unwrap_input(payload: JSONObject) -> JSONObject:
+    """`{"input": {...request...}}`, the shape Vast's serverless clients may send, is the
+    request inside; an `input` that is text or a list (embeddings, speech) stays a field."""
+    inner = payload.get("input")
+    return inner if isinstance(inner, dict) else payload
+
+
 # --- the route table --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RouteSettings:
@@ -198,6 +205,7 @@ def route_configs(paths: list[str], settings: RouteSettings) -> list[RouteConfig
             workload=weights[path],
             produced_work=settings.produced_tokens if path in counted_by_usage else None,
             body_encoder=forms.get(path),
+            request_hook=unwrap_input,
             max_queue_time=settings.max_queue_time,
         )
         for path in paths
