@@ -260,8 +260,8 @@ def server_kind(environ: Mapping[str, str]) -> ServerKind:
 def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     """The worker config for the server that `OPENAI_SERVER` names.
 
-    Raises `RouteChoiceError` (a ValueError) when `OPENAI_ROUTES` or `BENCHMARK_ROUTE`
-    name what cannot be served.
+    Raises `ConfigError` (exit 2 at start-up) when `OPENAI_ROUTES`, `BENCHMARK_ROUTE` or an
+    upload limit is not something it can serve.
     """
     env = os.environ if environ is None else environ
     kind = server_kind(env)
