@@ -492,6 +492,15 @@ async def test_the_benchmark_measures_the_chosen_route(
     assert report["error_msg"] == ""
 
 
+async def test_the_speech_benchmark_names_the_voice_it_is_told(
+    harness: Harness, keypair: KeyPair
+) -> None:
+    environ = {"BENCHMARK_ROUTE": SPEECH, "BENCHMARK_SPEECH_VOICE": "af_heart"}
+    await harness.start(keypair, environ, perf=None)
+    voices = {item.json.get("voice") for item in harness.engine.on(SPEECH)}
+    assert voices == {"af_heart"}
+
+
 async def test_embeddings_perf_is_tokens_from_usage(harness: Harness, keypair: KeyPair) -> None:
     running = await harness.start(keypair, {"BENCHMARK_ROUTE": EMBEDDINGS}, perf=None)
     result = running.worker.readiness.benchmark

@@ -270,9 +270,11 @@ def benchmark_config(
     model: str | None,
     prompts: list[str],
     custom: bool = False,
+    speech_voice: str | None = None,
 ) -> BenchmarkConfig:
     """The benchmark of `path`: the completions dataset for completions, the route's own
-    payloads made from the same prompts for the others, or a `custom` dataset as it is."""
+    payloads made from the same prompts for the others, or a `custom` dataset as it is.
+    Speech payloads name `speech_voice` when given (engines disagree on voice names)."""
     hint = (
         f"if the model does not serve {path}, set BENCHMARK_ROUTE to a route it serves "
         f"(and OPENAI_ROUTES to the routes it serves)"
@@ -282,9 +284,12 @@ def benchmark_config(
             route=path, dataset=completions, rounds=3, concurrency=8, failure_hint=hint
         )
     spec = ROUTE_BENCHMARKS[path]
+    fields: JSONObject = {"model": model} if model else {}
+    if path == SPEECH and speech_voice:
+        fields["voice"] = speech_voice
     return BenchmarkConfig(
         route=path,
-        generator=BenchmarkPayloads(spec, prompts, model),
+        generator=BenchmarkPayloads(spec, prompts, fields),
         rounds=spec.rounds,
         concurrency=spec.concurrency,
         failure_hint=hint,
@@ -296,15 +301,16 @@ class BenchmarkPayloads:
     moment), off the event loop where the benchmark loads its dataset."""
 
     def __init__(
-        self, spec: benchmarks.RouteBenchmark, prompts: list[str], model: str | None
+        self, spec: benchmarks.RouteBenchmark, prompts: list[str], fields: JSONObject
     ) -> None:
         self.spec = spec
         self.prompts = prompts
-        self.model = model
+        self.fields = fields
+        """Added to every payload: the served model, a voice."""
         self._made: list[JSONObject] | None = None
 
     def __call__(self, index: int) -> JSONObject:
         if self._made is None:
             self._made = self.spec.payloads(self.prompts)
         payload = self._made[index % len(self._made)]
-        return payload | ({"model": self.model} if self.model else {})
+        return payload | self.fields

@@ -280,7 +280,8 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     prompts = [item["prompt"] for item in completions if isinstance(item.get("prompt"), str)]
     benchmarked = benchmark_route(env)
     custom = bool(env.get("OPENAI_BENCHMARK_FILE"))
-    benchmark = benchmark_config(benchmarked, completions, model, prompts, custom)
+    voice = env.get("BENCHMARK_SPEECH_VOICE") or None
+    benchmark = benchmark_config(benchmarked, completions, model, prompts, custom, voice)
     return WorkerConfig(
         name=f"openai-{kind}",
         model_server=ModelServerConfig(
