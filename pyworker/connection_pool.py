@@ -220,9 +220,13 @@ class Connection(asyncio.Protocol):
         for part in parts:
             view = memoryview(part).cast("B")
             for start in range(0, len(view), WRITE_SLICE):
-                if self.state is not State.WAITING or self.transport is None:
+                transport = self.transport
+                if self.state is not State.WAITING or transport is None or transport.is_closing():
                     return  # answered already, or gone: the rest is not needed
-                self.transport.write(view[start : start + WRITE_SLICE])
+                try:
+                    transport.write(view[start : start + WRITE_SLICE])
+                except (OSError, RuntimeError):  # uvloop's closed transport raises
+                    return  # connection_lost follows and fails the answer
                 if self._write_paused:
                     self._writable = self._loop.create_future()
                     try:

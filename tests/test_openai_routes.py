@@ -151,6 +151,28 @@ async def test_json_routes_reach_the_engine_as_sent(
         assert len(answer["data"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("path", "request_"),
+    [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 3}),
+        (EMBEDDINGS, {"input": "text to embed"}),
+        (TRANSCRIPTIONS, {"file": b64(b"RIFF"), "language": "en"}),
+    ],
+)
+async def test_a_request_wrapped_in_input_is_unwrapped(
+    harness: Harness, keypair: KeyPair, path: str, request_: dict[str, Any]
+) -> None:
+    running = await harness.start(keypair)
+    async with running.post(path, {"input": request_}) as response:
+        assert response.status == 200
+    (received,) = harness.engine.received
+    if received.json is not None:
+        assert received.json == request_
+    else:
+        assert received.fields() == {"language": ["en"]}
+        assert received.files("file")[0].data == b"RIFF"
+
+
 async def test_a_stream_is_relayed_as_events(harness: Harness, keypair: KeyPair) -> None:
     running = await harness.start(keypair)
     payload = {"prompt": "hi", "max_tokens": 3, "stream": True}
@@ -172,6 +194,19 @@ async def test_speech_comes_back_byte_for_byte_with_its_content_type(
         assert response.status == 200
         assert response.headers["Content-Type"] == content_type
         assert await response.read() == speech_bytes("Hello there.")
+
+
+async def test_long_speech_is_streamed_through_byte_for_byte(
+    harness: Harness, keypair: KeyPair
+) -> None:
+    running = await harness.start(keypair)
+    payload = {"input": "Hello there.", "seconds": 300}  # 9.6 MB of audio
+    async with running.post(SPEECH, payload) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "audio/wav"
+        audio = await response.read()
+    one = speech_bytes("Hello there.")
+    assert len(audio) > 8 * 1024 * 1024 and audio == one * (len(audio) // len(one))
 
 
 # --- uploads ----------------------------------------------------------------------------------
@@ -239,6 +274,22 @@ async def test_image_edits_send_every_image_and_the_mask(
     (mask,) = received.files("mask")
     assert (mask.filename, mask.data) == ("mask.png", b"\x89PNG mask")
     assert received.fields() == {"prompt": ["add a hat"], "n": ["1"]}
+
+
+async def test_an_image_edit_may_name_a_url_instead_of_an_upload(
+    harness: Harness, keypair: KeyPair
+) -> None:
+    running = await harness.start(keypair)
+    payload = {"url": "https://example.com/cat.png", "prompt": "add a hat"}
+    async with running.post(IMAGE_EDITS, payload) as response:
+        assert response.status == 200
+    (received,) = harness.engine.received
+    assert received.files("image") == []
+    assert received.fields() == {"url": ["https://example.com/cat.png"], "prompt": ["add a hat"]}
+    async with running.post(IMAGE_EDITS, {"prompt": "add a hat"}) as response:
+        assert response.status == 422
+        assert "(or url)" in (await response.json())["image"]
+    assert len(harness.engine.received) == 1
 
 
 async def test_image_variations_send_one_image(harness: Harness, keypair: KeyPair) -> None:
@@ -439,6 +490,15 @@ async def test_the_benchmark_measures_the_chosen_route(
             assert first.files("file")[0].data[:4] == b"RIFF"
     report = await _report(harness.autoscaler, lambda r: r["max_perf"] > 0)
     assert report["error_msg"] == ""
+
+
+async def test_the_speech_benchmark_names_the_voice_it_is_told(
+    harness: Harness, keypair: KeyPair
+) -> None:
+    environ = {"BENCHMARK_ROUTE": SPEECH, "BENCHMARK_SPEECH_VOICE": "af_heart"}
+    await harness.start(keypair, environ, perf=None)
+    voices = {item.json.get("voice") for item in harness.engine.on(SPEECH)}
+    assert voices == {"af_heart"}
 
 
 async def test_embeddings_perf_is_tokens_from_usage(harness: Harness, keypair: KeyPair) -> None:

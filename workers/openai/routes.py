@@ -147,6 +147,13 @@ def image_workload(payload: JSONObject) -> float:
 DEFAULT_LIMITS = UploadLimits()
 
 
+def unwrap_input(payload: JSONObject) -> JSONObject:
+    """`{"input": {...request...}}`, the shape Vast's serverless clients may send, is the
+    request inside; an `input` that is text or a list (embeddings, speech) stays a field."""
+    inner = payload.get("input")
+    return inner if isinstance(inner, dict) else payload
+
+
 # --- the route table --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RouteSettings:
@@ -164,7 +171,9 @@ class RouteSettings:
 def _upload_forms(settings: RouteSettings) -> dict[str, BodyEncoder]:
     defaults = {"model": settings.model} if settings.model else {}
     audio = FileField("file", "filename", AUDIO_TYPES, "audio.wav", required=True)
-    image = FileField("image", "filename", IMAGE_TYPES, "image.png", many=True, required=True)
+    image = FileField(
+        "image", "filename", IMAGE_TYPES, "image.png", many=True, required=True, unless=("url",)
+    )
     one_image = FileField("image", "filename", IMAGE_TYPES, "image.png", required=True)
     mask = FileField("mask", "mask_filename", IMAGE_TYPES, "mask.png")
     return {
@@ -196,6 +205,7 @@ def route_configs(paths: list[str], settings: RouteSettings) -> list[RouteConfig
             workload=weights[path],
             produced_work=settings.produced_tokens if path in counted_by_usage else None,
             body_encoder=forms.get(path),
+            request_hook=unwrap_input,
             max_queue_time=settings.max_queue_time,
         )
         for path in paths
@@ -260,9 +270,11 @@ def benchmark_config(
     model: str | None,
     prompts: list[str],
     custom: bool = False,
+    speech_voice: str | None = None,
 ) -> BenchmarkConfig:
     """The benchmark of `path`: the completions dataset for completions, the route's own
-    payloads made from the same prompts for the others, or a `custom` dataset as it is."""
+    payloads made from the same prompts for the others, or a `custom` dataset as it is.
+    Speech payloads name `speech_voice` when given (engines disagree on voice names)."""
     hint = (
         f"if the model does not serve {path}, set BENCHMARK_ROUTE to a route it serves "
         f"(and OPENAI_ROUTES to the routes it serves)"
@@ -272,9 +284,12 @@ def benchmark_config(
             route=path, dataset=completions, rounds=3, concurrency=8, failure_hint=hint
         )
     spec = ROUTE_BENCHMARKS[path]
+    fields: JSONObject = {"model": model} if model else {}
+    if path == SPEECH and speech_voice:
+        fields["voice"] = speech_voice
     return BenchmarkConfig(
         route=path,
-        generator=BenchmarkPayloads(spec, prompts, model),
+        generator=BenchmarkPayloads(spec, prompts, fields),
         rounds=spec.rounds,
         concurrency=spec.concurrency,
         failure_hint=hint,
@@ -286,15 +301,16 @@ class BenchmarkPayloads:
     moment), off the event loop where the benchmark loads its dataset."""
 
     def __init__(
-        self, spec: benchmarks.RouteBenchmark, prompts: list[str], model: str | None
+        self, spec: benchmarks.RouteBenchmark, prompts: list[str], fields: JSONObject
     ) -> None:
         self.spec = spec
         self.prompts = prompts
-        self.model = model
+        self.fields = fields
+        """Added to every payload: the served model, a voice."""
         self._made: list[JSONObject] | None = None
 
     def __call__(self, index: int) -> JSONObject:
         if self._made is None:
             self._made = self.spec.payloads(self.prompts)
         payload = self._made[index % len(self._made)]
-        return payload | ({"model": self.model} if self.model else {})
+        return payload | self.fields

@@ -100,6 +100,8 @@ class FileField:
     default_filename: str
     many: bool = False
     required: bool = False
+    unless: tuple[str, ...] = ()
+    """Payload fields that stand in for this one when present (`url` for an edit's image)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +174,9 @@ class UploadForm:
         for spec in self.files:
             value = payload.get(spec.name)
             if value is None:
-                if spec.required:
-                    raise _invalid(spec.name, "missing parameter: a base64 string")
+                if spec.required and not any(payload.get(key) for key in spec.unless):
+                    alternatives = "".join(f" (or {key})" for key in spec.unless)
+                    raise _invalid(spec.name, f"missing parameter: a base64 string{alternatives}")
                 continue
             names = payload.get(spec.filename_key)
             if spec.many and isinstance(value, list):

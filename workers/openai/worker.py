@@ -160,8 +160,8 @@ def build_worker(
 ) -> WorkerConfig:
     """The worker config for engine `kind`, by default the one `OPENAI_SERVER` names.
 
-    Raises `RouteChoiceError` (a ValueError) when `OPENAI_ROUTES` or `BENCHMARK_ROUTE`
-    name what cannot be served.
+    Raises `ConfigError` (exit 2 at start-up) when `OPENAI_ROUTES`, `BENCHMARK_ROUTE` or an
+    upload limit is not something it can serve.
     """
     env = os.environ if environ is None else environ
     kind = server_kind(env) if kind is None else kind
@@ -180,7 +180,8 @@ def build_worker(
     prompts = [item["prompt"] for item in completions if isinstance(item.get("prompt"), str)]
     benchmarked = benchmark_route(env)
     custom = bool(env.get("OPENAI_BENCHMARK_FILE"))
-    benchmark = benchmark_config(benchmarked, completions, model, prompts, custom)
+    voice = env.get("BENCHMARK_SPEECH_VOICE") or None
+    benchmark = benchmark_config(benchmarked, completions, model, prompts, custom, voice)
     return WorkerConfig(
         name=f"openai-{kind.value}",
         model_server=model_server,
