@@ -1,7 +1,8 @@
 """The worker's own GET routes: `/ready` for probes, `/status` for people, `/metrics` for scrapers.
 
 These never touch the model server: they read what the worker already holds, plus one NVML
-sample taken off the event loop.
+sample taken off the event loop. Without `MASTER_TOKEN` a client sees the state and readiness
+only (pyworker.access); the details need the token.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pyworker import __version__
+from pyworker.access import Access, MasterToken, TokenRefused
 from pyworker.accounting import Outcome
 from pyworker.metrics import Exposition
 from pyworker.responses import json_response
@@ -24,21 +26,50 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def register_observability_routes(app: web.Application, worker: Worker) -> None:
+    token = MasterToken(worker.environment)
+
     async def ready(request: web.Request) -> web.Response:
+        try:
+            access = token.access(request)
+        except TokenRefused as refused:
+            return refused.response
         status = worker.status
-        body = {"ready": status.ready, "state": str(status.state), "error": status.error_msg}
+        body: dict[str, Any] = {"ready": status.ready, "state": str(status.state)}
+        if access is Access.OPERATOR:
+            body["error"] = status.error_msg
         return json_response(200 if status.ready else 503, body)
 
     async def status(request: web.Request) -> web.Response:
+        try:
+            access = token.access(request)
+        except TokenRefused as refused:
+            return refused.response
+        if access is Access.ANONYMOUS:
+            return json_response(200, public_status(worker))
         return json_response(200, await status_document(worker))
 
     async def metrics(request: web.Request) -> web.Response:
+        try:
+            access = token.access(request)
+        except TokenRefused as refused:
+            return refused.response
+        if access is Access.ANONYMOUS:
+            return json_response(
+                401,
+                {"error": "/metrics needs Authorization: Bearer <MASTER_TOKEN>"},
+                {"WWW-Authenticate": "Bearer"},
+            )
         text = await metrics_text(worker)
         return web.Response(text=text, headers={"Content-Type": PROMETHEUS_TYPE})
 
     app.router.add_get("/ready", ready)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+
+
+def public_status(worker: Worker) -> dict[str, Any]:
+    """What anyone may see: the state and whether the worker is ready."""
+    return {"state": str(worker.status.state), "ready": worker.status.ready}
 
 
 async def status_document(worker: Worker) -> dict[str, Any]:
@@ -52,6 +83,7 @@ async def status_document(worker: Worker) -> dict[str, Any]:
         "name": worker.config.name,
         "url": worker.url,
         "state": str(status.state),
+        "ready": status.ready,
         "error_msg": status.error_msg,
         "uptime": time.monotonic() - status.started_at,
         "loadtime": status.loadtime,
