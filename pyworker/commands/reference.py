@@ -4,7 +4,8 @@
     python -m pyworker.commands.reference --write    # rewrite docs/configuration.md
     python -m pyworker.commands.reference --check    # exit 1 when the file is out of date
 
-A field's description is the docstring under it in pyworker/config.py; a variable's is its row
+A field's description is its `Field(description=...)` or the docstring under it in
+pyworker/config.py; a variable's is its row
 in pyworker/variables.py. Nested models are found by walking `WorkerConfig`, so a new field or
 table appears after a rerun with nothing to change here. tests/test_reference.py fails when the
 checked-in file differs from what this prints.
@@ -13,7 +14,10 @@ checked-in file differs from what this prints.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -145,6 +149,29 @@ def limits_text(field: FieldInfo) -> str:
     return ", ".join(words)
 
 
+def descriptions(model: type[BaseModel]) -> dict[str, str]:
+    """Each field's `Field(description=...)`, else the docstring under it in the source."""
+    found: dict[str, str] = {}
+    for klass in reversed(model.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
+            continue
+        (node,) = ast.parse(textwrap.dedent(inspect.getsource(klass))).body
+        assert isinstance(node, ast.ClassDef)
+        for statement, following in zip(node.body, node.body[1:], strict=False):
+            if (
+                isinstance(statement, ast.AnnAssign)
+                and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                found[statement.target.id] = inspect.cleandoc(following.value.value)
+    for name, field in model.model_fields.items():
+        if field.description:
+            found[name] = field.description
+    return found
+
+
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
@@ -161,9 +188,10 @@ def config_tables() -> list[str]:
         lines += ["", _cell(section.model.__doc__ or ""), ""]
         lines.append("| key | type | default | limits | meaning |")
         lines.append("|---|---|---|---|---|")
+        described = descriptions(section.model)
         for name, field in section.model.model_fields.items():
             key = f"{section.prefix}{name}"
-            meaning = field.description or ""
+            meaning = described.get(name, "")
             if key in overridden_by:
                 meaning += f" The environment variable `{overridden_by[key]}` overrides it."
             lines.append(
