@@ -23,8 +23,8 @@ ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # Product code: what runs on a worker or on a developer's machine (bench/ and tests/ set their
 # own variables for the processes they start).
 SCANNED_PYTHON = ("pyworker", "workers")
-SCANNED_SHELL = ("scripts/on_start.sh",)
-ROOT_MODULES = ("worker.py",)
+SHELL_SCRIPTS = ("scripts/*.sh", "*.sh")  # the container's start scripts
+ROOT_MODULES = "*.py"  # a root worker.py, as Vast's start script runs it
 BASH_OWN = frozenset({"BASH_SOURCE", "BASH_COMMAND", "LINENO", "FUNCNAME", "PIPESTATUS", "PATH"})
 
 
@@ -146,14 +146,15 @@ def names_read_by_the_code() -> dict[str, str]:
     """Every variable name found, with a file that reads it."""
     found: dict[str, str] = {}
     files = [path for folder in SCANNED_PYTHON for path in (ROOT / folder).rglob("*.py")]
-    files += [ROOT / name for name in ROOT_MODULES if (ROOT / name).exists()]
+    files += list(ROOT.glob(ROOT_MODULES))
     for path in files:
         for name in names_read_in_python(path.read_text(encoding="utf-8")):
             found.setdefault(name, str(path.relative_to(ROOT)))
-    for relative in SCANNED_SHELL:
-        path = ROOT / relative
+    scripts = [path for pattern in SHELL_SCRIPTS for path in ROOT.glob(pattern)]
+    assert scripts, "no start script found"
+    for path in scripts:
         for name in names_read_in_shell(path.read_text(encoding="utf-8")):
-            found.setdefault(name, relative)
+            found.setdefault(name, str(path.relative_to(ROOT)))
     for name in ENV_OVERRIDES:  # read through the table, not by a literal
         found.setdefault(name, "pyworker/loader.py")
     return found
