@@ -47,6 +47,7 @@ LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 ROUTE = "/v1/completions"
 ENDPOINT = "soak"
 BODY_TIMEOUT = 5.0
+SOAK_TOKEN = "soak-token"
 NOT_ACCOUNTED = frozenset({400, 401, 408, 410, 422, 503})
 """The worker's own answers before it accounts a request (`{"error": "..."}`, a string): it
 must not report these. The same codes relayed from the model server are accounted."""
@@ -232,7 +233,7 @@ class Soak:
         environ = clean_environ() | {
             "REPORT_ADDR": self.autoscaler.url,
             "CONTAINER_ID": "1",
-            "MASTER_TOKEN": "soak-token",
+            "MASTER_TOKEN": SOAK_TOKEN,
             "PYWORKER_STRICT_AUTH": "true",
             "PYWORKER_REPORT_INTERVAL": "0.5",
             "PYWORKER_BODY_TIMEOUT": str(BODY_TIMEOUT),
@@ -416,7 +417,8 @@ class Soak:
         assert process is not None
         state, awaiting, failed = "?", -1, -1
         try:
-            async with session.get(self.worker_url + "/status") as response:
+            operator = {"Authorization": f"Bearer {SOAK_TOKEN}"}  # /status in full
+            async with session.get(self.worker_url + "/status", headers=operator) as response:
                 document = await response.json()
                 state = document["state"]
                 awaiting = document["requests"]["finished_awaiting_report"]

@@ -9,7 +9,6 @@ comparison takes the same time whatever the guess.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,8 +16,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from pyworker.access import MasterToken, bearer_token, invalid_token
 from pyworker.environment import Environment
 from pyworker.responses import error_response, json_response
+
+__all__ = ["UPDATE_PATH", "bearer_token", "update_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +28,14 @@ UPDATE_PATH = "/pyworker/update"
 
 
 def update_handler(environment: Environment) -> Callable[[web.Request], Awaitable[web.Response]]:
-    token = environment.master_token
-    expected = token.get_secret_value().encode() if token is not None else None
+    token = MasterToken(environment)
     marker = Path(environment.update_marker)
 
     async def update(request: web.Request) -> web.Response:
-        if expected is None:
+        if token.expected is None:
             return error_response(403, "updates are disabled: MASTER_TOKEN is not set")
-        given = bearer_token(request.headers.get("Authorization", "")).encode()
-        if not hmac.compare_digest(given, expected):
-            return json_response(401, {"error": "invalid token"}, {"WWW-Authenticate": "Bearer"})
+        if not token.matches(request):
+            return invalid_token()
         try:
             await asyncio.to_thread(_write_marker, marker)
         except OSError as error:
@@ -45,14 +45,6 @@ def update_handler(environment: Environment) -> Callable[[web.Request], Awaitabl
         return json_response(200, {"ok": True})
 
     return update
-
-
-def bearer_token(header: str) -> str:
-    """The token of `Bearer <token>`; a bare token too, as the reference accepts it."""
-    scheme, _, credentials = header.strip().partition(" ")
-    if scheme.lower() == "bearer":
-        return credentials.strip()
-    return header.strip()
 
 
 def _write_marker(marker: Path) -> None:

@@ -1,4 +1,4 @@
-"""The process environment of PROTOCOL.md, read once at start-up into a typed model.
+"""The process environment (docs/protocol.md), read once at start-up into a typed model.
 
 A worker on Vast.ai is told everything through environment variables. Off the platform (no
 `CONTAINER_ID` and no `REPORT_ADDR`) the worker runs in *local mode*: it reports nowhere,

@@ -61,7 +61,10 @@ def _text(value: Any) -> str | None:
 
 
 def _integer(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An NVML reading, or None for anything else: a reading is a 64-bit integer at most."""
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**64:
+        return value
+    return None
 
 
 def _milliwatts_to_watts(value: Any) -> float | None:

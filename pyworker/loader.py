@@ -1,6 +1,6 @@
 """Find and load a worker config: a `workers/` folder name, a TOML or Python file, or a module.
 
-Overrides come last and win: first the environment of PROTOCOL.md (`MODEL_LOG`,
+Overrides come last and win: first the environment (docs/protocol.md: `MODEL_LOG`,
 `MODEL_HEALTH_ENDPOINT`, plus `MODEL_SERVER_URL`), then `--set dotted.key=value` from the CLI.
 """
 

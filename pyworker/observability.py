@@ -1,19 +1,22 @@
 """The worker's own GET routes: `/ready` for probes, `/status` for people, `/metrics` for scrapers.
 
 These never touch the model server: they read what the worker already holds, plus one NVML
-sample taken off the event loop.
+sample taken off the event loop. Without `MASTER_TOKEN` a client sees the state and readiness
+only (pyworker.access); the details need the token.
 """
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from pyworker import __version__
+from pyworker.access import Access, MasterToken, TokenRefused
 from pyworker.accounting import Outcome
-from pyworker.metrics import Exposition
+from pyworker.metrics import Exposition, scaled
 from pyworker.responses import json_response
 from pyworker.state import WorkerState
 
@@ -24,21 +27,50 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def register_observability_routes(app: web.Application, worker: Worker) -> None:
+    token = MasterToken(worker.environment)
+
     async def ready(request: web.Request) -> web.Response:
+        try:
+            access = token.access(request)
+        except TokenRefused as refused:
+            return refused.response
         status = worker.status
-        body = {"ready": status.ready, "state": str(status.state), "error": status.error_msg}
+        body: dict[str, Any] = {"ready": status.ready, "state": str(status.state)}
+        if access is Access.OPERATOR:
+            body["error"] = status.error_msg
         return json_response(200 if status.ready else 503, body)
 
     async def status(request: web.Request) -> web.Response:
+        try:
+            access = token.access(request)
+        except TokenRefused as refused:
+            return refused.response
+        if access is Access.ANONYMOUS:
+            return json_response(200, public_status(worker))
         return json_response(200, await status_document(worker))
 
     async def metrics(request: web.Request) -> web.Response:
+        try:
+            access = token.access(request)
+        except TokenRefused as refused:
+            return refused.response
+        if access is Access.ANONYMOUS:
+            return json_response(
+                401,
+                {"error": "/metrics needs Authorization: Bearer <MASTER_TOKEN>"},
+                {"WWW-Authenticate": "Bearer"},
+            )
         text = await metrics_text(worker)
         return web.Response(text=text, headers={"Content-Type": PROMETHEUS_TYPE})
 
     app.router.add_get("/ready", ready)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+
+
+def public_status(worker: Worker) -> dict[str, Any]:
+    """What anyone may see: the state and whether the worker is ready."""
+    return {"state": str(worker.status.state), "ready": worker.status.ready}
 
 
 async def status_document(worker: Worker) -> dict[str, Any]:
@@ -52,6 +84,7 @@ async def status_document(worker: Worker) -> dict[str, Any]:
         "name": worker.config.name,
         "url": worker.url,
         "state": str(status.state),
+        "ready": status.ready,
         "error_msg": status.error_msg,
         "uptime": time.monotonic() - status.started_at,
         "loadtime": status.loadtime,
@@ -128,19 +161,24 @@ async def metrics_text(worker: Worker) -> str:
         out.sample("pyworker_state", 1 if worker.status.state is state else 0, state=str(state))
     out.family("pyworker_max_perf", "gauge", "Benchmark throughput, workload units per second.")
     out.sample("pyworker_max_perf", worker.status.max_perf)
+    out.family("pyworker_build_info", "gauge", "Always 1; the labels say what runs.")
+    out.sample("pyworker_build_info", 1, version=__version__, python=platform.python_version())
     samples = await worker.gpu.asample()
-    gauges = (
-        ("pyworker_gpu_utilization_percent", "utilization_percent", "GPU utilisation."),
-        ("pyworker_gpu_memory_used_bytes", "memory_used_bytes", "GPU memory in use."),
-        ("pyworker_gpu_power_watts", "power_watts", "GPU power draw."),
-        ("pyworker_gpu_temperature_celsius", "temperature_celsius", "GPU temperature."),
-        ("pyworker_gpu_sm_clock_mhz", "sm_clock_mhz", "GPU SM clock."),
-    )
-    for name, attribute, help_text in gauges:
+    for name, attribute, scale, help_text in GPU_GAUGES:
         values = [(s.index, getattr(s, attribute)) for s in samples]
         present = [(index, value) for index, value in values if value is not None]
         if present:
             out.family(name, "gauge", help_text)
             for index, value in present:
-                out.sample(name, value, gpu=str(index))
+                out.sample(name, scaled(value, scale), gpu=str(index))
     return out.text()
+
+
+GPU_GAUGES = (
+    # name, GpuSample attribute, factor to the base unit, help
+    ("pyworker_gpu_utilization_ratio", "utilization_percent", 0.01, "GPU busy, 0 to 1."),
+    ("pyworker_gpu_memory_used_bytes", "memory_used_bytes", 1, "GPU memory in use."),
+    ("pyworker_gpu_power_watts", "power_watts", 1, "GPU power draw."),
+    ("pyworker_gpu_temperature_celsius", "temperature_celsius", 1, "GPU temperature."),
+    ("pyworker_gpu_sm_clock_hertz", "sm_clock_mhz", 1e6, "GPU SM clock."),
+)

@@ -1,4 +1,4 @@
-"""The session routes of PROTOCOL.md: `/session/create`, `/get`, `/health` and `/end`.
+"""The session routes of docs/protocol.md: `/session/create`, `/get`, `/health` and `/end`.
 
 Unlike the reference, `/session/create` is a signed request like any other (422 for a bad
 body, 401 for a bad signature, 503 while not ready, 429 at the session limit), and bodies are

@@ -53,6 +53,8 @@ DEFAULT_LOOP: LoopFactories = {"asyncio": asyncio.new_event_loop}
 BOTH_LOOPS: LoopFactories = {**DEFAULT_LOOP, "uvloop": uvloop.new_event_loop}
 BOTH_LOOP_MODULES = ("tests.test_app", "tests.test_connection_pool")
 """The request path runs on uvloop in production: these modules' tests run on both loops."""
+MASTER_TOKEN = "operator-token-5f3a"
+OPERATOR_HEADERS = {"Authorization": f"Bearer {MASTER_TOKEN}"}
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> LoopFactories:
@@ -158,14 +160,19 @@ async def start_worker(
         }
         raw.update(config)
         raw.setdefault("perf", 1000.0)  # a known perf skips the benchmark unless a test wants it
-        environ = {"REPORT_ADDR": pubkey_server, "UNSECURED": "false" if secured else "true"}
+        environ = {
+            "REPORT_ADDR": pubkey_server,
+            "UNSECURED": "false" if secured else "true",
+            "MASTER_TOKEN": MASTER_TOKEN,
+        }
         worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
         # Tests read the ledger directly; reporting is tested against a recording autoscaler.
         worker.reporter.addresses = ()
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
         await server.start_server()
         connector = aiohttp.TCPConnector(limit=0)
-        session = aiohttp.ClientSession(connector=connector)
+        # The tests read /status and /metrics in full: as the operator, with the token.
+        session = aiohttp.ClientSession(connector=connector, headers=OPERATOR_HEADERS)
         started.append((server, session))
         if wait_ready:
             await wait_until(lambda: worker.status.ready)

@@ -88,7 +88,7 @@ async def test_the_right_token_writes_the_marker(
 
 async def test_the_token_is_compared_in_constant_time(start: Start) -> None:
     url = await start(MASTER_TOKEN=TOKEN)
-    with mock.patch("pyworker.admin.hmac.compare_digest", wraps=hmac.compare_digest) as compare:
+    with mock.patch("pyworker.access.hmac.compare_digest", wraps=hmac.compare_digest) as compare:
         assert (await post(url, "Bearer guess"))[0] == 401
         assert (await post(url, f"Bearer {TOKEN}"))[0] == 200
     assert compare.call_count == 2

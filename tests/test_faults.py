@@ -191,7 +191,9 @@ class Scene:
         self.worker_url = ""
         self.cache_file = root / "cache" / "benchmark.json"
         self.reference_file = root / "has_benchmark"
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30), headers={"Authorization": f"Bearer {TOKEN}"}
+        )
         self.answers: dict[int, int] = {}
         """request_idx -> what the client got (a status, or 0 for a broken answer)."""
         self._next_idx = 0

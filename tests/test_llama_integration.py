@@ -89,6 +89,7 @@ def worker(slow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> It
         "MODEL_LOG": str(slow_server.log),
         "UNSECURED": "true",
         "REPORT_ADDR": f"http://127.0.0.1:{free_port()}",  # nobody listens: reports are dropped
+        "MASTER_TOKEN": "token",
         "PYWORKER_CACHE_DIR": str(folder / "cache"),
     }
     running = spawn_worker(folder / "worker.log", environ, "--set", "perf=500")
@@ -101,7 +102,9 @@ def worker(slow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT)) as client:
+    timeout = aiohttp.ClientTimeout(total=STEP_TIMEOUT)
+    headers = {"Authorization": "Bearer token"}  # /status in full, as the worker's operator
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as client:
         yield client
 
 
@@ -150,7 +153,10 @@ async def test_ready_from_the_real_log_after_a_load_error_with_a_measured_benchm
     log = tmp_path / "llama-server.log"
     async with (
         FakeAutoscaler(keypair.pem) as autoscaler,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT)) as session,
+        aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT),
+            headers={"Authorization": "Bearer token"},
+        ) as session,
     ):
         environ = {
             "OPENAI_SERVER": "llamacpp",

@@ -94,7 +94,7 @@ async def test_gpu_gauges_and_inventory_from_nvml(model_server: ModelServer) -> 
                 status = await response.json()
     finally:
         await server.close()
-    assert _sample(text, "pyworker_gpu_utilization_percent", gpu="0") == 87
+    assert _sample(text, "pyworker_gpu_utilization_ratio", gpu="0") == 0.87
     assert _sample(text, "pyworker_gpu_temperature_celsius", gpu="0") == 61
     (device,) = status["gpu"]["inventory"]["devices"]
     assert device["name"] == "NVIDIA H100 80GB HBM3"

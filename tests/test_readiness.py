@@ -51,7 +51,7 @@ class Scene:
         self.autoscaler = autoscaler
         self.log = tmp_path / "model.log"
         self.model_url = ""
-        self.session = aiohttp.ClientSession()
+        self.session = aiohttp.ClientSession(headers={"Authorization": "Bearer token"})
 
     def env(self) -> dict[str, str]:
         environ = dict(os.environ)

@@ -209,7 +209,7 @@ class Scene:
         self.log = tmp_path / "tgi.log"
         self.model_url = ""
         self.worker_url = ""
-        self.session = aiohttp.ClientSession()
+        self.session = aiohttp.ClientSession(headers={"Authorization": "Bearer token"})
 
     def env(self, **extra: str) -> dict[str, str]:
         return os.environ | {

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -266,6 +267,8 @@ class DevSession:
         self.session = Session()
         self.paths = state_paths(options.state_dir)
         self._signals = 0
+        # The worker shows its error lines and benchmark only to its MASTER_TOKEN's holder.
+        self.master_token = os.environ.get("MASTER_TOKEN") or secrets.token_urlsafe(24)
 
     # -- the whole run ---------------------------------------------------------------------------
 
@@ -474,6 +477,7 @@ class DevSession:
             WORKER_HTTP_PORT=str(options.worker_port + 1 if options.worker_port else 0),
             PYWORKER_CACHE_DIR=str(options.state_dir / "cache"),
             PYWORKER_GRACE=WORKER_GRACE,
+            MASTER_TOKEN=self.master_token,
         )
         demo = options.model_server is ModelServerMode.DEMO
         if demo or options.model_url:
@@ -488,7 +492,8 @@ class DevSession:
         deadline = time.monotonic() + self.options.startup_timeout
         phase = Phase.LOADING
         await asyncio.to_thread(self.spinner.start, PHASE_LABELS[phase])
-        async with aiohttp.ClientSession() as client:
+        operator = {"Authorization": f"Bearer {self.master_token}"}
+        async with aiohttp.ClientSession(headers=operator) as client:
             while True:
                 exited = self.children.first_exited()
                 if exited is not None:
