@@ -449,3 +449,11 @@ def test_the_dev_worker_verifies_strictly_and_refuses_a_replay(dev: DevRun) -> N
     replayed, answer = post(dev.state.worker_url + "/v1/completions", envelope)
     assert first == 200
     assert replayed == 401, answer
+
+
+def test_the_dev_state_keeps_the_worker_token_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "dev.json"
+    write_state(DevState(pid=1, autoscaler="http://127.0.0.1:1", master_token="secret"), [path])
+    assert path.stat().st_mode & 0o777 == 0o600
+    state = DevState.from_document(orjson.loads(path.read_bytes()))
+    assert state is not None and state.master_token == "secret"

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import orjson
 
+from pyworker.commands.devstate import find_state
 from pyworker.commands.routing import (
     DataError,
     NoAutoscaler,
@@ -192,7 +193,9 @@ async def _say_unknown_route(
 ) -> None:
     """After a 404: name the worker's routes, unless the route is one (the model's 404)."""
     base = str(auth_data["url"]).rstrip("/")
-    routes = await worker_routes(session, base)
+    state = await asyncio.to_thread(find_state)
+    own = state is not None and state.worker_url.rstrip("/") == base
+    routes = await worker_routes(session, base, state.master_token if own and state else "")
     if routes is not None and route in routes:
         return  # a route of the worker: the 404 is the model server's own
     if routes:
@@ -202,11 +205,15 @@ async def _say_unknown_route(
     await _say(f"pyworker call: the worker has no route {route}; {named}")
 
 
-async def worker_routes(session: aiohttp.ClientSession, base: str) -> list[str] | None:
-    """The routes a worker serves, from its `/status`; None when it does not say."""
+async def worker_routes(
+    session: aiohttp.ClientSession, base: str, token: str = ""
+) -> list[str] | None:
+    """The routes a worker serves, from its `/status` (details need its MASTER_TOKEN); None
+    when it does not say."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with session.get(
-            base + "/status", timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT)
+            base + "/status", headers=headers, timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT)
         ) as response:
             document = orjson.loads(await response.read())
     except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):

@@ -655,6 +655,7 @@ class DevSession:
             dataset_file=plan.dataset_file,
             children=self.children.pids,
             ready=ready,
+            master_token=self.master_token,
         )
         write_state(state, self.paths)
 

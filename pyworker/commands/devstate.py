@@ -38,6 +38,9 @@ class DevState:
     """The worker's benchmark dataset, if it has a file: `load` cycles through it."""
     children: dict[str, int] = field(default_factory=dict)
     ready: bool = False
+    master_token: str = ""
+    """The dev worker's MASTER_TOKEN, so `call` can read its routes from `/status`: the file is
+    written readable by its owner only."""
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
@@ -67,6 +70,7 @@ class DevState:
                 if isinstance(value, int)
             },
             ready=document.get("ready") is True,
+            master_token=_text(document.get("master_token")),
         )
 
 
@@ -130,7 +134,9 @@ def write_state(state: DevState, paths: Iterable[Path]) -> None:
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            temporary.write_bytes(data)
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
             os.replace(temporary, path)
 
 
