@@ -184,7 +184,9 @@ def available_workers() -> list[str]:
             for entry in entries
             if entry.is_dir() and any((entry / name).is_file() for name in CONFIG_FILES)
         )
-    return sorted(names)
+    # `comfyui_json` is the importable twin of the backend name `comfyui-json`: list the one
+    # users type.
+    return sorted(name for name in names if name.replace("_", "-") not in names - {name})
 
 
 def not_found_message(name: str) -> str:

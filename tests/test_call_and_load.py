@@ -453,7 +453,7 @@ def test_the_dev_worker_verifies_strictly_and_refuses_a_replay(dev: DevRun) -> N
 
 def test_the_dev_state_keeps_the_worker_token_readable_by_its_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "dev.json"
-    write_state(DevState(pid=1, autoscaler="http://127.0.0.1:1", master_token="secret"), [path])
+    write_state(DevState(1, "http://127.0.0.1:1", "hello_world", master_token="secret"), [path])
     assert path.stat().st_mode & 0o777 == 0o600
     state = DevState.from_document(orjson.loads(path.read_bytes()))
     assert state is not None and state.master_token == "secret"
