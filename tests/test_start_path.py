@@ -508,7 +508,7 @@ def test_pip_and_uv_refuse_pyworker_on_python_3_9(
     assert done.returncode != 0
     refusal = " ".join((done.stdout + done.stderr).split())
     if installer == "uv":
-        assert "Python>=3.10" in refusal, refusal
+        assert "pyworker==0.1.0 requires Python >=3.10" in refusal, refusal
     else:
         assert "Package 'pyworker' requires a different Python: 3.9" in refusal, refusal
 
