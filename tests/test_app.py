@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from pyworker.accounting import Outcome
+from pyworker.state import WorkerState
 from tests.conftest import KeyPair, ModelServer, RunningWorker, WorkerFactory, wait_until
 
 
@@ -256,6 +257,8 @@ async def test_not_ready_is_503_with_retry_after(
     worker = await start_worker(
         model_server={"base_url": model_server.url, "health_path": "/health"}, wait_ready=False
     )
+    # past the GPU check, waiting for the model server's health
+    await wait_until(lambda: worker.worker.status.state is WorkerState.LOADING)
     await wait_until(lambda: worker.worker.verifier.has_key)
     async with worker.post("/echo", envelope(keypair)) as response:
         assert response.status == 503

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import shutil
 import socket
@@ -27,12 +28,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from packaging.requirements import Requirement
 
 from pyworker.demo.model_server import DemoSettings
 from pyworker.demo.model_server import create_app as create_demo_app
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
-from tests.support.wheelhouse import build_wheelhouse
+from tests.support.wheelhouse import build_wheelhouse, stub_wheel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -445,3 +447,86 @@ async def test_template_repository_worker_py_runs_with_python_m_worker(
     # pyworker came from the pinned commit, installed into the venv, not from a folder nearby
     where = workspace.run("python3", "-c", "import pyworker; print(pyworker.__file__)")
     assert where.strip().startswith(str(workspace.venv))
+
+
+# --- an unsupported Python ---------------------------------------------------------------------
+
+
+def python_3_9() -> str:
+    """A Python 3.9 of this machine (PATH or pyenv); the test skips without one."""
+    candidates = [shutil.which("python3.9") or ""]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    candidates += sorted(str(path) for path in pyenv_root.glob("versions/3.9.*/bin/python3.9"))
+    for candidate in filter(None, candidates):
+        done = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0 and done.stdout.strip() == "(3, 9)":
+            return candidate
+    pytest.skip("no Python 3.9 on this machine")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("installer", ["pip", "uv"])
+def test_pip_and_uv_refuse_pyworker_on_python_3_9(
+    tmp_path: Path, origin: Path, wheelhouse: Path, installer: str
+) -> None:
+    """A template's requirements.txt (pyworker pinned) on Python 3.9: the installer's own no."""
+    python = python_3_9()
+    wheels = pyworker_wheel(origin, wheelhouse, tmp_path / "pyworker-wheel")
+    # PyPI has pyworker's dependencies for 3.9; stand-ins let the resolver get that far
+    for line in requirement_lines(ROOT / "requirements.txt"):
+        name = Requirement(line).name
+        stub_wheel(name, importlib.metadata.version(name), wheels)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("pyworker==0.1.0\n")
+    venv = tmp_path / "worker-env"
+    environ = clean_environ() | {
+        "PIP_CONFIG_FILE": os.devnull,
+        "UV_CACHE_DIR": str(tmp_path / "uv-cache"),
+    }
+    offline = ["--no-index", "--find-links", str(wheels)]
+    if installer == "uv":
+        if UV is None:
+            pytest.skip("uv is not installed")
+        subprocess.run([UV, "venv", "-q", "--python", python, str(venv)], env=environ, check=True)
+        command = [UV, "pip", "install", "--python", str(venv / "bin" / "python"), "--offline"]
+    else:
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        command = [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check"]
+    done = subprocess.run(
+        [*command, *offline, "-r", str(requirements)],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode != 0
+    refusal = " ".join((done.stdout + done.stderr).split())
+    if installer == "uv":
+        assert "pyworker==0.1.0 requires Python >=3.10" in refusal, refusal
+    else:
+        assert "Package 'pyworker' requires a different Python: 3.9" in refusal, refusal
+
+
+def test_a_clone_run_in_place_on_python_3_9_says_which_python_it_needs(tmp_path: Path) -> None:
+    """pyworker's own requirements.txt has no pyworker line to refuse; the clone says it."""
+    python = python_3_9()
+    done = subprocess.run(
+        [python, "-m", "workers.hello_world.worker"],
+        cwd=ROOT,
+        env=clean_environ(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(
+        "pyworker needs Python 3.10 or newer; this is Python " + done.stderr.split()[-1]
+    )
+    assert "Traceback" not in done.stderr

@@ -83,3 +83,29 @@ def rebuild_wheel(distribution: importlib.metadata.Distribution, folder: Path) -
         record.append(f"{record_name},,")
         archive.writestr(record_name, "\n".join(record) + "\n")
     return wheel
+
+
+def stub_wheel(name: str, version: str, folder: Path) -> Path:
+    """An empty pure-Python wheel that satisfies `name==version` and needs nothing.
+
+    For a resolver that must get past a package's dependencies to reach the check under test
+    (an installer on a Python the real wheels were not built for)."""
+    stem = f"{canonicalize_name(name).replace('-', '_')}-{version}"
+    files = {
+        f"{stem}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{stem}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{stem}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        record = []
+        for path, text in files.items():
+            data = text.encode()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            record.append(f"{path},sha256={digest.decode()},{len(data)}")
+            archive.writestr(path, data)
+        record.append(f"{stem}.dist-info/RECORD,,")
+        archive.writestr(f"{stem}.dist-info/RECORD", "\n".join(record) + "\n")
+    return wheel
