@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import KeyPair
+from tests.conftest import MASTER_TOKEN, OPERATOR_HEADERS, KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.llama import (
     Process,
@@ -75,7 +75,7 @@ def worker_environ(server: Process, autoscaler: FakeAutoscaler, folder: Path) ->
         "BENCHMARK_ROUTE": EMBEDDINGS,
         "REPORT_ADDR": autoscaler.url,
         "CONTAINER_ID": "5",
-        "MASTER_TOKEN": "token",
+        "MASTER_TOKEN": MASTER_TOKEN,
         "UNSECURED": "false",
         "PYWORKER_CACHE_DIR": str(folder / "cache"),
     }
@@ -103,7 +103,7 @@ async def test_the_embeddings_benchmark_counts_tokens_from_usage_and_requests_pa
         try:
             ready = await wait_report(autoscaler, lambda r: r["max_perf"] > 0)
             assert ready["error_msg"] == ""
-            async with session.get(worker.url + "/status") as response:
+            async with session.get(worker.url + "/status", headers=OPERATOR_HEADERS) as response:
                 status = await response.json()
             assert ready["max_perf"] == pytest.approx(status["benchmark"]["perf"])
 

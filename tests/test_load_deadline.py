@@ -24,7 +24,7 @@ from pyworker.environment import Environment, InvalidEnvironment
 from pyworker.gpu import GpuMonitor
 from pyworker.load_deadline import LoadDeadline, never_loaded_message
 from pyworker.state import WorkerState
-from tests.conftest import KeyPair, wait_until
+from tests.conftest import MASTER_TOKEN, OPERATOR_HEADERS, KeyPair, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.logging_model_server import LOADED_LINE
@@ -67,6 +67,7 @@ class Scene:
             PYWORKER_CACHE_DIR=str(self.tmp_path / "cache"),
             PYTHONPATH=str(REPOSITORY),
             WORKER_HOST="127.0.0.1",
+            MASTER_TOKEN=MASTER_TOKEN,
         )
         environ.update(variables)
         return environ
@@ -91,7 +92,7 @@ class Scene:
             return count
 
     async def ready_state(self, url: str) -> tuple[int, dict[str, Any]]:
-        async with self.session.get(url + "/ready") as response:
+        async with self.session.get(url + "/ready", headers=OPERATOR_HEADERS) as response:
             return response.status, await response.json(content_type=None)
 
     async def wait_report(
