@@ -33,7 +33,10 @@ def update_handler(environment: Environment) -> Callable[[web.Request], Awaitabl
     async def update(request: web.Request) -> web.Response:
         if expected is None:
             return error_response(403, "updates are disabled: MASTER_TOKEN is not set")
-        given = bearer_token(request.headers.get("Authorization", "")).encode()
+        # Header bytes that are not UTF-8 reach us as surrogates: any str encodes this way.
+        given = bearer_token(request.headers.get("Authorization", "")).encode(
+            "utf-8", "surrogatepass"
+        )
         if not hmac.compare_digest(given, expected):
             return json_response(401, {"error": "invalid token"}, {"WWW-Authenticate": "Bearer"})
         try:

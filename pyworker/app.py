@@ -28,6 +28,7 @@ from pyworker.drain import DrainHook
 from pyworker.envelope import EnvelopeError, parse_envelope
 from pyworker.environment import Environment
 from pyworker.gpu import GpuMonitor
+from pyworker.http_errors import expect_handler, json_errors
 from pyworker.inflight import InFlight
 from pyworker.limits import body_deadline
 from pyworker.metrics import RequestMetrics
@@ -45,6 +46,7 @@ from pyworker.sessions import SessionStore
 from pyworker.state import WorkerStatus
 from pyworker.strict import StrictVerifier
 from pyworker.upstream import ClientGone, ModelClient, UpstreamError
+from pyworker.workload import WorkloadError
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +103,17 @@ class Worker:
     def create_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.config.max_body_size,
-            middlewares=[body_deadline(self.environment.body_timeout)],
+            middlewares=[json_errors, body_deadline(self.environment.body_timeout)],
         )
+        expect = expect_handler(self.config.max_body_size)
         for route in self.config.routes:
-            app.router.add_post(route.path, self.route_handler(route))
+            app.router.add_post(route.path, self.route_handler(route), expect_handler=expect)
         app.router.add_get("/health", self.health)
         register_observability_routes(app, self)
         SessionRoutes(self).register(app)
-        app.router.add_post(UPDATE_PATH, update_handler(self.environment))
+        app.router.add_post(
+            UPDATE_PATH, update_handler(self.environment), expect_handler=expect_handler(1024)
+        )
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -180,16 +185,20 @@ class Worker:
                     return error_response(410, "invalid session")
             if (refused := not_ready_refusal(status)) is not None:
                 return refused
-            payload = envelope.payload
+            payload, forwarded = envelope.payload, envelope.payload_bytes
             if route.request_hook is not None:
                 try:
                     payload = await _call(route.request_hook, payload)
+                    forwarded = orjson.dumps(payload)
                 except ValueError as error:
                     return error_response(422, f"invalid payload: {error}")
                 except Exception:
                     logger.exception("request hook of %s failed", route.path)
                     return error_response(500, "the worker's request hook failed")
-            workload = route.compute_workload(payload, auth.cost)
+            try:
+                workload = route.compute_workload(payload, auth.cost)
+            except WorkloadError as error:
+                return json_response(422, {"error": "invalid request", **error.fields()})
             refusal = gate.refuse(workload, status.max_perf)
             if refusal is not None:
                 ledger.reject(auth.request_idx, route.path, workload, 429)
@@ -209,7 +218,7 @@ class Worker:
                         relayed = await self.model.relay(
                             request,
                             route.model_path,
-                            orjson.dumps(payload),
+                            forwarded,
                             route.read_timeout,
                             route.response_hook,
                         )

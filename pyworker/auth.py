@@ -30,18 +30,30 @@ from pydantic import (
     field_validator,
 )
 
+from pyworker.workload import MAX_WORKLOAD
+
 logger = logging.getLogger(__name__)
 
 
+MAX_INDEX = 2**63 - 1
+"""The largest `request_idx` or `reqnum`: what a signed 64-bit integer, and so every report
+and every JSON encoder on the way, can carry."""
+
+
 class AuthData(BaseModel):
-    """The autoscaler's answer to `/route/`, passed through by the client. Extra keys ignored."""
+    """The autoscaler's answer to `/route/`, passed through by the client. Extra keys ignored.
+
+    Numbers are checked here, where they enter, against what the wire protocol can carry (a
+    number sent as a string is accepted, as by the reference; a boolean is not a number), so
+    nothing downstream (accounting, reports, /status) can fail on one.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    cost: float = Field(ge=0, allow_inf_nan=False)
+    cost: float = Field(ge=0, le=MAX_WORKLOAD, allow_inf_nan=False)
     endpoint: str
-    reqnum: int
-    request_idx: int
+    reqnum: int = Field(ge=0, le=MAX_INDEX)
+    request_idx: int = Field(ge=0, le=MAX_INDEX)
     signature: str
     url: str
     # Strict mode only (pyworker.strict). A value of the wrong type is ignored like an unknown
@@ -49,6 +61,13 @@ class AuthData(BaseModel):
     expires: float | None = Field(default=None, allow_inf_nan=False)
     sig_v: int | None = None
     strict_signature: str | None = None
+
+    @field_validator("cost", "reqnum", "request_idx", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
 
     @field_validator("expires", "sig_v", "strict_signature", mode="wrap")
     @classmethod

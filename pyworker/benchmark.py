@@ -25,6 +25,7 @@ import orjson
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
 from pyworker.connection_pool import ConnectFailed
 from pyworker.upstream import ModelClient
+from pyworker.workload import WorkloadError
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,11 @@ class Benchmark:
         if status >= 400:
             logger.warning("benchmark request answered HTTP %d", status)
             return None
-        requested = self.route.compute_workload(payload, cost=self.route.default_workload)
+        try:
+            requested = self.route.compute_workload(payload, cost=self.route.default_workload)
+        except WorkloadError as error:
+            logger.warning("benchmark payload has no usable workload: %s", error.fields())
+            return None
         hook = self.route.produced_work
         if hook is None:
             return requested

@@ -15,6 +15,8 @@ from typing import Any, Literal, NamedTuple, TypeAlias
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pyworker.workload import MAX_WORKLOAD, WorkloadError, check_workload
+
 logger = logging.getLogger(__name__)
 
 JSONObject: TypeAlias = dict[str, Any]
@@ -108,6 +110,10 @@ class RouteConfig(_Model):
     max_queue_time: float | None = Field(default=None, gt=0)
     workload: float | str | WorkloadFunction = 1.0
     default_workload: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    max_workload: float = Field(default=MAX_WORKLOAD, gt=0, le=MAX_WORKLOAD)
+    """The most workload one request may carry on this route: a request whose workload (from
+    its payload field, the workload function, or its `cost`) is over it, negative, not finite
+    or not a number is refused with 422 naming the field (docs/input.md)."""
     read_timeout: float | None = Field(default=600.0, gt=0)
     request_hook: RequestHook | None = None
     response_hook: ResponseHook | None = None
@@ -133,6 +139,14 @@ class RouteConfig(_Model):
             raise ValueError("must name a payload field, or be 'cost'")
         return value
 
+    @model_validator(mode="after")
+    def _within_cap(self) -> RouteConfig:
+        for name in ("workload", "default_workload"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value > self.max_workload:
+                raise ValueError(f"{name} {value:g} is over max_workload {self.max_workload:g}")
+        return self
+
     @property
     def model_path(self) -> str:
         return self.upstream_path or self.path
@@ -142,25 +156,40 @@ class RouteConfig(_Model):
         return 1 if self.fifo else self.max_concurrency
 
     def compute_workload(self, payload: JSONObject, cost: float) -> float:
-        """The request's workload; falls back to `default_workload` on anything unusable."""
+        """The request's workload; WorkloadError when the client's numbers make it unusable.
+
+        A payload field that is missing or null, or a workload function that raises or
+        returns None, gives `default_workload`. A value that is there but is not a finite
+        number from 0 to `max_workload` is refused (booleans are not numbers).
+        """
         rule = self.workload
-        value: object
+        cap = self.max_workload
         if isinstance(rule, float):
             return rule
         if isinstance(rule, str):
             if rule == "cost":
-                return cost
+                return _checked(cost, cap, "auth_data", "cost")
             value = _lookup(payload, rule)
-        else:
-            try:
-                value = rule(payload)
-            except Exception:
-                logger.warning("workload function of %s raised; using the default", self.path)
+            if value is None:
                 return self.default_workload
-        if isinstance(value, bool) or not isinstance(value, int | float):
+            return _checked(value, cap, "payload", rule)
+        try:
+            value = rule(payload)
+        except Exception:
+            logger.warning("workload function of %s raised; using the default", self.path)
             return self.default_workload
-        number = float(value)
-        return number if math.isfinite(number) and number >= 0 else self.default_workload
+        if value is None:
+            return self.default_workload
+        return _checked(value, cap, "payload", None)
+
+
+def _checked(value: object, cap: float, section: str, field: str | None) -> float:
+    try:
+        return check_workload(value, cap)
+    except ValueError as error:
+        if field is None:
+            raise WorkloadError(f"its workload {error}", section) from None
+        raise WorkloadError(str(error), section, field) from None
 
 
 def _lookup(payload: JSONObject, dotted: str) -> object:

@@ -2,6 +2,9 @@
 
 Every problem is collected and named by field, in the reference's shape
 (`{"auth_data": {"reqnum": "missing parameter"}}`), so a client fixes all of them at once.
+Every number a client controls is checked here, where it enters (pyworker.auth, and the
+workload in pyworker.config), and so is how deeply the payload nests (pyworker.passthrough):
+nothing past this point can fail on what a client sent.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import orjson
 from pydantic import ValidationError
 
 from pyworker.auth import AuthData
+from pyworker.passthrough import TooDeep, payload_bytes
 
 FieldErrors = dict[str, Any]
 
@@ -34,9 +38,15 @@ class Envelope:
     auth: AuthData
     payload: dict[str, Any]
     session_id: str | None
+    payload_bytes: bytes
+    """The payload as the client wrote it: what the model server receives, unless a hook
+    changes the payload."""
+    auth_fields: dict[str, Any]
+    """auth_data as sent, extra keys included: what a session's `session_auth` must equal."""
 
 
-def parse_envelope(body: bytes) -> Envelope:
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The JSON object `body` holds; EnvelopeError when it holds anything else."""
     if not body.strip():
         raise EnvelopeError("request body is empty: expected a JSON object")
     try:
@@ -45,20 +55,31 @@ def parse_envelope(body: bytes) -> Envelope:
         raise EnvelopeError(f"request body is not valid JSON: {error}") from None
     if not isinstance(document, dict):
         raise EnvelopeError("request body must be a JSON object")
+    return document
 
+
+def parse_envelope(body: bytes) -> Envelope:
+    document = parse_object(body)
     fields: FieldErrors = {}
-    auth = _auth_data(document.get("auth_data"), fields)
+    raw_auth = document.get("auth_data")
+    auth = _auth_data(raw_auth, fields)
     payload = document.get("payload")
+    forwarded = b""
     if payload is None:
         fields["payload"] = "missing parameter"
     elif not isinstance(payload, dict):
         fields["payload"] = "must be a JSON object"
+    else:
+        try:
+            forwarded = payload_bytes(body, payload)
+        except TooDeep as error:
+            fields["payload"] = str(error)
     session_id = document.get("session_id")
     if session_id is not None and not isinstance(session_id, str):
         fields["session_id"] = "must be a string or null"
-    if fields or auth is None or not isinstance(payload, dict):
+    if fields or auth is None or not isinstance(payload, dict) or not isinstance(raw_auth, dict):
         raise EnvelopeError("invalid request", fields)
-    return Envelope(auth=auth, payload=payload, session_id=session_id)
+    return Envelope(auth, payload, session_id, forwarded, raw_auth)
 
 
 def _auth_data(raw: object, fields: FieldErrors) -> AuthData | None:
