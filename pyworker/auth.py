@@ -69,6 +69,11 @@ class AuthData(BaseModel):
             raise ValueError("must be a number, not a boolean")
         return value
 
+    @field_validator("cost")
+    @classmethod
+    def _positive_zero(cls, value: float) -> float:
+        return value + 0.0  # -0.0 is 0
+
     @field_validator("expires", "sig_v", "strict_signature", mode="wrap")
     @classmethod
     def _ignore_invalid(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:

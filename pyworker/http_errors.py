@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from pyworker.responses import error_response, json_response
@@ -41,6 +41,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         for name in KEPT_HEADERS:
             if name in error.headers:
                 response.headers[name] = error.headers[name]
+        return response
+    except (HttpProcessingError, RequestPayloadError):  # e.g. a Content-Encoding that fails
+        response = error_response(400, "malformed request body")
+        response.force_close()
         return response
     except Exception:
         logger.exception("%s %s failed inside the worker", request.method, request.path)

@@ -46,7 +46,7 @@ def check_workload(value: object, cap: float = MAX_WORKLOAD) -> float:
         number = math.inf
     if not (math.isfinite(number) and 0 <= number <= cap):
         raise ValueError(f"must be a finite number from 0 to {cap:g}")
-    return number
+    return number + 0.0  # -0.0 is 0
 
 
 def workload_units(workload: float) -> int:

@@ -615,3 +615,12 @@ async def test_a_payload_a_hook_changed_is_encoded_again(hostile: Hostile) -> No
     body = b'{"auth_data": ' + orjson.dumps(hostile.auth()) + b', "payload": {"x":  1}}'
     assert (await hostile.post("/hooked", body))[0] == 200
     assert hostile.model.bodies("/hooked") == [b'{"x":1,"hooked":true}']
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "x-unknown"])
+async def test_a_body_that_does_not_decode_is_a_json_4xx(hostile: Hostile, encoding: str) -> None:
+    body = b"this is not " + encoding.encode() + b" at all" * 50
+    status, answer = await hostile.post("/echo", body, headers={"Content-Encoding": encoding})
+    assert 400 <= status < 500 and "error" in answer, (status, answer)
+    assert hostile.model.received == []
+    await hostile.serves_a_valid_request()
