@@ -2,12 +2,13 @@
 
 Parsing and writing the payload again would change it: orjson reads an integer beyond 64 bits
 as a float, and writes numbers, escapes and spacing its own way. So the worker forwards the
-payload's own slice of the request body. Finding that slice costs almost nothing in the usual
-case: the payload written back by orjson (what compact clients send) or by Python's `json`
-(what `requests` and `aiohttp` send) is looked up in the body, right after a `"payload":`
-key. Only when neither is there (pretty-printed bodies, integers beyond 64 bits, other
-spellings) is the body's top level walked with the standard library's C scanner, which
-reports where each value ends.
+payload's own slice of the request body. Finding that slice costs about one more parse of the
+payload in the usual cases: the payload as orjson writes it (what compact clients send) is
+looked up right after a `"payload":` key; else, when the payload is the body's last member
+(as the vastai client and most others send it, spaced or pretty-printed), the text from that
+key to the closing brace is taken if it parses to the same payload. Only when neither holds
+is the body's top level walked with the standard library's C scanner, which reports where
+each value ends.
 
 A payload nested deeper than orjson can write (`MAX_DEPTH`) is refused by the caller with 422:
 such a payload could not go through a request hook, a session or a log line either.
@@ -24,6 +25,7 @@ MAX_DEPTH: Final = 254
 """Levels of nesting a payload may have: the most orjson can write back."""
 PAYLOAD_KEY = b'"payload"'
 WHITESPACE = b" \t\r\n"
+SPACES = frozenset((b" ", b"\t", b"\r", b"\n"))
 LOOKUPS = 4
 """Places where an encoding of the payload is tried before walking the body instead."""
 _DECODER = json.JSONDecoder()
@@ -51,9 +53,9 @@ def payload_bytes(body: bytes, payload: dict[str, Any]) -> bytes:
     compact = encodable(payload)
     if _is_payload_member(body, compact):
         return compact
-    python_style = json.dumps(payload).encode()
-    if _is_payload_member(body, python_style):
-        return python_style
+    last = _last_member(body, payload)
+    if last is not None:
+        return last
     return _scanned_payload(body)
 
 
@@ -68,6 +70,47 @@ def _is_payload_member(body: bytes, encoded: bytes) -> bool:
             return True
         start = body.find(encoded, start + 1)
     return False
+
+
+def _last_member(body: bytes, payload: dict[str, Any]) -> bytes | None:
+    """The text after a `"payload":` key up to the body's closing brace, if it is the payload.
+
+    A slice that parses is one whole JSON value, so it is the payload member's value when it
+    also equals the payload orjson parsed (duplicate keys included: orjson keeps the last).
+    """
+    view = memoryview(body)
+    closing = _skip_back(body, len(body)) - 1  # the body's own closing brace
+    key = body.find(PAYLOAD_KEY)
+    for _ in range(LOOKUPS):
+        if key < 0:
+            return None
+        position = _skip_ahead(body, key + len(PAYLOAD_KEY))
+        key = body.find(PAYLOAD_KEY, key + 1)
+        if body[position : position + 1] != b":":
+            continue
+        start = _skip_ahead(body, position + 1)
+        end = _skip_back(body, closing)
+        if start >= end or body[start : start + 1] != b"{":
+            continue
+        try:
+            if orjson.loads(view[start:end]) == payload:
+                return bytes(view[start:end])
+        except orjson.JSONDecodeError:
+            continue
+    return None
+
+
+def _skip_ahead(body: bytes, position: int) -> int:
+    while body[position : position + 1] in SPACES:
+        position += 1
+    return position
+
+
+def _skip_back(body: bytes, end: int) -> int:
+    """The end of `body[:end]` without its trailing whitespace."""
+    while end > 0 and body[end - 1 : end] in SPACES:
+        end -= 1
+    return end
 
 
 def _scanned_payload(body: bytes) -> bytes:
