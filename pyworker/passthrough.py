@@ -27,7 +27,7 @@ PAYLOAD_KEY = b'"payload"'
 WHITESPACE = b" \t\r\n"
 SPACES = frozenset((b" ", b"\t", b"\r", b"\n"))
 LOOKUPS = 4
-"""Places where an encoding of the payload is tried before walking the body instead."""
+"""`"payload"` keys tried before walking the body instead."""
 _DECODER = json.JSONDecoder()
 _scan_string = json.decoder.scanstring  # type: ignore[attr-defined]  # C, in every CPython
 
@@ -51,32 +51,16 @@ def payload_bytes(body: bytes, payload: dict[str, Any]) -> bytes:
     known to be valid JSON. TooDeep if the payload nests more than `MAX_DEPTH` levels.
     """
     compact = encodable(payload)
-    if _is_payload_member(body, compact):
-        return compact
-    last = _last_member(body, payload)
-    if last is not None:
-        return last
-    return _scanned_payload(body)
+    found = _payload_member(body, payload, compact)
+    return found if found is not None else _scanned_payload(body)
 
 
-def _is_payload_member(body: bytes, encoded: bytes) -> bool:
-    """Whether `encoded` appears in `body` as the value of a `"payload"` key."""
-    start = body.find(encoded)
-    for _ in range(LOOKUPS):
-        if start < 0:
-            return False
-        before = body[max(0, start - 64) : start].rstrip(WHITESPACE)
-        if before.endswith(b":") and before[:-1].rstrip(WHITESPACE).endswith(PAYLOAD_KEY):
-            return True
-        start = body.find(encoded, start + 1)
-    return False
+def _payload_member(body: bytes, payload: dict[str, Any], compact: bytes) -> bytes | None:
+    """The value after a `"payload":` key, when it is cheap to prove it is the payload.
 
-
-def _last_member(body: bytes, payload: dict[str, Any]) -> bytes | None:
-    """The text after a `"payload":` key up to the body's closing brace, if it is the payload.
-
-    A slice that parses is one whole JSON value, so it is the payload member's value when it
-    also equals the payload orjson parsed (duplicate keys included: orjson keeps the last).
+    It is when it starts with the payload as orjson writes it (a whole JSON object ends where
+    its text does), or when the text from there to the body's closing brace parses to the
+    payload (a slice that parses is one whole value; duplicate keys: orjson keeps the last).
     """
     view = memoryview(body)
     closing = _skip_back(body, len(body)) - 1  # the body's own closing brace
@@ -89,6 +73,8 @@ def _last_member(body: bytes, payload: dict[str, Any]) -> bytes | None:
         if body[position : position + 1] != b":":
             continue
         start = _skip_ahead(body, position + 1)
+        if body.startswith(compact, start):
+            return compact
         end = _skip_back(body, closing)
         if start >= end or body[start : start + 1] != b"{":
             continue
