@@ -15,10 +15,11 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from pyworker.auth import AuthData
+from pyworker.auth import NUMBER_FIELDS, AuthData
 from pyworker.passthrough import TooDeep, payload_bytes
 
 FieldErrors = dict[str, Any]
+BOOLEAN = "must be a number, not a boolean"
 
 
 class EnvelopeError(ValueError):
@@ -89,11 +90,16 @@ def _auth_data(raw: object, fields: FieldErrors) -> AuthData | None:
     if not isinstance(raw, dict):
         fields["auth_data"] = "must be a JSON object"
         return None
+    booleans = {name: BOOLEAN for name in NUMBER_FIELDS if type(raw.get(name)) is bool}
     try:
-        return AuthData.model_validate(raw)
+        auth = AuthData.model_validate(raw)
     except ValidationError as error:
-        fields["auth_data"] = describe_errors(error)
+        fields["auth_data"] = describe_errors(error) | booleans
         return None
+    if booleans:
+        fields["auth_data"] = booleans
+        return None
+    return auth
 
 
 def describe_errors(error: ValidationError) -> dict[str, str]:
