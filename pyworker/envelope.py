@@ -34,7 +34,7 @@ class EnvelopeError(ValueError):
         return {"error": self.message, **self.fields}
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Envelope:
     auth: AuthData
     payload: dict[str, Any]
@@ -90,7 +90,7 @@ def _auth_data(raw: object, fields: FieldErrors) -> AuthData | None:
     if not isinstance(raw, dict):
         fields["auth_data"] = "must be a JSON object"
         return None
-    booleans = {name: BOOLEAN for name in NUMBER_FIELDS if type(raw.get(name)) is bool}
+    booleans = _booleans(raw)
     try:
         auth = AuthData.model_validate(raw)
     except ValidationError as error:
@@ -100,6 +100,16 @@ def _auth_data(raw: object, fields: FieldErrors) -> AuthData | None:
         fields["auth_data"] = booleans
         return None
     return auth
+
+
+def _booleans(auth: dict[str, Any]) -> dict[str, str]:
+    """The number fields that hold a boolean: pydantic would read `true` as 1."""
+    get = auth.get
+    if not (
+        type(get("cost")) is bool or type(get("reqnum")) is bool or type(get("request_idx")) is bool
+    ):
+        return {}
+    return {name: BOOLEAN for name in NUMBER_FIELDS if type(get(name)) is bool}
 
 
 def describe_errors(error: ValidationError) -> dict[str, str]:

@@ -17,14 +17,15 @@ such a payload could not go through a request hook, a session or a log line eith
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 import orjson
 
 MAX_DEPTH: Final = 254
 """Levels of nesting a payload may have: the most orjson can write back."""
-PAYLOAD_KEY = b'"payload"'
-WHITESPACE = b" \t\r\n"
+PAYLOAD_KEY = re.compile(rb'"payload"[ \t\r\n]*:[ \t\r\n]*')
+"""A `payload` key and its colon; the value starts where the match ends."""
 SPACES = frozenset((b" ", b"\t", b"\r", b"\n"))
 LOOKUPS = 4
 """`"payload"` keys tried before walking the body instead."""
@@ -62,34 +63,24 @@ def _payload_member(body: bytes, payload: dict[str, Any], compact: bytes) -> byt
     its text does), or when the text from there to the body's closing brace parses to the
     payload (a slice that parses is one whole value; duplicate keys: orjson keeps the last).
     """
-    view = memoryview(body)
-    closing = _skip_back(body, len(body)) - 1  # the body's own closing brace
-    key = body.find(PAYLOAD_KEY)
+    position = 0
     for _ in range(LOOKUPS):
-        if key < 0:
+        key = PAYLOAD_KEY.search(body, position)
+        if key is None:
             return None
-        position = _skip_ahead(body, key + len(PAYLOAD_KEY))
-        key = body.find(PAYLOAD_KEY, key + 1)
-        if body[position : position + 1] != b":":
-            continue
-        start = _skip_ahead(body, position + 1)
+        start = position = key.end()
         if body.startswith(compact, start):
             return compact
-        end = _skip_back(body, closing)
+        end = _skip_back(body, _skip_back(body, len(body)) - 1)  # before the closing brace
         if start >= end or body[start : start + 1] != b"{":
             continue
+        view = memoryview(body)[start:end]
         try:
-            if orjson.loads(view[start:end]) == payload:
-                return bytes(view[start:end])
+            if orjson.loads(view) == payload:
+                return bytes(view)
         except orjson.JSONDecodeError:
             continue
     return None
-
-
-def _skip_ahead(body: bytes, position: int) -> int:
-    while body[position : position + 1] in SPACES:
-        position += 1
-    return position
 
 
 def _skip_back(body: bytes, end: int) -> int:
