@@ -92,7 +92,7 @@ class SessionRoutes:
         try:
             envelope = parse_envelope(body)
             options = _options(envelope.payload, self.store.config.max_lifetime)
-            encodable(envelope.auth_fields)  # /session/get answers with it
+            encodable([envelope.auth_fields])  # /session/get answers with it, one level down
         except EnvelopeError as error:
             return json_response(422, error.body())
         except TooDeep as error:

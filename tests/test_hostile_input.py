@@ -429,6 +429,14 @@ async def test_deep_session_fields_are_422_and_session_routes_keep_answering(
         "/session/create", {"auth_data": hostile.auth(extra=nested(300)), "payload": {}}
     )
     assert status == 422 and "auth_data" in answer
+    for depth in range(MAX_DEPTH - 4, MAX_DEPTH + 1):  # at the limit: refused, or described
+        auth = hostile.auth(extra=nested(depth))
+        status, created = await hostile.post("/session/create", {"auth_data": auth, "payload": {}})
+        if status == 201:
+            query = {"session_id": created["session_id"], "session_auth": auth}
+            assert (await hostile.post("/session/get", query))[0] == 200, depth
+        else:
+            assert status == 422, (depth, created)
     auth = hostile.auth()
     payload = {"on_close_route": "/closed", "on_close_payload": {"deep": nested(200)}}
     status, created = await hostile.post("/session/create", {"auth_data": auth, "payload": payload})
