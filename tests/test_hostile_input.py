@@ -181,7 +181,7 @@ class Hostile:
             while True:
                 try:
                     chunk = await asyncio.wait_for(reader.read(65536), 2.0)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # noqa: UP041 (not the builtin one on Python 3.10)
                     break
                 if not chunk:
                     break
