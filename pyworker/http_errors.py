@@ -66,15 +66,15 @@ def expect_handler(max_body: int) -> ExpectHandler:
             return None
         expectation = request.headers.get("Expect", "")
         if expectation.lower() != "100-continue":
-            return error_response(417, "only Expect: 100-continue is understood")
-        length = request.content_length
-        if length is not None and length > max_body:
-            response = error_response(413, f"request body over {max_body} bytes")
-            response.force_close()  # the client may send the body anyway: do not read it
-            return response
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim answer is not the answer
-        return None
+            refusal = error_response(417, "only Expect: 100-continue is understood")
+        elif request.content_length is not None and request.content_length > max_body:
+            refusal = error_response(413, f"request body over {max_body} bytes")
+        else:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the interim answer is not the answer
+            return None
+        refusal.force_close()  # the client may send the body anyway: do not wait for it
+        return refusal
 
     return expect
 
