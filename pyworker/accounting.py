@@ -1,7 +1,8 @@
 """Per-request accounting: what `/worker_status/` and `/delete_requests/` need, in bounded space.
 
 Only requests that passed the signature check enter the ledger, so nobody without a valid
-auth_data can change the load or the request ids the worker reports.
+auth_data can change the load or the request ids the worker reports. Loads are summed in exact
+integer units (pyworker.workload), so they never drift below zero or away from it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from pyworker.backports import StrEnum
+from pyworker.workload import WorkloadTotal, units_to_workload, workload_units
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +56,26 @@ class RequestRecord:
 
 @dataclass(slots=True)
 class Interval:
-    """Counters since the last successful status report."""
+    """Counters since the last successful status report; loads in exact units."""
 
-    new_load: float = 0.0
-    rejected_load: float = 0.0
-    served_load: float = 0.0
+    new_units: int = 0
+    rejected_units: int = 0
+    served_units: int = 0
     received: int = 0
     by_outcome: dict[Outcome, int] = field(default_factory=dict)
+
+    @property
+    def new_load(self) -> float:
+        """Workload received minus cancelled (negative when more was cancelled than came)."""
+        return units_to_workload(self.new_units)
+
+    @property
+    def rejected_load(self) -> float:
+        return units_to_workload(self.rejected_units)
+
+    @property
+    def served_load(self) -> float:
+        return units_to_workload(self.served_units)
 
 
 class Ledger:
@@ -76,7 +91,7 @@ class Ledger:
         self._finished: deque[RequestRecord] = deque(maxlen=max_finished)
         self._serials = itertools.count(1)
         self._interval = Interval()
-        self.current_load = 0.0
+        self._current = WorkloadTotal()
         self.dropped_finished = 0
         self.totals: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
 
@@ -86,8 +101,8 @@ class Ledger:
             request_idx, route, workload, time.time(), serial=next(self._serials)
         )
         self._in_progress[record.serial] = record
-        self.current_load += workload
-        self._interval.new_load += workload
+        self._current.add(workload)
+        self._interval.new_units += workload_units(workload)
         self._interval.received += 1
         return record
 
@@ -97,11 +112,11 @@ class Ledger:
     def finish(self, record: RequestRecord, outcome: Outcome, status: int) -> None:
         if self._in_progress.pop(record.serial, None) is None:
             return  # already finished: each request is accounted once
-        self.current_load = max(self.current_load - record.workload, 0.0)
+        self._current.remove(record.workload)
         if outcome is Outcome.CANCELLED:
-            self._interval.new_load -= record.workload
+            self._interval.new_units -= workload_units(record.workload)
         elif outcome is Outcome.SUCCESS:
-            self._interval.served_load += record.workload
+            self._interval.served_units += workload_units(record.workload)
         self._close(record, outcome, status)
 
     def reject(self, request_idx: int, route: str, workload: float, status: int) -> None:
@@ -109,7 +124,7 @@ class Ledger:
         record = RequestRecord(
             request_idx, route, workload, time.time(), serial=next(self._serials)
         )
-        self._interval.rejected_load += workload
+        self._interval.rejected_units += workload_units(workload)
         self._interval.received += 1
         self._close(record, Outcome.REJECTED, status)
 
@@ -128,6 +143,11 @@ class Ledger:
 
     # --- what the reporter reads ------------------------------------------------------
     @property
+    def current_load(self) -> float:
+        """Workload of the requests and sessions in progress; exactly 0 when none is."""
+        return self._current.value
+
+    @property
     def in_progress(self) -> int:
         return len(self._in_progress)
 
@@ -141,9 +161,9 @@ class Ledger:
     def commit_interval(self, sent: Interval) -> None:
         """Subtract what was reported, keeping what arrived while the report was in flight."""
         current = self._interval
-        current.new_load -= sent.new_load
-        current.rejected_load -= sent.rejected_load
-        current.served_load -= sent.served_load
+        current.new_units -= sent.new_units
+        current.rejected_units -= sent.rejected_units
+        current.served_units -= sent.served_units
         current.received -= sent.received
         for outcome, count in sent.by_outcome.items():
             current.by_outcome[outcome] = current.by_outcome.get(outcome, 0) - count

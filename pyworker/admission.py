@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from pyworker.backports import StrEnum
+from pyworker.workload import WorkloadTotal
 
 
 class Refusal(StrEnum):
@@ -33,8 +34,13 @@ class RouteGate:
         self.max_queue = max_queue
         self.max_queue_time = max_queue_time
         self.active = 0
-        self.workload = 0.0
+        self._load = WorkloadTotal()
         self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def workload(self) -> float:
+        """Workload admitted on this route, running and queued; exactly 0 when none is."""
+        return self._load.value
 
     @property
     def waiting(self) -> int:
@@ -56,7 +62,7 @@ class RouteGate:
 
     @asynccontextmanager
     async def slot(self, workload: float) -> AsyncIterator[None]:
-        self.workload += workload
+        self._load.add(workload)
         try:
             await self._acquire()
             try:
@@ -64,7 +70,7 @@ class RouteGate:
             finally:
                 self._release()
         finally:
-            self.workload -= workload
+            self._load.remove(workload)
 
     async def _acquire(self) -> None:
         if self.limit is None or (self.active < self.limit and not self._waiters):

@@ -23,12 +23,13 @@ from pyworker.accounting import Ledger, Outcome
 from pyworker.admin import UPDATE_PATH, update_handler
 from pyworker.admission import Refusal, RouteGate
 from pyworker.auth import SignatureVerifier, Verifier, fetch_public_key
-from pyworker.config import RouteConfig, WorkerConfig
+from pyworker.config import JSONObject, RouteConfig, WorkerConfig
 from pyworker.drain import DrainHook
 from pyworker.encoded_body import EncodedBody, PayloadRefused
 from pyworker.envelope import EnvelopeError, parse_envelope
 from pyworker.environment import Environment
 from pyworker.gpu import GpuMonitor
+from pyworker.http_errors import expect_handler, json_errors
 from pyworker.inflight import InFlight
 from pyworker.limits import body_deadline
 from pyworker.metrics import RequestMetrics
@@ -46,6 +47,7 @@ from pyworker.sessions import SessionStore
 from pyworker.state import WorkerStatus
 from pyworker.strict import StrictVerifier
 from pyworker.upstream import ClientGone, ModelClient, UpstreamError
+from pyworker.workload import WorkloadError
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +105,17 @@ class Worker:
     def create_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.config.max_body_size,
-            middlewares=[body_deadline(self.environment.body_timeout)],
+            middlewares=[json_errors, body_deadline(self.environment.body_timeout)],
         )
+        expect = expect_handler(self.config.max_body_size)
         for route in self.config.routes:
-            app.router.add_post(route.path, self.route_handler(route))
+            app.router.add_post(route.path, self.route_handler(route), expect_handler=expect)
         app.router.add_get("/health", self.health)
         register_observability_routes(app, self)
         SessionRoutes(self).register(app)
-        app.router.add_post(UPDATE_PATH, update_handler(self.environment))
+        app.router.add_post(
+            UPDATE_PATH, update_handler(self.environment), expect_handler=expect_handler(1024)
+        )
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -175,7 +180,10 @@ class Worker:
             auth = envelope.auth
             session_id = envelope.session_id
             # The auth_data a session was created with is good for that session's requests.
-            bound = session_id is not None and self.sessions.bound(session_id, auth) is not None
+            bound = (
+                session_id is not None
+                and self.sessions.bound(session_id, envelope.auth_fields) is not None
+            )
             if (
                 check_signatures
                 and not bound
@@ -189,10 +197,10 @@ class Worker:
                     return error_response(410, "invalid session")
             if (refused := not_ready_refusal(status)) is not None:
                 return refused
-            payload = envelope.payload
+            payload, forwarded = envelope.payload, envelope.payload_bytes
             if route.request_hook is not None:
                 try:
-                    payload = await _call(route.request_hook, payload)
+                    payload, forwarded = await _apply_request_hook(route, payload, forwarded)
                 except ValueError as error:
                     return error_response(422, f"invalid payload: {error}")
                 except Exception:
@@ -207,7 +215,10 @@ class Worker:
                 except Exception:
                     logger.exception("body encoder of %s failed", route.path)
                     return error_response(500, "the worker's body encoder failed")
-            workload = route.compute_workload(payload, auth.cost)
+            try:
+                workload = route.compute_workload(payload, auth.cost)
+            except WorkloadError as error:
+                return json_response(422, {"error": "invalid request", **error.fields()})
             refusal = gate.refuse(workload, status.max_perf)
             if refusal is not None:
                 ledger.reject(auth.request_idx, route.path, workload, 429)
@@ -227,7 +238,7 @@ class Worker:
                         relayed = await self.model.relay(
                             request,
                             route.model_path,
-                            orjson.dumps(payload) if encoded is None else encoded,
+                            forwarded if encoded is None else encoded,
                             route.read_timeout,
                             route.response_hook,
                         )
@@ -251,6 +262,21 @@ class Worker:
                 ledger.finish(record, outcome, code)
 
         return handle
+
+
+async def _apply_request_hook(
+    route: RouteConfig, payload: JSONObject, forwarded: bytes
+) -> tuple[JSONObject, bytes]:
+    """The hook's payload and the bytes to forward: the client's own when the hook left the
+    payload as it was (one that only reads it, or unwraps nothing), so that numbers past 64
+    bits and the client's spelling reach the model server as sent."""
+    assert route.request_hook is not None
+    before = orjson.dumps(payload) if route.body_encoder is None else b""
+    hooked = await _call(route.request_hook, payload)
+    if route.body_encoder is not None:
+        return hooked, b""  # the encoder makes the body from the payload
+    after = orjson.dumps(hooked)
+    return hooked, forwarded if after == before else after
 
 
 async def _call(hook: Callable[[Any], Any], value: Any) -> Any:

@@ -30,19 +30,33 @@ from pydantic import (
 )
 
 from pyworker.backports import StrEnum
+from pyworker.workload import MAX_WORKLOAD
 
 logger = logging.getLogger(__name__)
 
 
+NUMBER_FIELDS = ("cost", "reqnum", "request_idx")
+MAX_INDEX = 2**63 - 1
+"""The largest `request_idx` or `reqnum`: what a signed 64-bit integer, and so every report
+and every JSON encoder on the way, can carry."""
+
+
 class AuthData(BaseModel):
-    """The autoscaler's answer to `/route/`, passed through by the client. Extra keys ignored."""
+    """The autoscaler's answer to `/route/`, passed through by the client. Extra keys ignored.
+
+    Numbers are checked here, where they enter, against what the wire protocol can carry (a
+    number sent as a string is accepted, as by the reference), so nothing downstream
+    (accounting, reports, /status) can fail on one. A boolean is not a number: pydantic would
+    take `true` for 1, so pyworker.envelope refuses booleans in `NUMBER_FIELDS` first (one
+    check there is cheaper than a Python validator per field on every request).
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    cost: float = Field(ge=0, allow_inf_nan=False)
+    cost: float = Field(ge=0, le=MAX_WORKLOAD, allow_inf_nan=False)
     endpoint: str
-    reqnum: int
-    request_idx: int
+    reqnum: int = Field(ge=0, le=MAX_INDEX)
+    request_idx: int = Field(ge=0, le=MAX_INDEX)
     signature: str
     url: str
     # Strict mode only (pyworker.strict). A value of the wrong type is ignored like an unknown

@@ -28,6 +28,7 @@ from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
 from pyworker.connection_pool import ConnectFailed
 from pyworker.encoded_body import EncodedBody
 from pyworker.upstream import ModelClient
+from pyworker.workload import WorkloadError
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,11 @@ class Benchmark:
             logger.warning("benchmark request answered HTTP %d", status)
             self.last_failure = f"HTTP {status} {_excerpt(answer)}".rstrip()
             return None
-        requested = self.route.compute_workload(payload, cost=self.route.default_workload)
+        try:
+            requested = self.route.compute_workload(payload, cost=self.route.default_workload)
+        except WorkloadError as error:
+            logger.warning("benchmark payload has no usable workload: %s", error.fields())
+            return None
         hook = self.route.produced_work
         if hook is None:
             return requested

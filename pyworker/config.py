@@ -16,6 +16,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pyworker.encoded_body import BodyEncoder
+from pyworker.workload import MAX_WORKLOAD, WorkloadError, check_workload
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,12 @@ class RouteConfig(_Model):
     field (`"max_tokens"`, `"parameters.max_new_tokens"`), `"cost"` (the auth_data's cost), or
     in Python a function of the payload."""
     default_workload: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    """The workload used when the field is missing, not a number, negative or not finite, or
-    when the workload function raises."""
+    """The workload used when the payload field is missing or null, or when the workload
+    function raises or returns None."""
+    max_workload: float = Field(default=MAX_WORKLOAD, gt=0, le=MAX_WORKLOAD)
+    """The most workload one request may carry on this route: a request whose workload (from
+    its payload field, the workload function, or its `cost`) is over it, negative, not finite
+    or not a number is refused with 422 naming the field (docs/input.md)."""
     read_timeout: float | None = Field(default=600.0, gt=0)
     """Seconds the model server may stay silent before 504; a stream that keeps sending never
     trips it. None: no limit."""
@@ -178,6 +183,14 @@ class RouteConfig(_Model):
             raise ValueError("must name a payload field, or be 'cost'")
         return value
 
+    @model_validator(mode="after")
+    def _within_cap(self) -> RouteConfig:
+        for name in ("workload", "default_workload"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value > self.max_workload:
+                raise ValueError(f"{name} {value:g} is over max_workload {self.max_workload:g}")
+        return self
+
     @property
     def model_path(self) -> str:
         return self.upstream_path or self.path
@@ -187,25 +200,40 @@ class RouteConfig(_Model):
         return 1 if self.fifo else self.max_concurrency
 
     def compute_workload(self, payload: JSONObject, cost: float) -> float:
-        """The request's workload; falls back to `default_workload` on anything unusable."""
+        """The request's workload; WorkloadError when the client's numbers make it unusable.
+
+        A payload field that is missing or null, or a workload function that raises or
+        returns None, gives `default_workload`. A value that is there but is not a finite
+        number from 0 to `max_workload` is refused (booleans are not numbers).
+        """
         rule = self.workload
-        value: object
+        cap = self.max_workload
         if isinstance(rule, float):
             return rule
         if isinstance(rule, str):
             if rule == "cost":
-                return cost
+                return _checked(cost, cap, "auth_data", "cost")
             value = _lookup(payload, rule)
-        else:
-            try:
-                value = rule(payload)
-            except Exception:
-                logger.warning("workload function of %s raised; using the default", self.path)
+            if value is None:
                 return self.default_workload
-        if isinstance(value, bool) or not isinstance(value, int | float):
+            return _checked(value, cap, "payload", rule)
+        try:
+            value = rule(payload)
+        except Exception:
+            logger.warning("workload function of %s raised; using the default", self.path)
             return self.default_workload
-        number = float(value)
-        return number if math.isfinite(number) and number >= 0 else self.default_workload
+        if value is None:
+            return self.default_workload
+        return _checked(value, cap, "payload", None)
+
+
+def _checked(value: object, cap: float, section: str, field: str | None) -> float:
+    try:
+        return check_workload(value, cap)
+    except ValueError as error:
+        if field is None:
+            raise WorkloadError(f"its workload {error}", section) from None
+        raise WorkloadError(str(error), section, field) from None
 
 
 def _lookup(payload: JSONObject, dotted: str) -> object:

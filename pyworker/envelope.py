@@ -4,6 +4,9 @@ Every problem is collected and named by field, in the reference's shape
 (`{"auth_data": {"reqnum": "missing parameter"}}`), so a client fixes all of them at once. A
 body with neither field (a model server's request sent straight to the worker) also gets a
 `hint` saying that requests go through the autoscaler's `/route/` first.
+Every number a client controls is checked here, where it enters (pyworker.auth, and the
+workload in pyworker.config), and so is how deeply the payload nests (pyworker.passthrough):
+nothing past this point can fail on what a client sent.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from pyworker.auth import AuthData
+from pyworker.auth import NUMBER_FIELDS, AuthData
+from pyworker.passthrough import TooDeep, payload_bytes
 
 FieldErrors = dict[str, Any]
 LARGE_BODY = 1024 * 1024
@@ -27,6 +31,7 @@ ENVELOPE_HINT = (
     "answer as auth_data and your request as payload (`pyworker call ROUTE --data JSON` does both)"
 )
 """Added to the 422 of a body with neither field: most likely a model request sent directly."""
+BOOLEAN = "must be a number, not a boolean"
 
 
 class EnvelopeError(ValueError):
@@ -41,38 +46,60 @@ class EnvelopeError(ValueError):
         return {"error": self.message, **self.fields}
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Envelope:
     auth: AuthData
     payload: dict[str, Any]
     session_id: str | None
+    payload_bytes: bytes
+    """The payload as the client wrote it: what the model server receives, unless a hook
+    changes the payload."""
+    auth_fields: dict[str, Any]
+    """auth_data as sent, extra keys included: what a session's `session_auth` must equal."""
 
 
-def parse_envelope(body: bytes) -> Envelope:
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The JSON object `body` holds; EnvelopeError when it holds anything else."""
     if not body.strip():
         raise EnvelopeError("request body is empty: expected a JSON object")
     try:
         document = orjson.loads(body) if len(body) <= LARGE_BODY else _load_large(body)
-    except (orjson.JSONDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (
+        orjson.JSONDecodeError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as error:
         raise EnvelopeError(f"request body is not valid JSON: {error}") from None
     if not isinstance(document, dict):
         raise EnvelopeError("request body must be a JSON object")
+    return document
 
+
+def parse_envelope(body: bytes) -> Envelope:
+    document = parse_object(body)
     fields: FieldErrors = {}
-    auth = _auth_data(document.get("auth_data"), fields)
+    raw_auth = document.get("auth_data")
+    auth = _auth_data(raw_auth, fields)
     payload = document.get("payload")
+    forwarded = b""
     if payload is None:
         fields["payload"] = "missing parameter"
     elif not isinstance(payload, dict):
         fields["payload"] = "must be a JSON object"
+    else:
+        try:
+            forwarded = payload_bytes(body, payload)
+        except TooDeep as error:
+            fields["payload"] = str(error)
     session_id = document.get("session_id")
     if session_id is not None and not isinstance(session_id, str):
         fields["session_id"] = "must be a string or null"
-    if fields or auth is None or not isinstance(payload, dict):
+    if fields or auth is None or not isinstance(payload, dict) or not isinstance(raw_auth, dict):
         if "auth_data" not in document and "payload" not in document:
             fields["hint"] = ENVELOPE_HINT
         raise EnvelopeError("invalid request", fields)
-    return Envelope(auth=auth, payload=payload, session_id=session_id)
+    return Envelope(auth, payload, session_id, forwarded, raw_auth)
 
 
 def _load_large(body: bytes) -> Any:
@@ -115,11 +142,26 @@ def _auth_data(raw: object, fields: FieldErrors) -> AuthData | None:
     if not isinstance(raw, dict):
         fields["auth_data"] = "must be a JSON object"
         return None
+    booleans = _booleans(raw)
     try:
-        return AuthData.model_validate(raw)
+        auth = AuthData.model_validate(raw)
     except ValidationError as error:
-        fields["auth_data"] = describe_errors(error)
+        fields["auth_data"] = describe_errors(error) | booleans
         return None
+    if booleans:
+        fields["auth_data"] = booleans
+        return None
+    return auth
+
+
+def _booleans(auth: dict[str, Any]) -> dict[str, str]:
+    """The number fields that hold a boolean: pydantic would read `true` as 1."""
+    get = auth.get
+    if not (
+        type(get("cost")) is bool or type(get("reqnum")) is bool or type(get("request_idx")) is bool
+    ):
+        return {}
+    return {name: BOOLEAN for name in NUMBER_FIELDS if type(get(name)) is bool}
 
 
 def describe_errors(error: ValidationError) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -11,6 +12,8 @@ from pyworker.auth import AuthData, Verdict, Verifier
 from pyworker.state import WorkerStatus
 
 NOT_READY_RETRY_AFTER = 5.0
+MAX_RETRY_AFTER = 3600
+"""Seconds: the longest Retry-After the worker gives, whatever its estimate says."""
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -22,8 +25,14 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
 def error_response(
     status: int, message: str, retry_after: float | None = None, **extra: Any
 ) -> web.Response:
-    headers = None if retry_after is None else {"Retry-After": str(max(1, round(retry_after)))}
+    headers = None if retry_after is None else {"Retry-After": str(_whole_seconds(retry_after))}
     return json_response(status, {"error": message, **extra}, headers)
+
+
+def _whole_seconds(seconds: float) -> int:
+    if not math.isfinite(seconds):
+        return MAX_RETRY_AFTER
+    return max(1, min(round(seconds), MAX_RETRY_AFTER))
 
 
 def signature_refusal(verifier: Verifier, auth: AuthData) -> web.Response | None:

@@ -23,6 +23,7 @@ from pyworker.config import WorkerConfig
 from pyworker.drain import drain
 from pyworker.environment import Environment
 from pyworker.failure import fail
+from pyworker.http_errors import JsonErrorRunner
 from pyworker.limits import HTTP_LIMITS, body_deadline
 from pyworker.session_routes import create_side_app
 from pyworker.tls import TLSError, server_ssl_context
@@ -68,7 +69,7 @@ async def serve(
 ) -> None:
     environment = worker.environment
     keepalive = environment.keepalive_timeout
-    runner = web.AppRunner(
+    runner = JsonErrorRunner(
         worker.create_app(),
         shutdown_timeout=SHUTDOWN_TIMEOUT,
         keepalive_timeout=keepalive,
@@ -78,7 +79,7 @@ async def serve(
     tune_garbage_collector()
     side_app = create_side_app(worker)
     side_app.middlewares.append(body_deadline(environment.body_timeout))
-    side = web.AppRunner(side_app, access_log=None, keepalive_timeout=keepalive, **HTTP_LIMITS)
+    side = JsonErrorRunner(side_app, access_log=None, keepalive_timeout=keepalive, **HTTP_LIMITS)
     await side.setup()
     try:
         site = web.TCPSite(

@@ -15,7 +15,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pyworker.auth import AuthData
-from pyworker.envelope import EnvelopeError, describe_errors, parse_envelope
+from pyworker.envelope import EnvelopeError, describe_errors, parse_envelope, parse_object
+from pyworker.http_errors import expect_handler, json_errors
+from pyworker.passthrough import TooDeep, encodable
 from pyworker.responses import (
     error_response,
     json_response,
@@ -69,10 +71,11 @@ class SessionRoutes:
         self.max_body = worker.config.sessions.max_body_size
 
     def register(self, app: web.Application) -> None:
-        app.router.add_post("/session/create", self.create)
-        app.router.add_post("/session/get", self.get)
-        app.router.add_post("/session/health", self.health)
-        app.router.add_post("/session/end", self.end)
+        expect = expect_handler(self.max_body)
+        app.router.add_post("/session/create", self.create, expect_handler=expect)
+        app.router.add_post("/session/get", self.get, expect_handler=expect)
+        app.router.add_post("/session/health", self.health, expect_handler=expect)
+        app.router.add_post("/session/end", self.end, expect_handler=expect)
         app.cleanup_ctx.append(self._sweeping)
 
     async def _sweeping(self, app: web.Application) -> AsyncIterator[None]:
@@ -89,15 +92,22 @@ class SessionRoutes:
         try:
             envelope = parse_envelope(body)
             options = _options(envelope.payload, self.store.config.max_lifetime)
+            encodable([envelope.auth_fields])  # /session/get answers with it, one level down
         except EnvelopeError as error:
             return json_response(422, error.body())
+        except TooDeep as error:
+            return json_response(422, {"error": "invalid request", "auth_data": str(error)})
         refused = self._check_signature(envelope.auth) or not_ready_refusal(self.worker.status)
         if refused is not None:
             return refused
         auth = envelope.auth
         try:
             session = self.store.open(
-                auth, options.lifetime, options.on_close_route, options.on_close_payload
+                auth,
+                options.lifetime,
+                options.on_close_route,
+                options.on_close_payload,
+                envelope.auth_fields,
             )
         except SessionLimit:
             self.worker.ledger.reject(auth.request_idx, SESSION_ROUTE, auth.cost, 429)
@@ -144,7 +154,13 @@ class SessionRoutes:
         if body is None:
             return error_response(413, f"request body over {self.max_body} bytes")
         try:
-            return SessionQuery.model_validate_json(body)
+            document = parse_object(body)
+            encodable(document)
+            return SessionQuery.model_validate(document)
+        except EnvelopeError as error:
+            return json_response(422, error.body())
+        except TooDeep as error:
+            return error_response(422, f"request body {error}")
         except ValidationError as error:
             return _invalid(error)
 
@@ -165,8 +181,11 @@ class SessionRoutes:
 
 def create_side_app(worker: Worker) -> web.Application:
     """The plain-HTTP side port's app: `/session/end` and nothing else."""
-    app = web.Application(client_max_size=worker.config.sessions.max_body_size)
-    app.router.add_post("/session/end", SessionRoutes(worker).end)
+    max_body = worker.config.sessions.max_body_size
+    app = web.Application(client_max_size=max_body, middlewares=[json_errors])
+    app.router.add_post(
+        "/session/end", SessionRoutes(worker).end, expect_handler=expect_handler(max_body)
+    )
     return app
 
 

@@ -2,8 +2,10 @@
 
 The reference keeps sessions in a plain dict with guessable ids, no bounds, and a close
 callback that may reach any URL. Here ids are 192-bit secrets, open sessions and their
-lifetimes are bounded, `session_auth` is compared in constant time, and the close callback
-can only reach a path on the model server, with a timeout and no redirects.
+lifetimes are bounded, `session_auth` must equal the auth_data the session was created with
+exactly, as in the reference (same keys, same values; `10` and `10.0` are the same number, but
+`"10"` and `true` are not numbers), compared in constant time, and the close callback can only
+reach a path on the model server, with a timeout and no redirects.
 
 A session is accounted like a request: a ledger record opened at create and finished at close,
 so its cost counts in `cur_load` while it is open and its `request_idx` is then reported done.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import re
 import secrets
@@ -23,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from pyworker import backports
 from pyworker.accounting import Ledger, Outcome, RequestRecord
@@ -57,16 +59,36 @@ def check_close_route(route: str) -> str:
     return route
 
 
-def auth_digest(auth: AuthData) -> bytes:
-    """A fixed-length fingerprint of auth_data, so comparing two takes the same time always."""
-    canonical = orjson.dumps(auth.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).digest()
+def auth_digest(auth_fields: object) -> bytes:
+    """A fixed-length fingerprint of a JSON value, so comparing two takes the same time always.
+
+    Two values have the same fingerprint when they are equal as JSON: objects with the same
+    keys (in any order) and equal values, numbers equal in value; a boolean is not a number.
+    """
+    return hashlib.sha256(_canonical(auth_fields).encode()).digest()
+
+
+def _canonical(value: object) -> str:
+    if value is None or isinstance(value, bool | str):
+        return json.dumps(value)  # ASCII only: whatever the string holds
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, dict):
+        members = sorted((_canonical(str(key)), _canonical(item)) for key, item in value.items())
+        return "{" + ",".join(f"{key}:{item}" for key, item in members) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_canonical(item) for item in value) + "]"
+    return "?" + repr(value)
 
 
 @dataclass(slots=True, eq=False)
 class Session:
     session_id: str
     auth: AuthData
+    auth_fields: dict[str, Any]
+    """auth_data as the client sent it: what `/session/get` answers, what session_auth equals."""
     lifetime: float
     created_at: float
     """Epoch seconds."""
@@ -90,7 +112,7 @@ class Session:
         """The fields `/session/get` answers with."""
         return {
             "session_id": self.session_id,
-            "auth_data": self.auth.model_dump(mode="json"),
+            "auth_data": self.auth_fields,
             "lifetime": self.lifetime,
             "expiration": self.expiration,
             "created_at": self.created_at,
@@ -131,7 +153,9 @@ class SessionStore:
         lifetime: float,
         on_close_route: str | None = None,
         on_close_payload: dict[str, Any] | None = None,
+        auth_fields: dict[str, Any] | None = None,
     ) -> Session:
+        """Open a session for `auth` (`auth_fields`: the auth_data as sent, if not `auth`)."""
         if len(self._open) >= self.config.max_sessions:
             raise SessionLimit
         if not 0 < lifetime <= self.config.max_lifetime:
@@ -141,9 +165,12 @@ class SessionStore:
         record = self.ledger.receive(auth.request_idx, SESSION_ROUTE, auth.cost)
         self.ledger.start(record)
         now = time.monotonic()
+        if auth_fields is None:
+            auth_fields = auth.model_dump(mode="json", exclude_none=True)
         session = Session(
             session_id=secrets.token_urlsafe(SESSION_ID_BYTES),
             auth=auth,
+            auth_fields=auth_fields,
             lifetime=lifetime,
             created_at=time.time(),
             on_close_route=on_close_route,
@@ -151,7 +178,7 @@ class SessionStore:
             record=record,
             deadline=now + lifetime,
             created_monotonic=now,
-            auth_fingerprint=auth_digest(auth),
+            auth_fingerprint=auth_digest(auth_fields),
         )
         self._open[session.session_id] = session
         logger.debug("session opened (%d open)", len(self._open))
@@ -160,8 +187,8 @@ class SessionStore:
     def find(self, session_id: str) -> Session | None:
         return self._open.get(session_id)
 
-    def bound(self, session_id: str, auth: AuthData) -> Session | None:
-        """The open session `session_id` if `auth` is the auth_data it was created with.
+    def bound(self, session_id: str, auth_fields: dict[str, Any]) -> Session | None:
+        """The open session `session_id` if `auth_fields` is the auth_data it was created with.
 
         A client sends its session's auth_data with every request made in the session (the
         vastai client does). That auth_data was verified, and in strict mode used up, at
@@ -169,7 +196,8 @@ class SessionStore:
         nothing else: elsewhere it goes through the signature check again (strict: 401).
         """
         session = self._open.get(session_id)
-        if session is None or not hmac.compare_digest(auth_digest(auth), session.auth_fingerprint):
+        fingerprint = auth_digest(auth_fields)
+        if session is None or not hmac.compare_digest(fingerprint, session.auth_fingerprint):
             return None
         return session
 
@@ -186,12 +214,8 @@ class SessionStore:
 
     @staticmethod
     def authorized(session: Session, session_auth: object) -> bool:
-        """Whether `session_auth` is the auth_data the session was created with."""
-        try:
-            given = auth_digest(AuthData.model_validate(session_auth))
-        except ValidationError:
-            given = b"\0" * len(session.auth_fingerprint)
-        return hmac.compare_digest(given, session.auth_fingerprint)
+        """Whether `session_auth` equals the auth_data the session was created with, exactly."""
+        return hmac.compare_digest(auth_digest(session_auth), session.auth_fingerprint)
 
     # --- closing ------------------------------------------------------------------------
     def close(self, session: Session) -> bool:

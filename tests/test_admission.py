@@ -54,9 +54,23 @@ async def test_cancelled_just_after_handover_releases_the_slot() -> None:
 async def test_refusals() -> None:
     gate = RouteGate(1, max_queue=1, max_queue_time=2.0)
     assert gate.refuse(1, perf=0) is None
-    gate.active, gate.workload = 1, 30.0
+    gate.active = 1
+    gate._load.add(30.0)
     assert gate.refuse(1, perf=0) is None  # no perf measured: no estimate
     assert gate.refuse(1, perf=10) is Refusal.WAIT_TOO_LONG
     assert gate.refuse(1, perf=100) is None
     gate._waiters.append(asyncio.get_running_loop().create_future())
     assert gate.refuse(1, perf=100) is Refusal.QUEUE_FULL
+
+
+async def test_queued_load_returns_to_exactly_zero_whatever_the_sizes() -> None:
+    """Float sums drift: 1e16 + 1 - 1e16 - 1 is -1. The gate's load must not."""
+    gate = RouteGate(None, max_queue=10, max_queue_time=None)
+    sizes = (1e9, 0.1, 1e-6, 0.2, 123456.789, 1.0, 1e9 - 1)
+    for size in sizes:
+        async with gate.slot(size):
+            assert gate.workload > 0
+    assert gate.workload == 0.0
+    async with gate.slot(1e9), gate.slot(1.0), gate.slot(0.3):
+        pass
+    assert gate.workload == 0.0

@@ -7,6 +7,7 @@ import pytest
 
 from pyworker.config import RouteConfig, WorkerConfig
 from pyworker.loader import ConfigError, load_config
+from pyworker.workload import WorkloadError
 
 TOML = """
 name = "tgi"
@@ -130,14 +131,36 @@ def test_workload_rules() -> None:
     assert _route(workload="max_tokens").compute_workload(payload, 5) == 64
     assert _route(workload="parameters.steps").compute_workload(payload, 5) == 30
     fallback = {"default_workload": 7}
-    for rule in ("missing", "text", "flag", "parameters.steps.deeper"):
+    for rule in ("missing", "parameters.steps.deeper"):
         assert _route(workload=rule, **fallback).compute_workload(payload, 5) == 7
 
     def broken(payload: dict[str, Any]) -> float:
         raise KeyError("n")
 
     assert _route(workload=broken, **fallback).compute_workload(payload, 5) == 7
-    assert _route(workload=lambda p: float("nan"), **fallback).compute_workload(payload, 5) == 7
-    assert _route(workload=lambda p: -3, **fallback).compute_workload(payload, 5) == 7
+    assert _route(workload=lambda p: None, **fallback).compute_workload(payload, 5) == 7
     with pytest.raises(ValueError, match="finite"):
         _route(workload=-1.0)
+
+
+def test_an_unusable_workload_is_refused_naming_its_source() -> None:
+    """Present but not a finite number from 0 to max_workload: WorkloadError, never a guess."""
+    payload = {"text": "x", "flag": True, "huge": 1e308, "negative": -1, "big": 2e9, "ok": 5}
+    for field in ("text", "flag", "huge", "negative", "big"):
+        with pytest.raises(WorkloadError) as caught:
+            _route(workload=field).compute_workload(payload, 5)
+        assert set(caught.value.fields()["payload"]) == {field}
+    for result in (float("nan"), float("inf"), -3, 10**400, True, "7"):
+        with pytest.raises(WorkloadError) as caught:
+            _route(workload=lambda p, r=result: r).compute_workload(payload, 5)
+        assert "workload" in caught.value.fields()["payload"]
+    with pytest.raises(WorkloadError) as caught:
+        _route(workload="cost", max_workload=4).compute_workload(payload, 5)
+    assert caught.value.fields() == {"auth_data": {"cost": "must be a finite number from 0 to 4"}}
+    assert _route(workload="ok", max_workload=5).compute_workload(payload, 5) == 5
+    with pytest.raises(ValueError, match="over max_workload"):
+        _route(workload=10.0, max_workload=5)
+    with pytest.raises(ValueError, match="over max_workload"):
+        _route(default_workload=10.0, max_workload=5)
+    with pytest.raises(ValueError):
+        _route(max_workload=2e9)

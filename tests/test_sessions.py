@@ -263,6 +263,11 @@ async def test_wrong_session_auth_is_401_and_leaves_the_session_open(
         {**auth, "signature": auth["signature"][:-4] + "AAAA"},
         {"anything": "else"},
         {},
+        # Near misses: as in the reference, session_auth must be the auth_data itself.
+        {**auth, "cost": str(auth["cost"])},
+        {**auth, "request_idx": "5"},
+        {**auth, "extra": True},
+        {key: value for key, value in auth.items() if key != "endpoint"},
     ]
     for session_auth in wrong:
         query = {"session_id": session_id, "session_auth": session_auth}
@@ -271,8 +276,8 @@ async def test_wrong_session_auth_is_401_and_leaves_the_session_open(
             assert status == 401, (route, session_auth)
             assert answer == {"error": "session_auth is not valid"}
     assert worker.worker.sessions.find(session_id) is not None
-    # The same auth_data with numbers sent as text, and extra keys, still proves it.
-    same = {**auth, "cost": str(auth["cost"]), "request_idx": "5", "extra": True}
+    # The same auth_data, its keys in another order and its numbers written otherwise, proves it.
+    same = dict(reversed(list({**auth, "cost": float(auth["cost"])}.items())))
     query = {"session_id": session_id, "session_auth": same}
     assert await call(worker, "/session/health", query) == (200, {"ok": True})
 
