@@ -27,6 +27,7 @@ from pyworker.compat.vastai import (
 from pyworker.config import WorkerConfig as NativeConfig
 from pyworker.environment import Environment
 from pyworker.gpu import GpuMonitor
+from pyworker.workload import WorkloadError
 from tests.conftest import KeyPair, ModelServer, WorkerFactory, wait_until
 from tests.fakes.nvml import FakeNvml
 
@@ -134,9 +135,11 @@ def test_handlers_become_routes() -> None:
     assert completions.request_hook is parse
     assert completions.model_path == "/v1/completions"
     assert completions.compute_workload({"max_tokens": 12}, cost=1.0) == 12.0
-    # A calculator that fails, or answers something unusable, costs DEFAULT_WORKLOAD (100).
+    # A calculator that fails costs DEFAULT_WORKLOAD (100); one that answers a workload no
+    # accounting can hold is refused (422 on the request path).
     assert completions.compute_workload({}, cost=1.0) == 100.0
-    assert completions.compute_workload({"max_tokens": -1}, cost=1.0) == 100.0
+    with pytest.raises(WorkloadError):
+        completions.compute_workload({"max_tokens": -1}, cost=1.0)
     assert completions.compute_workload({"max_tokens": "7"}, cost=1.0) == 7.0
     assert chat.fifo is True
     # HandlerConfig.healthcheck, unread by the reference, is the model server's health path.
