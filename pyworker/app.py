@@ -9,10 +9,9 @@ Only a request that passed the signature check is accounted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -42,8 +41,9 @@ from pyworker.responses import (
 )
 from pyworker.session_routes import SessionRoutes
 from pyworker.sessions import SessionStore
-from pyworker.state import WorkerStatus
+from pyworker.state import WorkerState, WorkerStatus
 from pyworker.strict import StrictVerifier
+from pyworker.supervision import FailureHandler, Supervisor, TaskFactory, describe
 from pyworker.upstream import ClientGone, ModelClient, UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ class Worker:
             busy_interval=environment.report_interval,
         )
         self.drain_hooks.append(self.reporter.final_report)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.supervisor = Supervisor()
+        """Every long-lived task of the worker runs under it (`spawn`)."""
 
     # --- lifecycle ----------------------------------------------------------------------
     def create_app(self) -> web.Application:
@@ -113,25 +114,30 @@ class Worker:
         app.on_cleanup.append(self._stop)
         return app
 
-    def spawn(self, coroutine: Awaitable[None], name: str) -> None:
-        """Run a background task for the worker's lifetime; a crash is logged, never silent."""
-        task = asyncio.ensure_future(coroutine)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+    def spawn(
+        self,
+        task: TaskFactory | Coroutine[Any, Any, None],
+        name: str,
+        on_failure: FailureHandler | None = None,
+    ) -> None:
+        """Run a task for the worker's lifetime under supervision (pyworker.supervision).
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
+        Give a coroutine function to have it restarted with backoff when it crashes; a
+        coroutine object runs once. Either way a crash is logged with its traceback.
+        """
+        self.supervisor.supervise(name, task, on_failure=on_failure)
+
+    def _report_failure(self, name: str, error: BaseException) -> None:
+        """A crashed task the worker cannot serve without: the autoscaler is told why."""
+        self.status.set_state(WorkerState.ERRORED, f"worker task {name} failed: {describe(error)}")
 
     async def _start(self, app: web.Application) -> None:
         if self.environment.unsecured:
             logger.warning("UNSECURED: auth_data signatures are not checked")
         else:
-            self.spawn(self._load_key(), "public-key")
-        self.spawn(self.readiness.run(), "readiness")
-        self.spawn(self.reporter.run(), "reporter")
+            self.spawn(self._load_key, "public-key")
+        self.spawn(self.readiness.run, "readiness", on_failure=self._report_failure)
+        self.spawn(self.reporter.run, "reporter")
 
     async def _load_key(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -140,11 +146,7 @@ class Worker:
         self.key_loaded.set()
 
     async def _stop(self, app: web.Application) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.supervisor.aclose()
         await self.model.close()
         await self.gpu.aclose()
 

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
-from pyworker.connection_pool import ConnectFailed
+from pyworker.connection_pool import PoolError
 from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,16 @@ def _read_dataset(path: Path) -> list[JSONObject]:
         document = orjson.loads(text)
         items = document if isinstance(document, list) else [document]
     except orjson.JSONDecodeError:
-        items = [orjson.loads(line) for line in text.splitlines() if line.strip()]
+        items = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                raise BenchmarkError(
+                    f"benchmark dataset {path} line {number} is not JSON"
+                ) from None
     payloads = [item for item in items if isinstance(item, dict)]
     if not payloads:
         raise BenchmarkError(f"benchmark dataset {path} holds no JSON objects")
@@ -202,10 +211,12 @@ class Benchmark:
             try:
                 await self._one(payload)
                 return
-            except (aiohttp.ClientConnectorError, ConnectFailed):
+            except (aiohttp.ClientError, PoolError, OSError) as error:
+                # Refused while its port opens, or dropped while it warms up: try again.
                 if time.monotonic() > deadline:
                     raise BenchmarkError(
-                        f"model server refused connections for {self.config.connect_wait:.0f} s"
+                        f"model server gave no answer in {self.config.connect_wait:.0f} s"
+                        f" (last: {error.__class__.__name__})"
                     ) from None
                 await asyncio.sleep(0.2)
 

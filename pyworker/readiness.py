@@ -31,6 +31,7 @@ from pyworker.connection_pool import PoolError
 from pyworker.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.state import WorkerState, WorkerStatus
+from pyworker.supervision import describe, run_all
 from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class Readiness:
             watchers.append(self._watch_log(self.follower))
         if server.readiness_source == "health":
             watchers.append(self._wait_for_health_then_load())
-        await asyncio.gather(self._drive(), *watchers)
+        await run_all(self._drive(), *watchers)
 
     # --- what says the model is loaded, or broken ----------------------------------------
     async def _watch_log(self, follower: LogFollower) -> None:
@@ -169,7 +170,10 @@ class Readiness:
                 self._fail(f"benchmark failed: {error}", cause="benchmark")
                 continue
             if error is not None:
-                raise error
+                # Anything else the engine or a hook can make a pass raise: the worker says so.
+                logger.error("readiness pass failed", exc_info=error)
+                self._fail(f"readiness failed: {describe(error)}", cause="readiness")
+                continue
             if self.config.model_server.health_path:
                 await self._watch_health()
 
