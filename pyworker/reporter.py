@@ -96,6 +96,8 @@ class Reporter:
         self._session: aiohttp.ClientSession | None = None
         self._status_lock = asyncio.Lock()
         self._finished_lock = asyncio.Lock()
+        self._retry_delay = busy_interval
+        self.failed_deletes = 0
         self._in_doubt = False
         """The last status report's fate is unknown: deltas wait until one is acknowledged."""
 
@@ -126,10 +128,17 @@ class Reporter:
                 await self.send_status()
 
     async def _finished_loop(self) -> None:
+        """Report finished requests; after a failure wait longer, up to `idle_interval`."""
+        delay = self.busy_interval
         while True:
-            await asyncio.sleep(self.busy_interval)
-            while self.ledger.finished_waiting and await self.send_finished():
-                pass
+            await asyncio.sleep(delay)
+            delay = self.busy_interval
+            while self.ledger.finished_waiting:
+                if not await self.send_finished():
+                    self.failed_deletes += 1
+                    delay = min(self._retry_delay * 2, self.idle_interval)
+                    break
+            self._retry_delay = delay
 
     def _due(self) -> bool:
         if time.monotonic() - self._last_sent_at >= self.idle_interval:
