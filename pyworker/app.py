@@ -63,10 +63,12 @@ class Worker:
         self.status = WorkerStatus()
         self.metrics = RequestMetrics(route.path for route in config.routes)
         self.ledger = Ledger(observer=self.metrics.observe)
+        self.url: str = environment.public_url()
+        audience = (lambda: self.url) if environment.verify_url else None
         self.verifier: Verifier = (
-            StrictVerifier(audience=lambda: self.url)
+            StrictVerifier(audience=audience)
             if environment.strict_auth
-            else SignatureVerifier()
+            else SignatureVerifier(audience=audience)
         )
         self.key_loaded = asyncio.Event()
         self.model = ModelClient(config.model_server.base_url, config.model_server.connect_timeout)
@@ -74,7 +76,6 @@ class Worker:
             route.path: RouteGate(route.concurrency_limit, route.max_queue, route.max_queue_time)
             for route in config.routes
         }
-        self.url = environment.public_url()
         self.sessions = SessionStore(config.sessions, self.ledger, self.model)
         self.in_flight = InFlight()
         self.drain_hooks: list[DrainHook] = []
@@ -130,6 +131,21 @@ class Worker:
     def _report_failure(self, name: str, error: BaseException) -> None:
         """A crashed task the worker cannot serve without: the autoscaler is told why."""
         self.status.set_state(WorkerState.ERRORED, f"worker task {name} failed: {describe(error)}")
+
+    def announce_address(self) -> None:
+        """Say which address signatures must name: a wrong public address shows here first."""
+        if self.environment.unsecured:
+            return
+        if self.environment.verify_url:
+            logger.info(
+                "auth_data must be signed for %s (scheme, host and port;"
+                " PYWORKER_VERIFY_URL=false accepts any address)",
+                self.url,
+            )
+        else:
+            logger.warning(
+                "PYWORKER_VERIFY_URL=false: auth_data signed for any worker's address is accepted"
+            )
 
     async def _start(self, app: web.Application) -> None:
         if self.environment.unsecured:

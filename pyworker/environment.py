@@ -99,6 +99,9 @@ class Environment(BaseModel):
     update_marker: str = "/.force_update"
     """The file `/pyworker/update` writes; the start script reinstalls when it exists."""
     strict_auth: bool = False
+    verify_url: bool = True
+    """Refuse auth_data signed for another address than this worker's (PYWORKER_VERIFY_URL;
+    false behind a proxy that rewrites the address: docs/security.md)."""
     """Verify strict signatures, each auth_data once (PYWORKER_STRICT_AUTH; docs/security.md)."""
     report_interval: float = Field(default=1.0, gt=0)
     """Seconds between reports while something changes (PYWORKER_REPORT_INTERVAL)."""
@@ -160,6 +163,7 @@ class Environment(BaseModel):
             grace_period=30.0 if grace is None else grace,
             update_marker=env.get("PYWORKER_UPDATE_MARKER") or "/.force_update",
             strict_auth=strict_auth,
+            verify_url=_flag(env, "PYWORKER_VERIFY_URL") is not False,
             report_interval=_positive(env, "PYWORKER_REPORT_INTERVAL", 1.0),
             body_timeout=_positive(env, "PYWORKER_BODY_TIMEOUT", 60.0),
             keepalive_timeout=_positive(env, "PYWORKER_KEEPALIVE_TIMEOUT", 75.0),

@@ -85,6 +85,7 @@ async def serve(
         await site.start()
         bound = _bound_port(runner, port)
         worker.url = worker.environment.public_url(bound)
+        worker.announce_address()
         scheme = "https" if ssl_context is not None else "http"
         announce(f"pyworker {worker.config.name} listening on {scheme}://{host}:{bound}")
         await _start_side_port(side, worker)

@@ -158,7 +158,13 @@ async def start_worker(
         }
         raw.update(config)
         raw.setdefault("perf", 1000.0)  # a known perf skips the benchmark unless a test wants it
-        environ = {"REPORT_ADDR": pubkey_server, "UNSECURED": "false" if secured else "true"}
+        environ = {
+            "REPORT_ADDR": pubkey_server,
+            "UNSECURED": "false" if secured else "true",
+            # The public address KeyPair.auth_data signs by default: signatures bind to it.
+            "PUBLIC_IPADDR": "127.0.0.1",
+            "VAST_TCP_PORT_3000": "1",
+        }
         worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
         # Tests read the ledger directly; reporting is tested against a recording autoscaler.
         worker.reporter.addresses = ()
