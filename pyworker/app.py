@@ -44,11 +44,14 @@ from pyworker.sessions import SessionStore
 from pyworker.state import WorkerState, WorkerStatus
 from pyworker.strict import StrictVerifier
 from pyworker.supervision import FailureHandler, Supervisor, TaskFactory, describe
+from pyworker.unverified import BodyRefused, UnverifiedBytes
 from pyworker.upstream import ClientGone, ModelClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+UNVERIFIED_FLOOR = 64 * 1024 * 1024
+"""The default budget of unverified body bytes: this, or two of the largest bodies."""
 CLIENT_CLOSED = 499  # nginx's word for "client closed request"; seen only in our accounting
 
 
@@ -78,6 +81,10 @@ class Worker:
         }
         self.sessions = SessionStore(config.sessions, self.ledger, self.model)
         self.in_flight = InFlight()
+        self.unverified = UnverifiedBytes(
+            environment.max_unverified_bytes or max(UNVERIFIED_FLOOR, 2 * config.max_body_size)
+        )
+        """Bytes of request bodies not yet verified, all clients together (pyworker.unverified)."""
         self.drain_hooks: list[DrainHook] = []
         """Awaited once, after the requests in flight, when the worker drains (pyworker.drain)."""
         self.gpu = gpu or GpuMonitor()
@@ -175,19 +182,21 @@ class Worker:
         gate = self.gates[route.path]
         max_body = self.config.max_body_size
         ledger, status, verifier = self.ledger, self.status, self.verifier
+        unverified = self.unverified
         check_signatures = not self.environment.unsecured
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            if request.content_length is not None and request.content_length > max_body:
-                return error_response(413, f"request body over {max_body} bytes")
             try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                return error_response(413, f"request body over {max_body} bytes")
+                body, held = await unverified.read(request, max_body)
+            except BodyRefused as refused_body:
+                return refused_body.response
             try:
                 envelope = parse_envelope(body)
             except EnvelopeError as error:
                 return json_response(422, error.body())
+            finally:
+                del body  # the signature check below does not wait: the budget is free again
+                unverified.give_back(held)
             auth = envelope.auth
             if check_signatures and (refused := signature_refusal(verifier, auth)) is not None:
                 return refused
