@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
-from pyworker.connection_pool import PoolError
+from pyworker.connection_pool import ConnectFailed, PoolError
 from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -214,8 +214,10 @@ class Benchmark:
             except (aiohttp.ClientError, PoolError, OSError) as error:
                 # Refused while its port opens, or dropped while it warms up: try again.
                 if time.monotonic() > deadline:
+                    refused = isinstance(error, aiohttp.ClientConnectorError | ConnectFailed)
+                    what = "refused connections" if refused else "dropped the warm-up connection"
                     raise BenchmarkError(
-                        f"model server gave no answer in {self.config.connect_wait:.0f} s"
+                        f"model server {what} for {self.config.connect_wait:.0f} s"
                         f" (last: {error.__class__.__name__})"
                     ) from None
                 await asyncio.sleep(0.2)
