@@ -114,7 +114,7 @@ async def autoscaler() -> AsyncIterator[Autoscaler]:
     await recorder.server.close()
 
 
-def make_reporter(url: str) -> tuple[Reporter, WorkerStatus, Ledger]:
+def make_reporter(url: str, timeout: float = TIMEOUT) -> tuple[Reporter, WorkerStatus, Ledger]:
     environment = Environment.from_env({"CONTAINER_ID": "3", "REPORT_ADDR": url})
     status, ledger = WorkerStatus(), Ledger()
     reporter = Reporter(
@@ -124,7 +124,7 @@ def make_reporter(url: str) -> tuple[Reporter, WorkerStatus, Ledger]:
         lambda: "http://127.0.0.1:1",
         busy_interval=0.02,
         idle_interval=0.1,
-        attempt_timeout=TIMEOUT,
+        attempt_timeout=timeout,
     )
     return reporter, status, ledger
 
@@ -220,8 +220,8 @@ async def test_an_unavailable_autoscaler_loses_nothing(autoscaler: Autoscaler) -
 async def test_the_final_report_waits_for_the_one_in_flight_and_counts_once(
     autoscaler: Autoscaler,
 ) -> None:
-    reporter, status, ledger = make_reporter(autoscaler.url)
-    autoscaler.delay = 0.15  # slow, but within the worker's timeout
+    reporter, status, ledger = make_reporter(autoscaler.url, timeout=10.0)
+    autoscaler.delay = 0.15  # slow, but well within the worker's timeout
     async with running(reporter):
         status.set_state(WorkerState.READY)
         await wait_until(lambda: len(autoscaler.counted) >= 1)
