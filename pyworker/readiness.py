@@ -5,13 +5,15 @@ useful log, its health path answering), the benchmark done (or its cached result
 these GPUs and this model), the health path answering 200 when one is configured, and the
 public key loaded unless unsecured. A fatal error line or a failing health check makes the
 worker ERRORED with an `error_msg` that says why; when the model server comes back (its load
-line again, or its health recovering) the worker goes through readiness again.
+line again, or its health recovering) the worker goes through readiness again. A pass that
+failed (the benchmark, say) is also tried again after a backoff, the worker errored meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -31,12 +33,15 @@ from pyworker.connection_pool import PoolError
 from pyworker.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.state import WorkerState, WorkerStatus
-from pyworker.supervision import describe, run_all
+from pyworker.supervision import Backoff, describe, run_all
 from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_LINE = 500
+RETRY_FIRST = 10.0
+RETRY_MAXIMUM = 300.0
+"""A failed readiness pass is tried again after 10 s, doubling up to 5 minutes."""
 
 
 def default_cache_file() -> Path:
@@ -98,6 +103,10 @@ class Readiness:
         self.error_cause = ""
         self._loaded = asyncio.Event()
         self._pass: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._backoff: Backoff | None = None
+        self.retry_first = RETRY_FIRST
+        self.retry_maximum = RETRY_MAXIMUM
 
     @property
     def route(self) -> RouteConfig:
@@ -105,6 +114,10 @@ class Readiness:
         return next((r for r in self.config.routes if r.path == wanted), self.config.routes[0])
 
     async def run(self) -> None:
+        self._loaded.clear()  # a run restarted by its supervisor starts from the log's start
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         await self.gpu.aopen()
         self.inventory = await self.gpu.ainventory()
         problems = await self.gpu.acheck_health(self.config.gpu_ram)
@@ -156,6 +169,9 @@ class Readiness:
         while True:
             await self._loaded.wait()
             self._loaded.clear()
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
             self._pass = asyncio.create_task(self._readiness_pass())
             try:
                 await asyncio.wait({self._pass})
@@ -168,14 +184,29 @@ class Readiness:
             error = finished.exception()
             if isinstance(error, BenchmarkError):
                 self._fail(f"benchmark failed: {error}", cause="benchmark")
+                self._retry_later()
                 continue
             if error is not None:
                 # Anything else the engine or a hook can make a pass raise: the worker says so.
                 logger.error("readiness pass failed", exc_info=error)
                 self._fail(f"readiness failed: {describe(error)}", cause="readiness")
+                self._retry_later()
                 continue
+            self._backoff = None  # ready: the next failure is retried soon again
             if self.config.model_server.health_path:
                 await self._watch_health()
+
+    def _retry_later(self) -> None:
+        """A failed pass is tried again after a backoff, unless a load line comes first.
+
+        The worker stays errored meanwhile, with its error_msg; a model server that recovers
+        by itself (a dropped connection, a slow start) brings the worker back without a restart.
+        """
+        if self._backoff is None:
+            self._backoff = Backoff(self.retry_first, self.retry_maximum, stable_after=math.inf)
+        delay = self._backoff.delay(0.0)
+        logger.info("readiness: next try in %.0f s", delay)
+        self._retry = asyncio.get_running_loop().call_later(delay, self._loaded.set)
 
     async def _readiness_pass(self) -> None:
         if self.status.state is not WorkerState.LOADING:

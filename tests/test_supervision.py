@@ -195,6 +195,16 @@ async def test_an_engine_that_always_drops_the_warm_up_is_a_reported_error(scene
     assert "request_idx" not in str(scene.autoscaler.delete_requests)
 
 
+async def test_after_a_failed_benchmark_readiness_tries_again_and_recovers(scene: Scene) -> None:
+    scene.engine.drops = 10**9
+    worker = await scene.start(benchmark={"connect_wait": 0.3})
+    worker.readiness.retry_first = 0.2
+    await scene.report_where(lambda r: "dropped the warm-up connection" in r["error_msg"])
+    scene.engine.drops = 0  # the engine recovers by itself: no load line, no restart
+    await scene.ready_report()
+    await scene.serves()
+
+
 async def test_a_dataset_line_that_is_not_json_is_a_reported_error(scene: Scene) -> None:
     dataset = scene.tmp_path / "dataset.jsonl"
     dataset.write_text('{"prompt": "a"}\n{"prompt": "b"}\nnot json at all\n')
