@@ -168,6 +168,16 @@ class Ledger:
         for outcome, count in sent.by_outcome.items():
             current.by_outcome[outcome] = current.by_outcome.get(outcome, 0) - count
 
+    def restore_interval(self, unsent: Interval) -> None:
+        """Add back counters consumed by a report that certainly did not arrive."""
+        current = self._interval
+        current.new_units += unsent.new_units
+        current.rejected_units += unsent.rejected_units
+        current.served_units += unsent.served_units
+        current.received += unsent.received
+        for outcome, count in unsent.by_outcome.items():
+            current.by_outcome[outcome] = current.by_outcome.get(outcome, 0) + count
+
     def take_finished(self, limit: int = 1000) -> list[RequestRecord]:
         taken: list[RequestRecord] = []
         while self._finished and len(taken) < limit:

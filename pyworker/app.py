@@ -9,10 +9,9 @@ Only a request that passed the signature check is accounted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -44,14 +43,18 @@ from pyworker.responses import (
 )
 from pyworker.session_routes import SessionRoutes
 from pyworker.sessions import SessionStore
-from pyworker.state import WorkerStatus
+from pyworker.state import WorkerState, WorkerStatus
 from pyworker.strict import StrictVerifier
+from pyworker.supervision import FailureHandler, Supervisor, TaskFactory, describe
+from pyworker.unverified import BodyRefused, UnverifiedBytes
 from pyworker.upstream import ClientGone, ModelClient, UpstreamError
 from pyworker.workload import WorkloadError
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+UNVERIFIED_FLOOR = 64 * 1024 * 1024
+"""The default budget of unverified body bytes: this, or two of the largest bodies."""
 CLIENT_CLOSED = 499  # nginx's word for "client closed request"; seen only in our accounting
 
 
@@ -66,10 +69,12 @@ class Worker:
         self.status = WorkerStatus()
         self.metrics = RequestMetrics(route.path for route in config.routes)
         self.ledger = Ledger(observer=self.metrics.observe)
+        self.url: str = environment.public_url()
+        audience = (lambda: self.url) if environment.verify_url else None
         self.verifier: Verifier = (
-            StrictVerifier(audience=lambda: self.url)
+            StrictVerifier(audience=audience)
             if environment.strict_auth
-            else SignatureVerifier()
+            else SignatureVerifier(audience=audience)
         )
         self.key_loaded = asyncio.Event()
         self.model = ModelClient(config.model_server.base_url, config.model_server.connect_timeout)
@@ -77,9 +82,12 @@ class Worker:
             route.path: RouteGate(route.concurrency_limit, route.max_queue, route.max_queue_time)
             for route in config.routes
         }
-        self.url = environment.public_url()
         self.sessions = SessionStore(config.sessions, self.ledger, self.model)
         self.in_flight = InFlight()
+        self.unverified = UnverifiedBytes(
+            environment.max_unverified_bytes or max(UNVERIFIED_FLOOR, 2 * config.max_body_size)
+        )
+        """Bytes of request bodies not yet verified, all clients together (pyworker.unverified)."""
         self.drain_hooks: list[DrainHook] = []
         """Awaited once, after the requests in flight, when the worker drains (pyworker.drain)."""
         self.gpu = gpu or GpuMonitor()
@@ -99,7 +107,8 @@ class Worker:
             busy_interval=environment.report_interval,
         )
         self.drain_hooks.append(self.reporter.final_report)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.supervisor = Supervisor()
+        """Every long-lived task of the worker runs under it (`spawn`)."""
 
     # --- lifecycle ----------------------------------------------------------------------
     def create_app(self) -> web.Application:
@@ -120,25 +129,45 @@ class Worker:
         app.on_cleanup.append(self._stop)
         return app
 
-    def spawn(self, coroutine: Awaitable[None], name: str) -> None:
-        """Run a background task for the worker's lifetime; a crash is logged, never silent."""
-        task = asyncio.ensure_future(coroutine)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+    def spawn(
+        self,
+        task: TaskFactory | Coroutine[Any, Any, None],
+        name: str,
+        on_failure: FailureHandler | None = None,
+    ) -> None:
+        """Run a task for the worker's lifetime under supervision (pyworker.supervision).
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
+        Give a coroutine function to have it restarted with backoff when it crashes; a
+        coroutine object runs once. Either way a crash is logged with its traceback.
+        """
+        self.supervisor.supervise(name, task, on_failure=on_failure)
+
+    def _report_failure(self, name: str, error: BaseException) -> None:
+        """A crashed task the worker cannot serve without: the autoscaler is told why."""
+        self.status.set_state(WorkerState.ERRORED, f"worker task {name} failed: {describe(error)}")
+
+    def announce_address(self) -> None:
+        """Say which address signatures must name: a wrong public address shows here first."""
+        if self.environment.unsecured:
+            return
+        if self.environment.verify_url:
+            logger.info(
+                "auth_data must be signed for %s (scheme, host and port;"
+                " PYWORKER_VERIFY_URL=false accepts any address)",
+                self.url,
+            )
+        else:
+            logger.warning(
+                "PYWORKER_VERIFY_URL=false: auth_data signed for any worker's address is accepted"
+            )
 
     async def _start(self, app: web.Application) -> None:
         if self.environment.unsecured:
             logger.warning("UNSECURED: auth_data signatures are not checked")
         else:
-            self.spawn(self._load_key(), "public-key")
-        self.spawn(self.readiness.run(), "readiness")
-        self.spawn(self.reporter.run(), "reporter")
+            self.spawn(self._load_key, "public-key")
+        self.spawn(self.readiness.run, "readiness", on_failure=self._report_failure)
+        self.spawn(self.reporter.run, "reporter")
 
     async def _load_key(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -147,11 +176,7 @@ class Worker:
         self.key_loaded.set()
 
     async def _stop(self, app: web.Application) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.supervisor.aclose()
         await self.model.close()
         await self.gpu.aclose()
 
@@ -164,19 +189,21 @@ class Worker:
         gate = self.gates[route.path]
         max_body = self.config.max_body_size
         ledger, status, verifier = self.ledger, self.status, self.verifier
+        unverified = self.unverified
         check_signatures = not self.environment.unsecured
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            if request.content_length is not None and request.content_length > max_body:
-                return error_response(413, f"request body over {max_body} bytes")
             try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                return error_response(413, f"request body over {max_body} bytes")
+                body, held = await unverified.read(request, max_body)
+            except BodyRefused as refused_body:
+                return refused_body.response
             try:
                 envelope = parse_envelope(body)
             except EnvelopeError as error:
                 return json_response(422, error.body())
+            finally:
+                del body  # the signature check below does not wait: the budget is free again
+                unverified.give_back(held)
             auth = envelope.auth
             session_id = envelope.session_id
             # The auth_data a session was created with is good for that session's requests.

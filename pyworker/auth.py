@@ -14,7 +14,9 @@ import binascii
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -107,10 +109,42 @@ def reference_message(url: str) -> bytes:
     return json.dumps({"url": url}, indent=4, sort_keys=True).encode()
 
 
-class SignatureVerifier:
-    """RSA PKCS#1 v1.5 / SHA-256 checks of the reference message; successes kept in an LRU."""
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
-    def __init__(self, cache_size: int = 4096) -> None:
+
+def worker_address(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) url, lower-cased, the port defaulted; None if unusable.
+
+    A path, query or fragment after them is ignored: some clients sign a url with a path.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    return scheme, host, port if port is not None else DEFAULT_PORTS[scheme]
+
+
+def same_worker(given: str, own: str) -> bool:
+    """Whether `given` names the worker at `own`: same scheme, host and port."""
+    address = worker_address(given)
+    return address is not None and address == worker_address(own)
+
+
+class SignatureVerifier:
+    """RSA PKCS#1 v1.5 / SHA-256 checks of the reference message; successes kept in an LRU.
+
+    `audience` returns this worker's public url: a signature for another worker's url is
+    refused (`Verdict.WRONG_WORKER`), so one worker's auth_data cannot be spent on another.
+    None accepts any url (PYWORKER_VERIFY_URL=false, behind a proxy that rewrites it).
+    """
+
+    def __init__(self, cache_size: int = 4096, audience: Callable[[], str] | None = None) -> None:
+        self.audience = audience
         self._key: rsa.RSAPublicKey | None = None
         self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._cache_size = cache_size
@@ -130,9 +164,14 @@ class SignatureVerifier:
         self._cache.clear()
 
     def check(self, auth: AuthData) -> Verdict:
-        return Verdict.ACCEPTED if self.verify(auth) else Verdict.INVALID
+        if self.audience is not None and not same_worker(auth.url, self.audience()):
+            return Verdict.WRONG_WORKER
+        return Verdict.ACCEPTED if self._signed(auth) else Verdict.INVALID
 
     def verify(self, auth: AuthData) -> bool:
+        return self.check(auth) is Verdict.ACCEPTED
+
+    def _signed(self, auth: AuthData) -> bool:
         if self._key is None:
             return False
         pair = (auth.url, auth.signature)

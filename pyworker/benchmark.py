@@ -25,7 +25,7 @@ import orjson
 
 from pyworker import backports
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
-from pyworker.connection_pool import ConnectFailed
+from pyworker.connection_pool import ConnectFailed, PoolError
 from pyworker.encoded_body import EncodedBody
 from pyworker.upstream import ModelClient
 from pyworker.workload import WorkloadError
@@ -229,10 +229,14 @@ class Benchmark:
             try:
                 await self._one(payload)
                 return
-            except (aiohttp.ClientConnectorError, ConnectFailed):
+            except (aiohttp.ClientError, PoolError, OSError) as error:
+                # Refused while its port opens, or dropped while it warms up: try again.
                 if time.monotonic() > deadline:
+                    refused = isinstance(error, aiohttp.ClientConnectorError | ConnectFailed)
+                    what = "refused connections" if refused else "dropped the warm-up connection"
                     raise BenchmarkError(
-                        f"model server refused connections for {self.config.connect_wait:.0f} s"
+                        f"model server {what} for {self.config.connect_wait:.0f} s"
+                        f" (last: {error.__class__.__name__})"
                     ) from None
                 await asyncio.sleep(0.2)
 

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DrainHook = Callable[[], Awaitable[None]]
-HOOK_TIMEOUT = 10.0
+HOOK_TIMEOUT = 20.0
+"""Room for the reporter's final report to wait for the one in flight, then be sent."""
 CUT_TIMEOUT = 5.0
 """How long cut requests get to unwind and be accounted."""
 

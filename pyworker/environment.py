@@ -72,6 +72,13 @@ def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
     return default if value is None else value
 
 
+def _at_least(environ: Mapping[str, str], name: str, minimum: int) -> int | None:
+    value = _integer(environ, name)
+    if value is not None and value < minimum:
+        raise InvalidEnvironment(f"{name}={value} must be at least {minimum}")
+    return value
+
+
 def _port(environ: Mapping[str, str], name: str) -> int | None:
     value = _integer(environ, name)
     if value is not None and not 0 <= value <= 65535:
@@ -107,11 +114,20 @@ class Environment(BaseModel):
     update_marker: str = "/.force_update"
     """The file `/pyworker/update` writes; the start script reinstalls when it exists."""
     strict_auth: bool = False
+    verify_url: bool = True
+    """Refuse auth_data signed for another address than this worker's (PYWORKER_VERIFY_URL;
+    false behind a proxy that rewrites the address: docs/security.md)."""
     """Verify strict signatures, each auth_data once (PYWORKER_STRICT_AUTH; docs/security.md)."""
     report_interval: float = Field(default=1.0, gt=0)
     """Seconds between reports while something changes (PYWORKER_REPORT_INTERVAL)."""
     body_timeout: float = Field(default=60.0, gt=0)
     """Seconds a client may take to send a request body before 408 (PYWORKER_BODY_TIMEOUT)."""
+    max_connections: int | None = Field(default=None, ge=1)
+    """A lower cap on client connections than the descriptor limit allows
+    (PYWORKER_MAX_CONNECTIONS; pyworker.connections)."""
+    max_unverified_bytes: int | None = Field(default=None, ge=1024)
+    """Bytes of request bodies held before their signature is checked, all clients together
+    (PYWORKER_MAX_UNVERIFIED_BYTES; default 64 MiB or two of the largest bodies)."""
     keepalive_timeout: float = Field(default=75.0, gt=0)
     """Seconds an idle connection, or one still sending its headers, is kept
     (PYWORKER_KEEPALIVE_TIMEOUT)."""
@@ -175,11 +191,14 @@ class Environment(BaseModel):
             grace_period=30.0 if grace is None else grace,
             update_marker=env.get("PYWORKER_UPDATE_MARKER") or "/.force_update",
             strict_auth=strict_auth,
+            verify_url=_flag(env, "PYWORKER_VERIFY_URL") is not False,
             report_interval=_positive(env, "PYWORKER_REPORT_INTERVAL", 1.0),
             body_timeout=_positive(env, "PYWORKER_BODY_TIMEOUT", 60.0),
             keepalive_timeout=_positive(env, "PYWORKER_KEEPALIVE_TIMEOUT", 75.0),
             load_timeout=DEFAULT_LOAD_TIMEOUT if load_timeout is None else load_timeout,
             reload_timeout=DEFAULT_RELOAD_TIMEOUT if reload_timeout is None else reload_timeout,
+            max_connections=_at_least(env, "PYWORKER_MAX_CONNECTIONS", 1),
+            max_unverified_bytes=_at_least(env, "PYWORKER_MAX_UNVERIFIED_BYTES", 1024),
         )
 
     @property

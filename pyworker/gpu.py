@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from pyworker.backports import StrEnum
+from pyworker.supervision import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -434,6 +435,10 @@ class GpuMonitor:
         )
 
 
+MAX_SAMPLE_FAILURES = 10
+"""Failed readings in a row after which the sampler thread gives up."""
+
+
 class GpuSampler:
     """Samples every GPU on a background thread every `interval` seconds, in constant memory.
 
@@ -524,14 +529,28 @@ class GpuSampler:
             )
 
     def _run(self, run_number: int, stopping: threading.Event) -> None:
+        """Sample until stopped; a failing reading is logged and retried after a backoff.
+
+        After `MAX_SAMPLE_FAILURES` failures in a row the GPU is taken as gone and the thread
+        ends, so a broken NVML costs a few log lines, never a thread spinning for ever.
+        """
+        backoff = Backoff(first=self._interval, maximum=max(self._interval, 5.0))
+        failures = 0
         while True:
+            wait = self._interval
             try:
                 samples = self._monitor.sample()
             except Exception:
-                logger.exception("GPU sampling failed; the sampler stops")
-                return
-            self._record(run_number, samples)
-            if stopping.wait(self._interval):
+                failures += 1
+                logger.exception("GPU sampling failed (%d in a row)", failures)
+                if failures >= MAX_SAMPLE_FAILURES:
+                    logger.error("GPU sampler stops after %d failures in a row", failures)
+                    return
+                wait = backoff.delay(0.0)
+            else:
+                failures = 0
+                self._record(run_number, samples)
+            if stopping.wait(wait):
                 return
 
     def _record(self, run_number: int, samples: tuple[GpuSample, ...]) -> None:

@@ -98,7 +98,9 @@ class _JsonErrorRequestHandler(RequestHandler):
         return response
 
 
-class _JsonErrorServer(web.Server):
+class JsonErrorServer(web.Server):
+    """aiohttp's server, whose connections answer malformed requests and crashes in JSON."""
+
     def __call__(self) -> RequestHandler:
         return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -108,7 +110,7 @@ class JsonErrorRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return _JsonErrorServer(
+        return JsonErrorServer(
             server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,

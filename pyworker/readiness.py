@@ -5,15 +5,17 @@ useful log, its health path answering), the benchmark done (or its cached result
 these GPUs and this model), the health path answering 200 when one is configured, and the
 public key loaded unless unsecured. A fatal error line or a failing health check makes the
 worker ERRORED with an `error_msg` that says why; when the model server comes back (its load
-line again, or its health recovering) the worker goes through readiness again. A model that
-gives no load signal within its load deadline (pyworker.load_deadline) makes the worker ERRORED
-too, until it loads.
+line again, or its health recovering) the worker goes through readiness again. A pass that
+failed (the benchmark, say) is also tried again after a backoff, the worker errored meanwhile.
+A model that gives no load signal within its load deadline (pyworker.load_deadline) makes the
+worker ERRORED too, until it loads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -35,11 +37,15 @@ from pyworker.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.load_deadline import LoadDeadline, never_loaded_message
 from pyworker.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.state import WorkerState, WorkerStatus
+from pyworker.supervision import Backoff, describe, run_all
 from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_LINE = 500
+RETRY_FIRST = 10.0
+RETRY_MAXIMUM = 300.0
+"""A failed readiness pass is tried again after 10 s, doubling up to 5 minutes."""
 
 
 def default_cache_file() -> Path:
@@ -105,6 +111,10 @@ class Readiness:
         self._load_seen = asyncio.Event()
         """Set at the model's first load signal: what the load deadline waits for."""
         self._pass: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._backoff: Backoff | None = None
+        self.retry_first = RETRY_FIRST
+        self.retry_maximum = RETRY_MAXIMUM
 
     @property
     def route(self) -> RouteConfig:
@@ -112,6 +122,10 @@ class Readiness:
         return next((r for r in self.config.routes if r.path == wanted), self.config.routes[0])
 
     async def run(self) -> None:
+        self._loaded.clear()  # a run restarted by its supervisor starts from the log's start
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         await self.gpu.aopen()
         self.inventory = await self.gpu.ainventory()
         problems = await self.gpu.acheck_health(self.config.gpu_ram)
@@ -130,7 +144,7 @@ class Readiness:
             watchers.append(self._wait_for_health_then_load())
         if self.load_deadline is not None:
             watchers.append(self._enforce_load_deadline(self.load_deadline))
-        await asyncio.gather(self._drive(), *watchers)
+        await run_all(self._drive(), *watchers)
 
     async def _enforce_load_deadline(self, deadline: LoadDeadline) -> None:
         """ERRORED, reported at once, when the model gives no load signal in time."""
@@ -193,6 +207,9 @@ class Readiness:
             await self._loaded.wait()
             self._loaded.clear()
             self._load_seen.set()
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
             self._pass = asyncio.create_task(self._readiness_pass())
             try:
                 await asyncio.wait({self._pass})
@@ -205,11 +222,29 @@ class Readiness:
             error = finished.exception()
             if isinstance(error, BenchmarkError):
                 self._fail(f"benchmark failed: {error}", cause="benchmark")
+                self._retry_later()
                 continue
             if error is not None:
-                raise error
+                # Anything else the engine or a hook can make a pass raise: the worker says so.
+                logger.error("readiness pass failed", exc_info=error)
+                self._fail(f"readiness failed: {describe(error)}", cause="readiness")
+                self._retry_later()
+                continue
+            self._backoff = None  # ready: the next failure is retried soon again
             if self.config.model_server.health_path:
                 await self._watch_health()
+
+    def _retry_later(self) -> None:
+        """A failed pass is tried again after a backoff, unless a load line comes first.
+
+        The worker stays errored meanwhile, with its error_msg; a model server that recovers
+        by itself (a dropped connection, a slow start) brings the worker back without a restart.
+        """
+        if self._backoff is None:
+            self._backoff = Backoff(self.retry_first, self.retry_maximum, stable_after=math.inf)
+        delay = self._backoff.delay(0.0)
+        logger.info("readiness: next try in %.0f s", delay)
+        self._retry = asyncio.get_running_loop().call_later(delay, self._loaded.set)
 
     async def _readiness_pass(self) -> None:
         if self.status.state is not WorkerState.LOADING:

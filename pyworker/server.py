@@ -20,11 +20,18 @@ from aiohttp import web
 from pyworker.app import Worker
 from pyworker.bind import bind_warnings, running_in_container
 from pyworker.config import WorkerConfig
+from pyworker.connections import (
+    CappedAppRunner,
+    DescriptorBudget,
+    open_descriptors,
+    raise_descriptor_limit,
+)
 from pyworker.drain import drain
 from pyworker.environment import Environment
 from pyworker.failure import fail
 from pyworker.http_errors import JsonErrorRunner
 from pyworker.limits import HTTP_LIMITS, body_deadline
+from pyworker.memory import pin_mmap_threshold
 from pyworker.session_routes import create_side_app
 from pyworker.tls import TLSError, server_ssl_context
 
@@ -69,8 +76,19 @@ async def serve(
 ) -> None:
     environment = worker.environment
     keepalive = environment.keepalive_timeout
-    runner = JsonErrorRunner(
+    budget = DescriptorBudget.plan(
+        raise_descriptor_limit(), open_descriptors(), environment.max_connections
+    )
+    logger.info(
+        "file descriptors: limit %d; client connections capped at %d (backlog %d)",
+        budget.limit,
+        budget.max_connections,
+        budget.backlog,
+    )
+    pin_mmap_threshold()
+    runner = CappedAppRunner(
         worker.create_app(),
+        max_connections=budget.max_connections,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
         keepalive_timeout=keepalive,
         **RUNNER_OPTIONS,
@@ -83,11 +101,17 @@ async def serve(
     await side.setup()
     try:
         site = web.TCPSite(
-            runner, host, port, backlog=4096, reuse_address=True, ssl_context=ssl_context
+            runner,
+            host,
+            port,
+            backlog=budget.backlog,
+            reuse_address=True,
+            ssl_context=ssl_context,
         )
         await site.start()
         bound = _bound_port(runner, port)
         worker.url = worker.environment.public_url(bound)
+        worker.announce_address()
         scheme = "https" if ssl_context is not None else "http"
         announce(f"pyworker {worker.config.name} listening on {scheme}://{host}:{bound}")
         await _start_side_port(side, worker)

@@ -80,7 +80,7 @@ class SessionRoutes:
 
     async def _sweeping(self, app: web.Application) -> AsyncIterator[None]:
         """Sweep expired sessions while the app runs; close the rest when it stops."""
-        self.worker.spawn(self.store.run_sweeps(), "session-sweep")
+        self.worker.spawn(self.store.run_sweeps, "session-sweep")
         yield
         await self.store.close_all()
 

@@ -32,6 +32,7 @@ from pyworker.accounting import Ledger, Outcome, RequestRecord
 from pyworker.auth import AuthData
 from pyworker.config import SessionConfig
 from pyworker.connection_pool import PoolError
+from pyworker.supervision import logged
 from pyworker.upstream import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class SessionStore:
             task.cancel()
         self.ledger.finish(session.record, Outcome.SUCCESS, 200)
         if session.on_close_route is not None:
-            task = asyncio.ensure_future(self._notify(session))
+            task = asyncio.ensure_future(logged("session close call", self._notify(session)))
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)
         logger.debug("session closed after %.0f s (%d open)", self._age(session), len(self._open))

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from pyworker.auth import AuthData, Verdict
+from pyworker.auth import AuthData, Verdict, same_worker
 
 SCHEME_VERSION = 1
 """The `sig_v` this worker verifies; it is part of the signed message."""
@@ -288,7 +288,7 @@ class StrictVerifier:
             return Verdict.UNSIGNED
         if auth.sig_v != SCHEME_VERSION:
             return Verdict.UNSUPPORTED
-        if self.audience is not None and not _same_url(auth.url, self.audience()):
+        if self.audience is not None and not same_worker(auth.url, self.audience()):
             return Verdict.WRONG_WORKER
         now = self.clock()
         if auth.expires + self.skew < now:
@@ -307,8 +307,3 @@ class StrictVerifier:
         if not self.replays.add(digest, auth.expires + self.skew, now):
             return Verdict.BUSY
         return Verdict.ACCEPTED
-
-
-def _same_url(given: str, own: str) -> bool:
-    """Whether two urls name the same worker (a trailing slash aside)."""
-    return given.rstrip("/") == own.rstrip("/")

@@ -164,6 +164,9 @@ async def start_worker(
             "REPORT_ADDR": pubkey_server,
             "UNSECURED": "false" if secured else "true",
             "MASTER_TOKEN": MASTER_TOKEN,
+            # The public address KeyPair.auth_data signs by default: signatures bind to it.
+            "PUBLIC_IPADDR": "127.0.0.1",
+            "VAST_TCP_PORT_3000": "1",
         }
         worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
         # Tests read the ledger directly; reporting is tested against a recording autoscaler.

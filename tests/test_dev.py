@@ -46,14 +46,18 @@ async def _start_dev(tmp_path: Path, *arguments: str) -> asyncio.subprocess.Proc
     )  # fmt: skip
 
 
-async def _record_descendants(pid: int, seen: dict[int, str]) -> None:
-    """Every process below `pid`, by pid and command line, until cancelled."""
+async def _record_descendants(pid: int, seen: dict[int, set[str]]) -> None:
+    """Every process below `pid`, with every command line it had, until cancelled.
+
+    A child first seen between its fork and its exec still shows its parent's command line:
+    each poll records the command line again, so the one after the exec is kept too.
+    """
     with contextlib.suppress(psutil.NoSuchProcess):
         parent = psutil.Process(pid)
         while True:
             for child in parent.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    seen.setdefault(child.pid, " ".join(child.cmdline()))
+                    seen.setdefault(child.pid, set()).add(" ".join(child.cmdline()))
             await asyncio.sleep(0.05)
 
 
@@ -75,7 +79,7 @@ async def _assert_all_gone(pids: list[int], timeout: float = 5.0) -> None:
 
 async def test_dev_once_answers_a_routed_request_and_leaves_no_process(tmp_path: Path) -> None:
     process = await _start_dev(tmp_path, "--once", *FAST_DEMO)
-    seen: dict[int, str] = {}
+    seen: dict[int, set[str]] = {}
     recorder = asyncio.create_task(_record_descendants(process.pid, seen))
     try:
         output, _ = await asyncio.wait_for(process.communicate(), 60)
@@ -90,7 +94,7 @@ async def test_dev_once_answers_a_routed_request_and_leaves_no_process(tmp_path:
     assert '"completion_tokens": 24' in text and '"text_completion"' in text
     assert "stopped every process started" in text
 
-    commands = list(seen.values())
+    commands = [command for lines in seen.values() for command in lines]
     assert any("pyworker.demo.model_server" in command for command in commands), commands
     assert any("pyworker run hello_world" in command for command in commands), commands
     await _assert_all_gone(list(seen))
@@ -139,7 +143,7 @@ async def test_a_model_server_that_dies_is_reported_and_everything_stops(tmp_pat
         "--model-command", command,
         "--model-url", "http://127.0.0.1:1",  # nothing listens: the worker waits for the log
     )  # fmt: skip
-    seen: dict[int, str] = {}
+    seen: dict[int, set[str]] = {}
     recorder = asyncio.create_task(_record_descendants(process.pid, seen))
     try:
         output, _ = await asyncio.wait_for(process.communicate(), 60)

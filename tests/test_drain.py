@@ -211,7 +211,12 @@ async def test_the_last_report_reaches_the_autoscaler_before_the_drain_ends(
     autoscaler_app.router.add_post("/delete_requests/", record)
     autoscaler = TestServer(autoscaler_app, host="127.0.0.1")
     await autoscaler.start_server()
-    environ = {"REPORT_ADDR": str(autoscaler.make_url("")).rstrip("/"), "CONTAINER_ID": "3"}
+    environ = {
+        "REPORT_ADDR": str(autoscaler.make_url("")).rstrip("/"),
+        "CONTAINER_ID": "3",
+        "PUBLIC_IPADDR": "127.0.0.1",
+        "VAST_TCP_PORT_3000": "1",  # the address KeyPair.auth_data signs by default
+    }
     config = WorkerConfig.model_validate(
         {"model_server": {"base_url": model_server.url}, "routes": [{"path": "/echo"}], "perf": 10}
     )

@@ -179,7 +179,9 @@ async def test_an_idle_connection_is_closed(served: Served) -> None:
 async def test_a_client_that_sends_its_body_in_time_is_served(
     served: Served, keypair: KeyPair
 ) -> None:
-    body = json.dumps({"auth_data": keypair.auth_data(), "payload": {"n": 1}}).encode()
+    body = json.dumps(
+        {"auth_data": keypair.auth_data(served.worker.url), "payload": {"n": 1}}
+    ).encode()
     head = slow_post("/echo", len(body))[:-1]
     reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
     writer.write(head)
@@ -211,7 +213,7 @@ async def test_oversized_request_heads_are_refused(served: Served, request_bytes
 async def test_a_declared_or_streamed_body_over_the_limit_is_413(
     served: Served, keypair: KeyPair
 ) -> None:
-    big = {"auth_data": keypair.auth_data(), "payload": {"x": "a" * 70_000}}
+    big = {"auth_data": keypair.auth_data(served.worker.url), "payload": {"x": "a" * 70_000}}
     assert (await served.post("/echo", big))[0] == 413
 
     async def stream() -> AsyncIterator[bytes]:
@@ -229,10 +231,15 @@ async def test_a_declared_or_streamed_body_over_the_limit_is_413(
 async def test_refused_requests_change_neither_load_nor_request_ids(
     served: Served, keypair: KeyPair, model_server: ModelServer
 ) -> None:
-    forged = keypair.auth_data(request_idx=666, signature=KeyPair().sign("http://127.0.0.1:1"))
+    forged = keypair.auth_data(
+        served.worker.url, request_idx=666, signature=KeyPair().sign("http://127.0.0.1:1")
+    )
     assert (await served.post("/echo", {"auth_data": forged, "payload": {}}))[0] == 401
     assert (await served.post("/echo", {"auth_data": {"request_idx": 667}}))[0] == 422
-    too_big = {"auth_data": keypair.auth_data(request_idx=668), "payload": {"x": "a" * 70_000}}
+    too_big = {
+        "auth_data": keypair.auth_data(served.worker.url, request_idx=668),
+        "payload": {"x": "a" * 70_000},
+    }
     assert (await served.post("/echo", too_big))[0] == 413
     answer, _ = await trickle(served.port, slow_post("/echo"), b" ", 0.05)
     assert answer.startswith(b"HTTP/1.1 408")
@@ -245,7 +252,7 @@ async def test_refused_requests_change_neither_load_nor_request_ids(
     assert ledger.totals == dict.fromkeys(ledger.totals, 0)
     assert model_server.recorder.payloads == []
 
-    good = {"auth_data": keypair.auth_data(request_idx=42), "payload": {"n": 1}}
+    good = {"auth_data": keypair.auth_data(served.worker.url, request_idx=42), "payload": {"n": 1}}
     assert (await served.post("/echo", good))[0] == 200
     autoscaler = served.autoscaler
     await wait_until(lambda: bool(autoscaler.delete_requests))
@@ -265,8 +272,10 @@ async def test_logs_hold_no_payload_signature_or_token(
     caplog.set_level(logging.INFO)
     payload_secret = "payload-secret-5c1f"
     header_secret = "Bearer header-secret-9a2e"
-    good = keypair.auth_data(request_idx=1)
-    forged = keypair.auth_data(request_idx=2, signature=KeyPair().sign("http://127.0.0.1:1"))
+    good = keypair.auth_data(served.worker.url, request_idx=1)
+    forged = keypair.auth_data(
+        served.worker.url, request_idx=2, signature=KeyPair().sign("http://127.0.0.1:1")
+    )
     bodies = [
         {"auth_data": good, "payload": {"prompt": payload_secret}},
         {"auth_data": forged, "payload": {"prompt": payload_secret}},
