@@ -214,6 +214,28 @@ VARIABLES: tuple[Variable, ...] = (
         "The first wait between signing attempts; it doubles after each failure.",
         Reader.WORKER,
     ),
+    Variable(
+        "PYWORKER_VERIFY_URL",
+        "`true`",
+        "Refuse (401) an `auth_data` whose `url` does not name this worker's scheme, host and "
+        "port (the public URL it reports). `false` for a proxy that rewrites the address "
+        "(docs/signature-binding.md).",
+        Reader.WORKER,
+    ),
+    Variable(
+        "PYWORKER_MAX_CONNECTIONS",
+        "from the descriptor limit (raised to the hard limit at start), with a reserve",
+        "A lower cap on open client connections; beyond it the oldest idle one is closed, or "
+        "503 when all are busy (docs/resources.md).",
+        Reader.WORKER,
+    ),
+    Variable(
+        "PYWORKER_MAX_UNVERIFIED_BYTES",
+        "`67108864` (64 MiB), or twice `max_body_size` when larger",
+        "Bytes of request bodies held, across all clients, before their signature is checked; "
+        "503 with `Retry-After` beyond.",
+        Reader.WORKER,
+    ),
     # --- config overrides (pyworker.loader.ENV_OVERRIDES) --------------------------------------
     Variable(
         "MODEL_SERVER_URL",

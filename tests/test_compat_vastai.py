@@ -418,7 +418,7 @@ async def test_reference_worker_runs_with_its_import_line_changed(
             assert benchmarked > 0  # the benchmark ran against the model server
 
             # The signed cost differs from the workload: the calculator decides the workload.
-            auth = scene.keypair.auth_data(request_idx=4242, cost=1)
+            auth = scene.keypair.auth_data(url, request_idx=4242, cost=1)
             body = {"auth_data": auth, "payload": example.payload}
             async with (
                 aiohttp.ClientSession() as session,

@@ -88,7 +88,14 @@ class Harness:
         server_config = config.model_server.model_copy(update={"base_url": self.engine_url})
         config = config.model_copy(update={"model_server": server_config, "perf": perf})
         environment = Environment.from_env(
-            {"REPORT_ADDR": self.autoscaler.url, "UNSECURED": "false", "CONTAINER_ID": "7"}
+            {
+                "REPORT_ADDR": self.autoscaler.url,
+                "UNSECURED": "false",
+                "CONTAINER_ID": "7",
+                # The public address KeyPair.auth_data signs by default: signatures bind to it.
+                "PUBLIC_IPADDR": "127.0.0.1",
+                "VAST_TCP_PORT_3000": "1",
+            }
         )
         worker = Worker(config, environment)
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)

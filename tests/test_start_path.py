@@ -51,6 +51,10 @@ GIT_IDENTITY = ["-c", "user.name=pyworker tests", "-c", "user.email=tests@localh
 
 pytestmark = pytest.mark.skipif(GIT is None, reason="git is not installed")
 
+PUBLIC_PORT = "41234"
+PUBLIC_URL = f"http://127.0.0.1:{PUBLIC_PORT}"
+"""The address Vast's variables give the worker: what the autoscaler signs."""
+
 
 def requirement_lines(path: Path) -> list[str]:
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
@@ -225,7 +229,7 @@ async def worker_process(
         "WORKER_PORT": str(port),
         "USE_SSL": "false",
         "PUBLIC_IPADDR": "127.0.0.1",
-        f"VAST_TCP_PORT_{port}": "41234",
+        f"VAST_TCP_PORT_{port}": PUBLIC_PORT,
         "WORKER_HOST": "127.0.0.1",  # Vast listens on all addresses; the tests on loopback only
         "WORKER_HTTP_PORT": "0",
         **extra,
@@ -276,7 +280,8 @@ async def wait_until_ready(autoscaler: FakeAutoscaler, lines: list[str]) -> dict
 
 async def assert_serves_a_signed_request(worker: WorkerProcess, keypair: KeyPair) -> None:
     body = {
-        "auth_data": keypair.auth_data(worker.url),
+        # Signed, as the autoscaler does, for the public address the worker reports.
+        "auth_data": keypair.auth_data(PUBLIC_URL),
         "payload": {"prompt": "Hello", "max_tokens": 4},
     }
     async with (
@@ -324,7 +329,7 @@ async def test_start_script_installs_requirements_and_serves_workers_backend(
     ):
         report = await wait_until_ready(autoscaler, worker.lines)
         assert report["id"] == 42
-        assert report["url"] == "http://127.0.0.1:41234"  # PUBLIC_IPADDR, VAST_TCP_PORT_<port>
+        assert report["url"] == PUBLIC_URL  # PUBLIC_IPADDR, VAST_TCP_PORT_<port>
         assert not report["error_msg"]
         await assert_serves_a_signed_request(worker, keypair)
 

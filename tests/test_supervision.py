@@ -210,7 +210,7 @@ async def test_a_dataset_line_that_is_not_json_is_a_reported_error(scene: Scene)
     dataset.write_text('{"prompt": "a"}\n{"prompt": "b"}\nnot json at all\n')
     await scene.start(benchmark={"dataset": None, "dataset_file": str(dataset)})
     report = await scene.report_where(lambda r: "not JSON" in r["error_msg"])
-    assert f"{dataset} line 3" in report["error_msg"]
+    assert f"{dataset}, line 3: not JSON" in report["error_msg"]
     assert scene.engine.calls == 0
 
 
