@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -112,10 +113,12 @@ def reference_message(url: str) -> bytes:
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+@functools.lru_cache(maxsize=256)
 def worker_address(url: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) of an http(s) url, lower-cased, the port defaulted; None if unusable.
 
     A path, query or fragment after them is ignored: some clients sign a url with a path.
+    Cached: every request of a fleet carries the same few urls, and this is on the request path.
     """
     try:
         parts = urlsplit(url.strip())
