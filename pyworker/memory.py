@@ -70,6 +70,8 @@ class Trimmer:
     def _trim(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled = None
         if self._running is not None and not self._running.done():
+            # Buffers were freed while a trim ran: it may have missed them, so trim again later.
+            self._scheduled = loop.call_later(self.delay, self._trim, loop)
             return
         self.trims += 1
         self._running = loop.run_in_executor(None, trim)
