@@ -13,7 +13,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from pyworker.auth import reference_message
+from pyworker.protocol.auth import reference_message
 
 
 class Signer:

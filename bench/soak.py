@@ -39,8 +39,8 @@ import aiohttp
 import orjson
 import psutil
 
-from pyworker.local.autoscaler import LocalAutoscaler
-from pyworker.local.fleet import FinishedRequest, Fleet
+from pyworker.devtools.local.autoscaler import LocalAutoscaler
+from pyworker.devtools.local.fleet import FinishedRequest, Fleet
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
@@ -248,7 +248,7 @@ class Soak:
 
     async def start_model(self, port: int = 0) -> None:
         arguments = [
-            "-m", "pyworker.demo.model_server", "--port", str(port),
+            "-m", "pyworker.devtools.demo.model_server", "--port", str(port),
             "--log-file", str(self.model_log), "--load-seconds", "1",
             "--tokens-per-second", "400",
         ]  # fmt: skip

@@ -27,9 +27,9 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from pyworker.app import Worker
-from pyworker.environment import Environment
-from pyworker.server import RUNNER_OPTIONS
+from pyworker.config.environment import Environment
+from pyworker.serving.app import Worker
+from pyworker.serving.server import RUNNER_OPTIONS
 from workers.openai.routes import TRANSCRIPTIONS
 from workers.openai.uploads import UploadForm
 from workers.openai.worker import build_worker

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from pyworker import __version__
-from pyworker.environment import Environment, InvalidEnvironment
-from pyworker.failure import fail
-from pyworker.loader import ConfigError, load_config
+from pyworker.config.environment import Environment, InvalidEnvironment
+from pyworker.config.loader import ConfigError, load_config
+from pyworker.startup.failure import fail
 
 
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--log-level", default=os.environ.get("PYWORKER_LOG_LEVEL", "INFO"))
     run.set_defaults(handler=command_run)
     if tools:
-        from pyworker.commands import call, dev, load
+        from pyworker.devtools.commands import call, dev, load
 
         for command in (dev, call, load):
             command.add_parser(commands)
@@ -48,7 +48,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
 
 
 def command_run(arguments: argparse.Namespace) -> int:
-    from pyworker.server import run
+    from pyworker.serving.server import run
 
     environ = dict(os.environ)
     if arguments.port is not None:

@@ -14,9 +14,9 @@ import sys
 from typing import NoReturn
 
 from pyworker.config import WorkerConfig
-from pyworker.environment import Environment, InvalidEnvironment
-from pyworker.failure import fail
-from pyworker.loader import ConfigError, apply_overrides, raw_config
+from pyworker.config.environment import Environment, InvalidEnvironment
+from pyworker.config.loader import ConfigError, apply_overrides, raw_config
+from pyworker.startup.failure import fail
 
 
 def serve(worker: WorkerConfig | dict[str, object], source: str = "worker.py") -> NoReturn:
@@ -25,7 +25,7 @@ def serve(worker: WorkerConfig | dict[str, object], source: str = "worker.py") -
 
 
 def serve_status(worker: WorkerConfig | dict[str, object], source: str = "worker.py") -> int:
-    from pyworker.server import run
+    from pyworker.serving.server import run
 
     environ = dict(os.environ)
     logging.basicConfig(

@@ -4,7 +4,7 @@
 #
 #   1. choose the worker, and install pyworker into a venv unless it is already there;
 #      with USE_SSL=true, make sure the TLS key and certificate are there (`python -m
-#      pyworker.certificate`: reused when still good, else a new key signed by Vast);
+#      pyworker.startup.certificate`: reused when still good, else a new key signed by Vast);
 #   2. rotate the model server's log and start the model server, its output into that log;
 #   3. start `pyworker run <worker>`;
 #   4. on SIGTERM or SIGINT, send SIGTERM to both (SIGINT is ignored by the background
@@ -45,7 +45,7 @@
 #                          make the `url` of an error report, as the worker itself does
 #   USE_SSL                true: serve HTTPS with TLS_CERT_FILE and TLS_KEY_FILE (default
 #                          /etc/instance.crt, /etc/instance.key), signed by Vast for CONTAINER_ID
-#                          when missing, mismatched or expiring (see pyworker/certificate.py for
+#                          when missing, mismatched or expiring (see pyworker/startup/certificate.py for
 #                          PYWORKER_SIGN_CERT_URL, PYWORKER_SIGN_ATTEMPTS, PYWORKER_SIGN_BACKOFF)
 #   PYWORKER_PYTHON        the python that runs that step (default the venv's, or python3 when
 #                          PYWORKER_CMD is set)
@@ -224,8 +224,8 @@ prepare_certificate() {
     fi
     python="${python:-$VENV/bin/python}"
     output="$(mktemp)"
-    if ! "$python" -m pyworker.certificate 2>&1 | tee "$output" >&2; then
-        fail "no TLS certificate: $(tail -n 1 -- "$output" | sed 's/^.*pyworker.certificate: //')"
+    if ! "$python" -m pyworker.startup.certificate 2>&1 | tee "$output" >&2; then
+        fail "no TLS certificate: $(tail -n 1 -- "$output" | sed 's/^.*pyworker.startup.certificate: //')"
     fi
     rm -f -- "$output"
 }
@@ -256,7 +256,7 @@ start_model_server() {
 
 start_worker() {
     log "starting ${worker_command[*]} run $WORKER"
-    # pyworker writes why it stopped there, for the report (pyworker/failure.py).
+    # pyworker writes why it stopped there, for the report (pyworker/startup/failure.py).
     worker_error_file="${PYWORKER_ERROR_FILE:-$(mktemp 2>/dev/null || true)}"
     if [[ -n $worker_error_file ]]; then
         : >"$worker_error_file" 2>/dev/null || true

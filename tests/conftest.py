@@ -14,11 +14,11 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from pyworker.app import Worker
-from pyworker.auth import reference_message
 from pyworker.config import WorkerConfig
-from pyworker.environment import Environment
-from pyworker.server import RUNNER_OPTIONS
+from pyworker.config.environment import Environment
+from pyworker.protocol.auth import reference_message
+from pyworker.serving.app import Worker
+from pyworker.serving.server import RUNNER_OPTIONS
 from tests.support.model_server import Recorder, create_app
 
 
@@ -51,7 +51,7 @@ _KEYPAIR: KeyPair | None = None
 LoopFactories = Mapping[str, Callable[[], asyncio.AbstractEventLoop]]
 DEFAULT_LOOP: LoopFactories = {"asyncio": asyncio.new_event_loop}
 BOTH_LOOPS: LoopFactories = {**DEFAULT_LOOP, "uvloop": uvloop.new_event_loop}
-BOTH_LOOP_MODULES = ("tests.test_app", "tests.test_connection_pool")
+BOTH_LOOP_MODULES = ("tests.serving.test_app", "tests.upstream.test_connection_pool")
 """The request path runs on uvloop in production: these modules' tests run on both loops."""
 MASTER_TOKEN = "operator-token-5f3a"
 OPERATOR_HEADERS = {"Authorization": f"Bearer {MASTER_TOKEN}"}

@@ -92,7 +92,7 @@ try:
     main(sys.argv[1:])
 except SystemExit:
     pass
-tools = sorted(m for m in sys.modules if m.startswith(("pyworker.commands", "pyworker.local")))
+tools = sorted(m for m in sys.modules if m.startswith("pyworker.devtools"))
 print("TOOLS", ",".join(tools))
 """
 
@@ -112,4 +112,4 @@ async def test_run_leaves_the_developer_tools_unimported() -> None:
     assert tools == ""
     help_text, tools = await _imported_tools("--help")
     assert "dev" in help_text and "load" in help_text
-    assert "pyworker.commands.dev" in tools.split(",")
+    assert "pyworker.devtools.commands.dev" in tools.split(",")

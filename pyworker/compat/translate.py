@@ -12,7 +12,6 @@ import math
 from typing import Any
 from urllib.parse import urlsplit
 
-from pyworker.benchmark import BenchmarkError
 from pyworker.compat.handlers import remote_function_handler, response_generator_handler
 from pyworker.compat.reference import (
     DEFAULT_WORKLOAD,
@@ -24,7 +23,8 @@ from pyworker.compat.reference import (
 )
 from pyworker.config import JSONObject, ModelHandler, WorkloadFunction
 from pyworker.config import WorkerConfig as NativeConfig
-from pyworker.loader import ConfigError, validate_config
+from pyworker.config.loader import ConfigError, validate_config
+from pyworker.lifecycle.benchmark import BenchmarkError
 
 DEFAULT_HOST_URL = "http://127.0.0.1"
 MAX_ROUNDS = 100

@@ -26,8 +26,8 @@ from pyworker.compat.reference import (
 )
 from pyworker.compat.translate import UnsupportedField, translate
 from pyworker.config import WorkerConfig as NativeConfig
-from pyworker.environment import Environment, InvalidEnvironment
-from pyworker.loader import ConfigError
+from pyworker.config.environment import Environment, InvalidEnvironment
+from pyworker.config.loader import ConfigError
 
 __all__ = [
     "BenchmarkConfig",

@@ -1,6 +1,6 @@
 """A client of a `comfyui` worker: route, send a workflow, save the images it answers.
 
-    python -m pyworker.local.autoscaler --port 8081 &          # or the real autoscaler
+    python -m pyworker.devtools.local.autoscaler --port 8081 &          # or the real autoscaler
     python workers/comfyui/client.py --autoscaler http://127.0.0.1:8081 \
         --prompt "a red fox in fresh snow" --out images/
     python workers/comfyui/client.py --worker http://127.0.0.1:3000 \
@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from pyworker.commands.routing import add_worker_target_arguments, worker_auth_data
+from pyworker.devtools.commands.routing import add_worker_target_arguments, worker_auth_data
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=900)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from pyworker.commands.load import add_worker_arguments, run_worker_load
+from pyworker.devtools.commands.load import add_worker_arguments, run_worker_load
 from workers.comfyui.client import estimated_cost
 
 DATASET = Path(__file__).resolve().parent / "benchmark.json"

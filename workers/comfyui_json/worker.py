@@ -30,7 +30,7 @@ from pyworker.config import (
     RouteConfig,
     WorkerConfig,
 )
-from pyworker.template_env import engine_url, existing_log, log_grammar, served_model
+from pyworker.config.template_env import engine_url, existing_log, log_grammar, served_model
 
 logger = logging.getLogger(__name__)
 

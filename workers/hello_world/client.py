@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pyworker.commands.devstate import find_state
-from pyworker.commands.routing import no_autoscaler_message
+from pyworker.devtools.commands.devstate import find_state
+from pyworker.devtools.commands.routing import no_autoscaler_message
 
 ENDPOINT = "hello_world"
 ROUTE = "/v1/completions"

@@ -1,7 +1,7 @@
 """hello_world: the smallest complete worker, in front of pyworker's demo model server.
 
-The demo server (`python -m pyworker.demo.model_server`) speaks the OpenAI completions API like
-vLLM, without a model, so this worker runs anywhere. It shows each part of a config:
+The demo server (`python -m pyworker.devtools.demo.model_server`) speaks the OpenAI completions
+API like vLLM, without a model, so this worker runs anywhere. It shows each part of a config:
 
 - the model server: where it listens, the log line that says it is loaded, its health path;
 - the routes: the workload of a request is its `max_tokens`, and the work a request really
@@ -10,7 +10,7 @@ vLLM, without a model, so this worker runs anywhere. It shows each part of a con
 
 `pyworker dev` runs it with the demo server; by hand:
 
-    python -m pyworker.demo.model_server --port 8000 --log-file /tmp/pyworker-demo.log &
+    python -m pyworker.devtools.demo.model_server --port 8000 --log-file /tmp/pyworker-demo.log &
     pyworker run hello_world
 """
 
@@ -25,8 +25,8 @@ from pyworker.config import (
     RouteConfig,
     WorkerConfig,
 )
-from pyworker.demo.model_server import LOADED_LINE
-from pyworker.demo.openai import DEFAULT_MAX_TOKENS
+from pyworker.devtools.demo.model_server import LOADED_LINE
+from pyworker.devtools.demo.openai import DEFAULT_MAX_TOKENS
 
 HERE = Path(__file__).resolve().parent
 MODEL_LOG = "/tmp/pyworker-demo.log"

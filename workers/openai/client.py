@@ -1,6 +1,6 @@
 """A client of an `openai` worker: ask the autoscaler for a worker, then stream a chat answer.
 
-    python -m pyworker.local.autoscaler --port 8081 &          # or the real autoscaler
+    python -m pyworker.devtools.local.autoscaler --port 8081 &          # or the real autoscaler
     python workers/openai/client.py --autoscaler http://127.0.0.1:8081 "Tell me a joke"
     python workers/openai/client.py --worker http://127.0.0.1:3000 "Hi"   # UNSECURED worker
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from pyworker.commands.routing import add_worker_target_arguments, worker_auth_data
+from pyworker.devtools.commands.routing import add_worker_target_arguments, worker_auth_data
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
 

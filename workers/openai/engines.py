@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pyworker.backports import StrEnum
 from pyworker.config import ModelServerConfig, Pattern, PatternConfig
-from pyworker.template_env import engine_url, existing_log, log_grammar, served_model
+from pyworker.config.template_env import engine_url, existing_log, log_grammar, served_model
 
 VAST_ENGINE_PORT = 18000
 """Where Vast's vLLM, SGLang and llama.cpp templates start the engine."""

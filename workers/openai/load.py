@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyworker.commands.load import add_worker_arguments, run_worker_load
+from pyworker.devtools.commands.load import add_worker_arguments, run_worker_load
 
 DATASET = Path(__file__).resolve().parent / "benchmark.jsonl"
 ROUTE = "/v1/completions"

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pyworker.config import BenchmarkConfig, JSONObject, ProducedWork, RouteConfig
-from pyworker.encoded_body import BodyEncoder
-from pyworker.loader import ConfigError
+from pyworker.config.encoded_body import BodyEncoder
+from pyworker.config.loader import ConfigError
 from workers.openai import benchmarks
 from workers.openai.uploads import (
     AUDIO_TYPES,

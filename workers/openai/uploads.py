@@ -23,8 +23,8 @@ from typing import Any
 import orjson
 
 from pyworker.config import JSONObject
-from pyworker.encoded_body import BodyPart, EncodedBody, PayloadRefused
-from pyworker.loader import ConfigError
+from pyworker.config.encoded_body import BodyPart, EncodedBody, PayloadRefused
+from pyworker.config.loader import ConfigError
 
 MiB = 1024 * 1024
 DEFAULT_FILE_BYTES = 25 * MiB

@@ -22,7 +22,7 @@ from typing import TypeGuard
 import orjson
 
 from pyworker.config import JSONObject, WorkerConfig
-from pyworker.loader import ConfigError
+from pyworker.config.loader import ConfigError
 from workers.openai.engines import ServerKind, engine_model_server, server_kind
 
 # Re-exported: the route names live in routes.py.

@@ -1,6 +1,6 @@
 """A client of a `tgi` worker: ask the autoscaler for a worker, then stream TGI's answer.
 
-    python -m pyworker.local.autoscaler --port 8081 &          # or the real autoscaler
+    python -m pyworker.devtools.local.autoscaler --port 8081 &          # or the real autoscaler
     python workers/tgi/client.py --autoscaler http://127.0.0.1:8081 "What is Deep Learning?"
     python workers/tgi/client.py --worker http://127.0.0.1:3000 --no-stream "Hi"  # UNSECURED
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from pyworker.commands.routing import add_worker_target_arguments, worker_auth_data
+from pyworker.devtools.commands.routing import add_worker_target_arguments, worker_auth_data
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
 

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyworker.benchmark import produced_documents
-from pyworker.commands.load import add_worker_arguments, run_worker_load
+from pyworker.devtools.commands.load import add_worker_arguments, run_worker_load
+from pyworker.lifecycle.benchmark import produced_documents
 from workers.tgi.client import estimated_cost
 
 DATASET = Path(__file__).resolve().parent / "benchmark.jsonl"

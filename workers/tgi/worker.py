@@ -28,7 +28,7 @@ from pyworker.config import (
     RouteConfig,
     WorkerConfig,
 )
-from pyworker.template_env import engine_url, log_grammar, served_model
+from pyworker.config.template_env import engine_url, log_grammar, served_model
 
 HERE = Path(__file__).resolve().parent
 CHARS_PER_TOKEN = 4

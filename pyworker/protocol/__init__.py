@@ -1,0 +1,1 @@
+"""The wire formats: the client's envelope, signatures, workload, the autoscaler's messages."""

@@ -1,0 +1,224 @@
+"""Verifying the `auth_data` that the autoscaler's `/route/` signed.
+
+The reference scheme signs only `{"url": ...}`: every request to one worker carries one of a
+few signatures, so a bounded cache of verified (url, signature) pairs makes the common case
+cost a dictionary lookup instead of an RSA operation. Strict mode (pyworker.protocol.strict)
+verifies a signature per request instead; both verifiers answer the same `Verifier` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+
+from pyworker.backports import StrEnum
+from pyworker.protocol.workload import MAX_WORKLOAD
+
+logger = logging.getLogger(__name__)
+
+
+NUMBER_FIELDS = ("cost", "reqnum", "request_idx")
+MAX_INDEX = 2**63 - 1
+"""The largest `request_idx` or `reqnum`: what a signed 64-bit integer, and so every report
+and every JSON encoder on the way, can carry."""
+
+
+class AuthData(BaseModel):
+    """The autoscaler's answer to `/route/`, passed through by the client. Extra keys ignored.
+
+    Numbers are checked here, where they enter, against what the wire protocol can carry (a
+    number sent as a string is accepted, as by the reference), so nothing downstream
+    (accounting, reports, /status) can fail on one. A boolean is not a number: pydantic would
+    take `true` for 1, so pyworker.protocol.envelope refuses booleans in `NUMBER_FIELDS` first (one
+    check there is cheaper than a Python validator per field on every request).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    cost: float = Field(ge=0, le=MAX_WORKLOAD, allow_inf_nan=False)
+    endpoint: str
+    reqnum: int = Field(ge=0, le=MAX_INDEX)
+    request_idx: int = Field(ge=0, le=MAX_INDEX)
+    signature: str
+    url: str
+    # Strict mode only (pyworker.protocol.strict). A value of the wrong type is ignored like an
+    # unknown key, so a reference worker's clients never get a 422 for them.
+    expires: float | None = Field(default=None, allow_inf_nan=False)
+    sig_v: int | None = None
+    strict_signature: str | None = None
+
+    @field_validator("expires", "sig_v", "strict_signature", mode="wrap")
+    @classmethod
+    def _ignore_invalid(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
+
+
+class Verdict(StrEnum):
+    """What a verifier concluded about one auth_data; the value is what a client is told."""
+
+    ACCEPTED = "accepted"
+    INVALID = "invalid signature"
+    UNSIGNED = "strict signature required: auth_data lacks expires, sig_v or strict_signature"
+    UNSUPPORTED = "unsupported sig_v"
+    WRONG_WORKER = "auth_data was signed for another worker"
+    EXPIRED = "auth_data expired"
+    TOO_LONG = "auth_data expires too far ahead"
+    REPLAYED = "auth_data already used"
+    BUSY = "too many auth_data in flight to remember: retry"
+    """Only this one is not the client's fault (503, not 401)."""
+
+
+class Verifier(Protocol):
+    """A signature check the worker's routes can use; the key arrives later, from /pubkey/."""
+
+    @property
+    def has_key(self) -> bool: ...
+
+    def load_pem(self, pem: bytes) -> None: ...
+
+    def verify(self, auth: AuthData) -> bool: ...
+
+    def check(self, auth: AuthData) -> Verdict: ...
+
+
+def reference_message(url: str) -> bytes:
+    """The exact bytes the reference autoscaler signs: `{"url": url}`, 4-space indent, sorted."""
+    return json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@functools.lru_cache(maxsize=256)
+def worker_address(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) url, lower-cased, the port defaulted; None if unusable.
+
+    A path, query or fragment after them is ignored: some clients sign a url with a path.
+    Cached: every request of a fleet carries the same few urls, and this is on the request path.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    return scheme, host, port if port is not None else DEFAULT_PORTS[scheme]
+
+
+def same_worker(given: str, own: str) -> bool:
+    """Whether `given` names the worker at `own`: same scheme, host and port."""
+    address = worker_address(given)
+    return address is not None and address == worker_address(own)
+
+
+class SignatureVerifier:
+    """RSA PKCS#1 v1.5 / SHA-256 checks of the reference message; successes kept in an LRU.
+
+    `audience` returns this worker's public url: a signature for another worker's url is
+    refused (`Verdict.WRONG_WORKER`), so one worker's auth_data cannot be spent on another.
+    None accepts any url (PYWORKER_VERIFY_URL=false, behind a proxy that rewrites it).
+    """
+
+    def __init__(self, cache_size: int = 4096, audience: Callable[[], str] | None = None) -> None:
+        self.audience = audience
+        self._key: rsa.RSAPublicKey | None = None
+        self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None
+
+    def load_pem(self, pem: bytes) -> None:
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except UnsupportedAlgorithm as error:
+            raise ValueError(f"unsupported public key: {error}") from None
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError("the autoscaler's public key is not an RSA key")
+        self._key = key
+        self._cache.clear()
+
+    def check(self, auth: AuthData) -> Verdict:
+        if self.audience is not None and not same_worker(auth.url, self.audience()):
+            return Verdict.WRONG_WORKER
+        return Verdict.ACCEPTED if self._signed(auth) else Verdict.INVALID
+
+    def verify(self, auth: AuthData) -> bool:
+        return self.check(auth) is Verdict.ACCEPTED
+
+    def _signed(self, auth: AuthData) -> bool:
+        if self._key is None:
+            return False
+        pair = (auth.url, auth.signature)
+        if pair in self._cache:
+            self._cache.move_to_end(pair)
+            return True
+        try:
+            signature = base64.b64decode(auth.signature, validate=True)
+            self._key.verify(
+                signature, reference_message(auth.url), padding.PKCS1v15(), hashes.SHA256()
+            )
+        except (InvalidSignature, binascii.Error, ValueError):
+            return False
+        self._cache[pair] = None
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return True
+
+
+async def fetch_public_key(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    verifier: Verifier,
+    *,
+    attempt_timeout: float = 5.0,
+    first_delay: float = 0.5,
+    max_delay: float = 30.0,
+) -> None:
+    """Fetch `{base_url}/pubkey/` until it loads, backing off exponentially between tries."""
+    url = f"{base_url}/pubkey/"
+    delay = first_delay
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            timeout = aiohttp.ClientTimeout(total=attempt_timeout)
+            async with session.get(url, timeout=timeout) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise ValueError(f"HTTP {response.status}")
+            verifier.load_pem(body)
+            logger.info("public key loaded from %s", url)
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+            logger.warning("public key from %s: attempt %d failed: %s", url, attempt, error)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)

@@ -1,0 +1,1 @@
+"""The aiohttp side: the application, the admission pipeline, sessions, limits and responses."""

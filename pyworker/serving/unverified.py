@@ -1,0 +1,98 @@
+"""Reading request bodies before their signature is checked, within a bound for all clients.
+
+Anyone can send a body; only a signed one is worth memory. Each body's bytes are counted, as
+they arrive, against one budget shared by every request whose signature is not yet checked
+(`UnverifiedBytes`). A body that does not fit is answered `503` with `Retry-After` at once (a
+declared length) or as soon as it passes the budget (a streamed one), so sixteen 30 MB bodies
+with bad signatures hold at most the budget, not 480 MB. The bytes are given back as soon as
+the signature is checked, and after large bodies the freed memory is returned to the system
+(pyworker.serving.memory).
+
+A compressed body (`Content-Encoding: gzip`, `deflate`, `br`, `zstd`) is measured by its decoded
+size as it is decoded: aiohttp (>= 3.13.3) inflates it in bounded steps as it is read, and
+reading stops at the size limit (413), so a small gzip bomb is never inflated whole.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pyworker.serving.memory import Trimmer
+from pyworker.serving.responses import error_response
+
+LARGE_BODY = 1024 * 1024
+"""Releasing a body this large schedules a trim (pyworker.serving.memory)."""
+
+
+class BodyRefused(Exception):
+    """The body was not read whole: `response` says why (413 or 503)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class UnverifiedBytes:
+    """The bytes held by request bodies whose signature is not checked yet, within `limit`."""
+
+    def __init__(self, limit: int, trimmer: Trimmer | None = None) -> None:
+        self.limit = limit
+        self.held = 0
+        self.refused = 0
+        """Bodies answered 503 because the budget was spent."""
+        self.trimmer = trimmer or Trimmer()
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held = max(self.held - size, 0)
+        if size >= LARGE_BODY:
+            self.trimmer.trim_soon()
+
+    async def read(self, request: web.Request, max_size: int) -> tuple[bytes, int]:
+        """The body (decoded) and the bytes it holds of the budget: `give_back` them later.
+
+        Raises `BodyRefused`: 413 over `max_size` (declared, streamed or decoded), 503 with
+        Retry-After when the budget cannot hold it now.
+        """
+        declared = request.content_length
+        if declared is not None and declared > max_size:
+            raise BodyRefused(_too_large(max_size))
+        held = 0
+        if declared and not self.take(declared):
+            raise BodyRefused(self._busy())
+        held = declared or 0
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > max_size:
+                    raise BodyRefused(_too_large(max_size))
+                if size > held:
+                    if not self.take(size - held):
+                        raise BodyRefused(self._busy())
+                    held = size
+                chunks.append(chunk)
+        except BaseException:
+            chunks.clear()
+            self.give_back(held)
+            raise
+        return b"".join(chunks), held
+
+    def _busy(self) -> web.Response:
+        self.refused += 1
+        message = "the worker holds too many unverified request bodies: retry"
+        response = error_response(503, message, retry_after=1.0)
+        response.force_close()  # the rest of the body is not worth reading
+        return response
+
+
+def _too_large(max_size: int) -> web.Response:
+    response = error_response(413, f"request body over {max_size} bytes")
+    response.force_close()
+    return response

@@ -1,0 +1,1 @@
+"""The model server behind one facade: connections, requests, health probes and their errors."""

@@ -1,0 +1,1 @@
+"""Tests of pyworker.compat: the reference SDK's API."""

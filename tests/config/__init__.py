@@ -1,0 +1,1 @@
+"""Tests of pyworker.config: configuration and the environment."""

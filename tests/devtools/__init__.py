@@ -1,0 +1,1 @@
+"""Tests of pyworker.devtools: developer tools."""

@@ -1,0 +1,1 @@
+"""Tests of pyworker.lifecycle: the worker's life."""

@@ -1,0 +1,174 @@
+"""The benchmark against the fake model server, and its cache."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from pyworker.config import BenchmarkConfig, RouteConfig
+from pyworker.lifecycle.benchmark import (
+    Benchmark,
+    BenchmarkError,
+    BenchmarkResult,
+    cache_key,
+    load_dataset,
+    produced_documents,
+    read_cache,
+    write_cache,
+)
+from pyworker.upstream.model import ModelClient
+from tests.conftest import ModelServer
+from tests.support.model_server import Recorder, create_app
+
+
+def usage_tokens(document: dict[str, Any]) -> float | None:
+    usage = document.get("usage")
+    return usage.get("completion_tokens") if isinstance(usage, dict) else None
+
+
+def _route(**fields: Any) -> RouteConfig:
+    return RouteConfig.model_validate(
+        {"path": "/v1/completions", "workload": "max_tokens", **fields}
+    )
+
+
+async def _run(url: str, route: RouteConfig, **config: Any) -> BenchmarkResult:
+    model = ModelClient(url, connect_timeout=1)
+    try:
+        settings = BenchmarkConfig.model_validate(config)
+        return await Benchmark(model, route, settings).run(load_dataset(settings))
+    finally:
+        await model.close()
+
+
+async def test_counts_produced_work_from_usage(model_server: ModelServer) -> None:
+    dataset = [{"max_tokens": 100, "produce": 10}]
+    result = await _run(
+        model_server.url, _route(produced_work=usage_tokens), dataset=dataset, rounds=2
+    )
+    assert len(result.rounds) == 2
+    assert all(r.requests == 8 and r.succeeded == 8 and r.work == 80 for r in result.rounds)
+    assert result.perf > 0
+    # warm-up + 2 rounds of 8
+    assert len(model_server.recorder.payloads) == 17
+
+
+async def test_without_a_hook_counts_the_requested_workload(model_server: ModelServer) -> None:
+    result = await _run(model_server.url, _route(), dataset=[{"max_tokens": 7}], rounds=1)
+    assert result.rounds[0].work == 7 * 8
+
+
+async def test_streams_are_timed_to_their_last_byte(model_server: ModelServer) -> None:
+    dataset = [{"max_tokens": 5, "produce": 5, "stream": True, "interval": 0.1}]
+    result = await _run(
+        model_server.url,
+        _route(produced_work=usage_tokens),
+        dataset=dataset,
+        rounds=1,
+        concurrency=2,
+        warmup=False,
+    )
+    (round_,) = result.rounds
+    assert round_.work == 10 and round_.seconds >= 0.5
+    assert result.perf == pytest.approx(10 / round_.seconds)
+
+
+async def test_fifo_routes_run_one_request_at_a_time(model_server: ModelServer) -> None:
+    dataset = [{"max_tokens": 1, "seconds": 0.02}]
+    await _run(model_server.url, _route(fifo=True), dataset=dataset, rounds=3, concurrency=8)
+    recorder = model_server.recorder
+    assert len(recorder.payloads) == 4  # warm-up + 3 rounds of 1
+
+
+async def test_waits_out_connection_refused_while_the_port_opens() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    recorder = Recorder()
+    server = TestServer(create_app(recorder), host="127.0.0.1", port=port)
+
+    async def open_later() -> None:
+        await asyncio.sleep(0.5)  # the model server is still loading; it is not a sync point
+        await server.start_server()
+
+    opener = asyncio.create_task(open_later())
+    try:
+        result = await _run(
+            f"http://127.0.0.1:{port}", _route(), dataset=[{"max_tokens": 1}], rounds=1
+        )
+    finally:
+        await opener
+        await server.close()
+    assert result.perf > 0 and len(recorder.payloads) == 9
+
+
+async def test_gives_up_when_the_port_never_opens() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(BenchmarkError, match="refused connections"):
+        await _run(url, _route(), dataset=[{}], connect_wait=0.5)
+
+
+async def test_every_request_failing_is_an_error(model_server: ModelServer) -> None:
+    route = RouteConfig(path="/echo")
+    with pytest.raises(BenchmarkError, match="every benchmark request"):
+        await _run(model_server.url, route, dataset=[{"status": 500}], rounds=1, warmup=False)
+
+
+def test_dataset_from_json_and_jsonl_files(tmp_path: Path) -> None:
+    as_json = tmp_path / "d.json"
+    as_json.write_bytes(orjson.dumps([{"a": 1}, {"a": 2}, "skipped"]))
+    as_jsonl = tmp_path / "d.jsonl"
+    as_jsonl.write_text('{"a": 1}\n\n{"a": 3}\n')
+    assert load_dataset(BenchmarkConfig(dataset_file=str(as_json))) == [{"a": 1}, {"a": 2}]
+    assert load_dataset(BenchmarkConfig(dataset_file=str(as_jsonl))) == [{"a": 1}, {"a": 3}]
+    generated = load_dataset(BenchmarkConfig(generator=lambda i: {"i": i}, rounds=1, concurrency=2))
+    assert generated == [{"i": 0}, {"i": 1}, {"i": 2}]
+    with pytest.raises(BenchmarkError, match=r"missing\.json"):
+        load_dataset(BenchmarkConfig(dataset_file=str(tmp_path / "missing.json")))
+
+
+def test_produced_documents_of_each_answer_shape() -> None:
+    sse = b'data: {"a": 1}\n\n: comment\n\ndata: [DONE]\n\n'
+    assert list(produced_documents(sse, "text/event-stream")) == [{"a": 1}]
+    assert list(produced_documents(b'{"b": 2}\n{"b": 3}\n', "application/x-ndjson")) == [
+        {"b": 2},
+        {"b": 3},
+    ]
+    assert list(produced_documents(b'{"c": 4}', "application/json")) == [{"c": 4}]
+    assert list(produced_documents(b"not json", "application/json")) == []
+
+
+def test_cache_hits_only_for_the_same_gpu_and_model(tmp_path: Path) -> None:
+    config, route = BenchmarkConfig(dataset=[{"x": 1}]), _route()
+    key = cache_key(config, route, {"gpus": ["GPU-a"], "model": "llama"})
+    assert key == cache_key(config, route, {"gpus": ["GPU-a"], "model": "llama"})
+    other_gpu = cache_key(config, route, {"gpus": ["GPU-b"], "model": "llama"})
+    other_model = cache_key(config, route, {"gpus": ["GPU-a"], "model": "mistral"})
+    other_data = cache_key(BenchmarkConfig(dataset=[{"x": 2}]), route, {"gpus": ["GPU-a"]})
+    assert len({key, other_gpu, other_model, other_data}) == 4
+
+    path = tmp_path / "cache" / "benchmark.json"
+    marker = tmp_path / ".has_benchmark"
+    assert read_cache(path, key) is None
+    write_cache(path, BenchmarkResult(12.5, key=key), marker)
+    cached = read_cache(path, key)
+    assert cached is not None and cached.perf == 12.5 and cached.cached
+    assert read_cache(path, other_gpu) is None
+    assert marker.read_text() == "12.5"
+    path.write_text("{broken")
+    assert read_cache(path, key) is None
+
+
+def test_unwritable_cache_path_is_survived(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the cache folder should be: mkdir fails
+    write_cache(blocker / "sub" / "b.json", BenchmarkResult(1.0, key="k"), blocker / "x" / "m")
+    assert blocker.read_text() == "x"

@@ -1,0 +1,1 @@
+"""Tests of pyworker.protocol: the wire formats."""

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pyworker.protocol.auth import AuthData, SignatureVerifier, fetch_public_key, reference_message
+from tests.conftest import KeyPair
+
+
+def test_reference_message_bytes() -> None:
+    assert reference_message("http://1.2.3.4:5") == b'{\n    "url": "http://1.2.3.4:5"\n}'
+    assert reference_message("http://é") == b'{\n    "url": "http://\\u00e9"\n}'
+
+
+def _auth(keypair: KeyPair, **fields: Any) -> AuthData:
+    return AuthData.model_validate(keypair.auth_data(**fields))
+
+
+def test_verify_good_bad_and_cached(keypair: KeyPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = SignatureVerifier(cache_size=2)
+    good = _auth(keypair)
+    assert not verifier.verify(good)  # no key yet
+    verifier.load_pem(keypair.pem)
+    assert verifier.verify(good)
+    assert not verifier.verify(_auth(keypair, signature=KeyPair().sign(good.url)))
+    assert not verifier.verify(_auth(keypair, signature="%%%"))
+    # The second check of the same pair costs no RSA operation.
+    calls = 0
+    real_verify = type(verifier._key).verify  # type: ignore[union-attr]
+
+    def counting(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        real_verify(*args)
+
+    monkeypatch.setattr(type(verifier._key), "verify", counting)
+    assert verifier.verify(good)
+    assert calls == 0
+    # The cache is bounded: two other urls push the first out.
+    for port in (2, 3):
+        url = f"http://127.0.0.1:{port}"
+        assert verifier.verify(_auth(keypair, url=url, signature=keypair.sign(url)))
+    assert calls == 2 and len(verifier._cache) == 2
+    assert verifier.verify(good)
+    assert calls == 3
+
+
+def test_non_rsa_and_garbage_keys_are_refused() -> None:
+    verifier = SignatureVerifier()
+    ec_pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(ValueError, match="not an RSA key"):
+        verifier.load_pem(ec_pem)
+    with pytest.raises(ValueError):
+        verifier.load_pem(b"not a key")
+    assert not verifier.has_key
+
+
+async def test_fetch_retries_with_backoff_until_the_key_loads(keypair: KeyPair) -> None:
+    attempts = 0
+
+    async def pubkey(request: web.Request) -> web.Response:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            return web.Response(status=503)
+        return web.Response(body=keypair.pem)
+
+    app = web.Application()
+    app.router.add_get("/pubkey/", pubkey)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    verifier = SignatureVerifier()
+    try:
+        async with aiohttp.ClientSession() as session:
+            base = str(server.make_url("")).rstrip("/")
+            await asyncio.wait_for(
+                fetch_public_key(session, base, verifier, first_delay=0.01), timeout=10
+            )
+    finally:
+        await server.close()
+    assert attempts == 3 and verifier.has_key

@@ -1,0 +1,1 @@
+"""Tests of pyworker.serving: the aiohttp side."""

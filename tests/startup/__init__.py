@@ -1,0 +1,1 @@
+"""Tests of pyworker.startup: the entrypoint's helpers."""

@@ -1,0 +1,1 @@
+"""Tests of pyworker.upstream: the model-server side."""

@@ -1,0 +1,1 @@
+"""Tests of the ready workers (pyworker.workers and workers/)."""

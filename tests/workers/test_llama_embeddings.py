@@ -1,0 +1,163 @@
+"""`pyworker run openai` benchmarking and serving embeddings before a real llama-server.
+
+llama-server runs the tiny random-weight model with `--embeddings --pooling mean`; the worker
+runs with `BENCHMARK_ROUTE=/v1/embeddings`, so its tokens/s comes from the `usage` of real
+embedding answers. Without `--embeddings` llama-server answers 501, and the worker must say
+which route failed and which variable to change. Like tests/workers/test_llama_integration.py, these
+skip locally until scripts/build-llama-server has run, and fail in CI without the binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import MASTER_TOKEN, OPERATOR_HEADERS, KeyPair
+from tests.support.fake_autoscaler import FakeAutoscaler
+from tests.support.llama import (
+    Process,
+    find_or_build_binary,
+    spawn_worker,
+    start_llama_server,
+)
+from tests.support.tiny_gguf import ModelShape, write_model
+from workers.openai.routes import EMBEDDINGS, ROUTE_BENCHMARKS
+from workers.openai.worker import BENCHMARK_FILE, produced_tokens
+
+pytestmark = pytest.mark.timeout(1800)
+
+STEP_TIMEOUT = 60.0
+ROUNDS, CONCURRENCY = 2, 4
+EMBEDDING_FLAGS = ("--embeddings", "--pooling", "mean")
+
+
+@pytest.fixture(scope="module")
+def llama_binary() -> Path:
+    return find_or_build_binary()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("models") / "tiny.gguf", ModelShape(n_ctx=512))
+
+
+def benchmark_payloads() -> list[dict[str, Any]]:
+    """The embeddings benchmark's payloads, in the order the worker sends them."""
+    lines = BENCHMARK_FILE.read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+    return ROUTE_BENCHMARKS[EMBEDDINGS].payloads(prompts)
+
+
+async def wait_report(
+    autoscaler: FakeAutoscaler, predicate: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while time.monotonic() < deadline:
+        for report in autoscaler.worker_status:
+            if predicate(report):
+                return report
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no such report in {autoscaler.worker_status[-3:]}")
+
+
+def worker_environ(server: Process, autoscaler: FakeAutoscaler, folder: Path) -> dict[str, str]:
+    return {
+        "OPENAI_SERVER": "llamacpp",
+        "MODEL_SERVER_URL": server.url,
+        "MODEL_LOG": str(server.log),
+        "BENCHMARK_ROUTE": EMBEDDINGS,
+        "REPORT_ADDR": autoscaler.url,
+        "CONTAINER_ID": "5",
+        "MASTER_TOKEN": MASTER_TOKEN,
+        "UNSECURED": "false",
+        "PYWORKER_CACHE_DIR": str(folder / "cache"),
+    }
+
+
+ROUND_FLAGS = (
+    "--set", f"benchmark.rounds={ROUNDS}", "--set", f"benchmark.concurrency={CONCURRENCY}",
+)  # fmt: skip
+
+
+async def test_the_embeddings_benchmark_counts_tokens_from_usage_and_requests_pass_through(
+    llama_binary: Path, tiny_model: Path, tmp_path: Path, keypair: KeyPair
+) -> None:
+    server = await asyncio.to_thread(
+        start_llama_server, llama_binary, tiny_model, tmp_path / "llama.log", extra=EMBEDDING_FLAGS
+    )
+    async with (
+        FakeAutoscaler(keypair.pem) as autoscaler,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT)) as session,
+    ):
+        environ = worker_environ(server, autoscaler, tmp_path)
+        worker = await asyncio.to_thread(
+            spawn_worker, tmp_path / "worker.log", environ, *ROUND_FLAGS
+        )
+        try:
+            ready = await wait_report(autoscaler, lambda r: r["max_perf"] > 0)
+            assert ready["error_msg"] == ""
+            async with session.get(worker.url + "/status", headers=OPERATOR_HEADERS) as response:
+                status = await response.json()
+            assert ready["max_perf"] == pytest.approx(status["benchmark"]["perf"])
+
+            # Each round's work is the prompt tokens llama-server's own `usage` reports.
+            payloads = benchmark_payloads()
+            usage = []
+            for payload in payloads:
+                async with session.post(server.url + EMBEDDINGS, json=payload) as response:
+                    assert response.status == 200
+                    tokens = produced_tokens(await response.json())
+                assert tokens is not None and tokens > 0
+                usage.append(tokens)
+            expected = [
+                sum(
+                    usage[(1 + number * CONCURRENCY + i) % len(payloads)]
+                    for i in range(CONCURRENCY)
+                )
+                for number in range(ROUNDS)
+            ]
+            assert [r["work"] for r in status["benchmark"]["rounds"]] == expected
+
+            # A client's request: the same answer as llama-server's own.
+            payload = {"input": ["the worker relays", "embeddings"], "model": "tiny"}
+            async with session.post(server.url + EMBEDDINGS, json=payload) as response:
+                direct = await response.json()
+            auth = keypair.auth_data(worker.url)
+            body = {"auth_data": auth, "payload": payload}
+            async with session.post(worker.url + EMBEDDINGS, json=body) as response:
+                assert response.status == 200
+                relayed = await response.json()
+            assert relayed == direct and len(relayed["data"]) == 2
+        finally:
+            assert await asyncio.to_thread(worker.stop) == 0
+            assert await asyncio.to_thread(server.stop) == 0
+
+
+async def test_a_server_without_embeddings_leaves_the_worker_errored_naming_the_route(
+    llama_binary: Path, tiny_model: Path, tmp_path: Path, keypair: KeyPair
+) -> None:
+    server = await asyncio.to_thread(
+        start_llama_server, llama_binary, tiny_model, tmp_path / "llama.log"
+    )
+    async with FakeAutoscaler(keypair.pem) as autoscaler:
+        environ = worker_environ(server, autoscaler, tmp_path)
+        worker = await asyncio.to_thread(
+            spawn_worker, tmp_path / "worker.log", environ, *ROUND_FLAGS
+        )
+        try:
+            errored = await wait_report(autoscaler, lambda r: r["error_msg"] != "")
+            message = errored["error_msg"]
+            assert EMBEDDINGS in message and "BENCHMARK_ROUTE" in message
+            assert "HTTP 501" in message and "--embeddings" in message  # llama-server's words
+            assert errored["max_perf"] == 0
+        finally:
+            assert await asyncio.to_thread(worker.stop) == 0
+            assert await asyncio.to_thread(server.stop) == 0
+    assert EMBEDDINGS in worker.log_text() and "BENCHMARK_ROUTE" in worker.log_text()
