@@ -51,7 +51,7 @@ _KEYPAIR: KeyPair | None = None
 LoopFactories = Mapping[str, Callable[[], asyncio.AbstractEventLoop]]
 DEFAULT_LOOP: LoopFactories = {"asyncio": asyncio.new_event_loop}
 BOTH_LOOPS: LoopFactories = {**DEFAULT_LOOP, "uvloop": uvloop.new_event_loop}
-BOTH_LOOP_MODULES = ("tests.serving.test_app", "tests.upstream.test_connection_pool")
+BOTH_LOOP_MODULES = ("tests.serving.test_app", "tests.upstream.test_pool")
 """The request path runs on uvloop in production: these modules' tests run on both loops."""
 MASTER_TOKEN = "operator-token-5f3a"
 OPERATOR_HEADERS = {"Authorization": f"Bearer {MASTER_TOKEN}"}

@@ -27,7 +27,7 @@ from pyworker import backports
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.protocol.workload import WorkloadError
-from pyworker.upstream.connection_pool import ConnectFailed, PoolError
+from pyworker.upstream.errors import ConnectFailed, PoolError
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -282,8 +282,7 @@ class Benchmark:
     async def _call(self, payload: JSONObject) -> tuple[int, bytes, str]:
         handler = self.route.handler
         if handler is not None:
-            async with backports.timeout(self.config.timeout):
-                result = await handler(self.model.session, self.model.base_url, payload)
+            result = await self.model.call_handler(handler, payload, self.config.timeout)
             return result.status, result.body, result.content_type.split(";")[0].strip()
         body: bytes | EncodedBody
         if self.route.body_encoder is not None:
@@ -293,7 +292,7 @@ class Benchmark:
             body = orjson.dumps(payload)
         async with (
             backports.timeout(self.config.timeout),
-            self.model.pool.post(self.route.model_path, body) as answer,
+            self.model.post(self.route.model_path, body) as answer,
         ):
             return answer.status, await answer.read(), answer.content_type
 

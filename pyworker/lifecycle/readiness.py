@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyworker import backports
 from pyworker.config import Pattern, PatternConfig, RouteConfig, WorkerConfig
 from pyworker.config.load_deadline import LoadDeadline, never_loaded_message
 from pyworker.lifecycle.benchmark import (
@@ -37,7 +36,7 @@ from pyworker.lifecycle.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.lifecycle.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from pyworker.lifecycle.supervision import Backoff, describe, run_all
-from pyworker.upstream.connection_pool import PoolError
+from pyworker.upstream.errors import UpstreamError
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -74,10 +73,8 @@ def _pattern(kind: LineKind, item: Pattern) -> LogPattern:
 
 async def probe_health(model: ModelClient, path: str, timeout: float = 5.0) -> bool:
     try:
-        async with backports.timeout(timeout), model.pool.get(path) as answer:
-            await answer.read()
-            return answer.status == 200
-    except (PoolError, asyncio.TimeoutError):
+        return await model.probe(path, timeout) == 200
+    except UpstreamError:
         return False
 
 

@@ -39,6 +39,7 @@ from pyworker.serving.http_errors import expect_handler, json_errors
 from pyworker.serving.inflight import InFlight
 from pyworker.serving.limits import body_deadline
 from pyworker.serving.observability import register_observability_routes
+from pyworker.serving.relay import ClientGone, relay, relay_handler
 from pyworker.serving.responses import (
     error_response,
     json_response,
@@ -48,7 +49,8 @@ from pyworker.serving.responses import (
 from pyworker.serving.session_routes import SessionRoutes
 from pyworker.serving.sessions import SessionStore
 from pyworker.serving.unverified import BodyRefused, UnverifiedBytes
-from pyworker.upstream.model import ClientGone, ModelClient, UpstreamError
+from pyworker.upstream.errors import UpstreamError
+from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
 
@@ -258,11 +260,16 @@ class Worker:
                 async with gate.slot(workload):
                     ledger.start(record)
                     if route.handler is not None:
-                        relayed = await self.model.relay_handler(
-                            route.handler, payload, route.read_timeout, route.response_hook
+                        relayed = await relay_handler(
+                            self.model,
+                            route.handler,
+                            payload,
+                            route.read_timeout,
+                            route.response_hook,
                         )
                     else:
-                        relayed = await self.model.relay(
+                        relayed = await relay(
+                            self.model,
                             request,
                             route.model_path,
                             forwarded if encoded is None else encoded,

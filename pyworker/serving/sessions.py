@@ -27,12 +27,11 @@ from typing import Any
 
 import orjson
 
-from pyworker import backports
 from pyworker.config import SessionConfig
 from pyworker.lifecycle.accounting import Ledger, Outcome, RequestRecord
 from pyworker.lifecycle.supervision import logged
 from pyworker.protocol.auth import AuthData
-from pyworker.upstream.connection_pool import PoolError
+from pyworker.upstream.errors import UpstreamError
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -280,12 +279,12 @@ class SessionStore:
         body = {**(session.on_close_payload or {}), "session_id": session.session_id}
         async with self._notify_slots:
             try:
-                async with (
-                    backports.timeout(self.config.close_timeout),
-                    self.model.pool.post(session.on_close_route, orjson.dumps(body)) as answer,
-                ):
-                    await answer.read()
-                    if answer.status >= 400:
-                        logger.warning("session close route answered %d", answer.status)
-            except (PoolError, asyncio.TimeoutError, ValueError) as error:
+                status = await self.model.notify(
+                    session.on_close_route, orjson.dumps(body), self.config.close_timeout
+                )
+                if status >= 400:
+                    logger.warning("session close route answered %d", status)
+            except UpstreamError as error:
+                logger.warning("session close route failed: %s", error.message)
+            except ValueError as error:
                 logger.warning("session close route failed: %s", error.__class__.__name__)

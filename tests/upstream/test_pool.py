@@ -15,15 +15,10 @@ import pytest
 
 from pyworker import backports
 from pyworker.config.encoded_body import EncodedBody
-from pyworker.upstream import connection_pool
-from pyworker.upstream.connection_pool import (
-    HIGH_WATER,
-    BadAnswer,
-    ConnectFailed,
-    ConnectionPool,
-    Disconnected,
-    ReadTimedOut,
-)
+from pyworker.upstream import connection
+from pyworker.upstream.connection import HIGH_WATER
+from pyworker.upstream.errors import BadAnswer, ConnectFailed, Disconnected, ReadTimedOut
+from pyworker.upstream.pool import ConnectionPool
 from tests.conftest import wait_until
 
 Script = Callable[["Exchange"], Awaitable[bool]]
@@ -434,7 +429,7 @@ async def test_a_connection_paused_under_an_unread_answer_reads_the_next_one(
     # The answer must arrive whole in one read and be over the high-water mark: reading pauses
     # with the answer complete. A few KB sent in one write arrive in one read on loopback
     # (hundreds of KB may not, on a loaded machine), so the mark is lowered for this test.
-    monkeypatch.setattr(connection_pool, "HIGH_WATER", 2_000)
+    monkeypatch.setattr(connection, "HIGH_WATER", 2_000)
     big = b"z" * 3_000
 
     async def script(exchange: Exchange) -> bool:

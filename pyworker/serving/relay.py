@@ -1,0 +1,144 @@
+"""Relaying the model server's answer to the client.
+
+An answer of known length up to `BUFFERED_LIMIT` that is not a stream type is read whole,
+passed through the route's response hook, and sent in one response. Any other is streamed:
+its headers sent at once, its body chunk by chunk as it arrives from the model server. Bodies
+go as the model server sent them (no decompression); headers of one hop are dropped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from pyworker.config import JSONObject, ModelHandler, ResponseHook
+from pyworker.config.encoded_body import EncodedBody
+from pyworker.upstream.errors import PoolError, model_errors
+from pyworker.upstream.model import Answer, ModelClient
+
+logger = logging.getLogger(__name__)
+
+# Headers that describe one hop, or that aiohttp recomputes for the body it sends.
+DROPPED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "date",
+        "server",
+    }
+)
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+BUFFERED_LIMIT = 8 * 1024 * 1024
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its answer was being written."""
+
+
+@dataclass(slots=True)
+class Relayed:
+    response: web.StreamResponse
+    status: int
+    """The model server's status, or 502 if its stream broke after the headers were sent."""
+
+
+async def relay(
+    model: ModelClient,
+    request: web.Request,
+    path: str,
+    body: bytes | EncodedBody,
+    read_timeout: float | None,
+    response_hook: ResponseHook | None = None,
+) -> Relayed:
+    """POST `body` to the model server's `path` and answer `request` with what it says.
+
+    Raises `UpstreamError` when the model server gives no answer, `ClientGone` when the client
+    leaves while a stream is written."""
+    with model_errors():
+        async with model.post(path, body, read_timeout) as upstream:
+            if _is_stream(upstream):
+                return await _relay_stream(request, upstream)
+            answer = await upstream.read()
+    answer = await _apply_hook(response_hook, upstream.status, answer)
+    response = web.Response(
+        status=upstream.status, body=answer, headers=_relayed_headers(upstream.headers)
+    )
+    return Relayed(response, upstream.status)
+
+
+async def relay_handler(
+    model: ModelClient,
+    handler: ModelHandler,
+    payload: JSONObject,
+    timeout: float | None,
+    response_hook: ResponseHook | None = None,
+) -> Relayed:
+    """The answer of a route's custom handler, run bounded by `timeout` in all."""
+    with model_errors():
+        result = await model.call_handler(handler, payload, timeout)
+    answer = await _apply_hook(response_hook, result.status, result.body)
+    response = web.Response(
+        status=result.status, body=answer, headers={"Content-Type": result.content_type}
+    )
+    return Relayed(response, result.status)
+
+
+async def _apply_hook(hook: ResponseHook | None, status: int, answer: bytes) -> bytes:
+    if hook is None:
+        return answer
+    changed = hook(status, answer)
+    return await changed if inspect.isawaitable(changed) else changed
+
+
+def _is_stream(upstream: Answer) -> bool:
+    length = upstream.content_length
+    if length is None or length > BUFFERED_LIMIT:
+        return True
+    return upstream.content_type in STREAM_TYPES
+
+
+def _relayed_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
+    return CIMultiDict(
+        (name, value) for name, value in headers if name.lower() not in DROPPED_HEADERS
+    )
+
+
+async def _relay_stream(request: web.Request, upstream: Answer) -> Relayed:
+    response = web.StreamResponse(
+        status=upstream.status, headers=_relayed_headers(upstream.headers)
+    )
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise ClientGone from None
+    status = upstream.status
+    try:
+        while chunk := await upstream.next_chunk():
+            await response.write(chunk)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise ClientGone from None
+    except PoolError as error:
+        # Headers are gone already: the only honest signal left is to cut the connection.
+        logger.warning("model server stream broke after headers: %s", error.__class__.__name__)
+        if request.transport is not None:
+            request.transport.close()
+        return Relayed(response, 502)
+    try:
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise ClientGone from None
+    return Relayed(response, status)
