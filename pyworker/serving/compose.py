@@ -36,7 +36,7 @@ from pyworker.serving.inflight import InFlight
 from pyworker.serving.limits import body_deadline
 from pyworker.serving.observability import Observed, register_observability_routes
 from pyworker.serving.pipeline import Pipeline
-from pyworker.serving.routes import route_handler
+from pyworker.serving.routes import RouteParts, route_handler
 from pyworker.serving.session_routes import SessionRoutes
 from pyworker.serving.session_routes import create_side_app as session_side_app
 from pyworker.serving.sessions import SessionStore
@@ -161,18 +161,12 @@ def create_app(worker: Worker) -> web.Application:
         client_max_size=config.max_body_size,
         middlewares=[json_errors, body_deadline(worker.environment.body_timeout)],
     )
-    pipeline = _pipeline(worker)
+    parts = RouteParts(
+        _pipeline(worker), worker.ledger, worker.status, worker.in_flight, worker.model
+    )
     expect = expect_handler(config.max_body_size)
     for route in config.routes:
-        handler = route_handler(
-            route,
-            pipeline,
-            worker.gates[route.path],
-            worker.ledger,
-            worker.status,
-            worker.in_flight,
-            worker.model,
-        )
+        handler = route_handler(route, worker.gates[route.path], parts)
         app.router.add_post(route.path, handler, expect_handler=expect)
     register_observability_routes(app, _observed(worker))
     _session_routes(worker).register(app)

@@ -40,12 +40,9 @@ from pyworker.serving.unverified import BodyRefused, UnverifiedBytes
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class Admitted:
-    """A request that passed admission: its envelope, and the open session it was made on."""
-
-    envelope: Envelope
-    session: Session | None
+Admitted = tuple[Envelope, Session | None]
+"""A request that passed admission: its envelope, and the open session it was made on (a
+tuple: the cheapest thing to make once per request)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +94,7 @@ class Pipeline:
         refused = not_ready_refusal(self.status)
         if refused is not None:
             return refused
-        return Admitted(envelope, session)
+        return envelope, session
 
     async def read(self, request: web.Request, parse: Callable[[bytes], T]) -> T | web.Response:
         """Step 1 and `parse` (which raises EnvelopeError for a 422): for unsigned bodies."""

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,6 +23,7 @@ from pyworker.config import JSONObject, RouteConfig
 from pyworker.config.encoded_body import EncodedBody, PayloadRefused
 from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.lifecycle.state import WorkerStatus
+from pyworker.protocol.auth import AuthData
 from pyworker.protocol.workload import WorkloadError
 from pyworker.serving.admission import Refusal, RouteGate
 from pyworker.serving.inflight import InFlight
@@ -35,24 +37,29 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_CLOSED = 499  # nginx's word for "client closed request"; seen only in our accounting
 
 
-def route_handler(
-    route: RouteConfig,
-    pipeline: Pipeline,
-    gate: RouteGate,
-    ledger: Ledger,
-    status: WorkerStatus,
-    in_flight: InFlight,
-    model: ModelClient,
-) -> Handler:
+@dataclass(frozen=True, slots=True)
+class RouteParts:
+    """What every route's handler uses besides its own gate."""
+
+    pipeline: Pipeline
+    ledger: Ledger
+    status: WorkerStatus
+    in_flight: InFlight
+    model: ModelClient
+
+
+def route_handler(route: RouteConfig, gate: RouteGate, parts: RouteParts) -> Handler:
     """The aiohttp handler of `route`: everything it uses is bound here, once."""
-    admit = pipeline.admit
+    admit, path = parts.pipeline.admit, route.path
+    ledger, in_flight, model = parts.ledger, parts.in_flight, parts.model
+    model_path, read_timeout, hook = route.model_path, route.read_timeout, route.response_hook
     prepares = route.request_hook is not None or route.body_encoder is not None
 
     async def handle(request: web.Request) -> web.StreamResponse:
         admitted = await admit(request)
         if isinstance(admitted, web.Response):
             return admitted
-        envelope = admitted.envelope
+        envelope, session = admitted
         payload = envelope.payload
         forwarded: bytes | EncodedBody = envelope.payload_bytes
         if prepares:
@@ -60,34 +67,20 @@ def route_handler(
             if isinstance(prepared, web.Response):
                 return prepared
             payload, forwarded = prepared
-        auth = envelope.auth
-        try:
-            workload = route.compute_workload(payload, auth.cost)
-        except WorkloadError as error:
-            return json_response(422, {"error": "invalid request", **error.fields()})
-        refusal = gate.refuse(workload, status.max_perf)
-        if refusal is not None:
-            ledger.reject(auth.request_idx, route.path, workload, 429)
-            return _refused(refusal, gate, status.max_perf)
+        workload = _admit_workload(route, gate, parts, payload, envelope.auth)
+        if isinstance(workload, web.Response):
+            return workload
 
-        record = ledger.receive(auth.request_idx, route.path, workload)
-        in_flight.enter(admitted.session)  # from here a drain waits for it, a session close cuts it
+        record = ledger.receive(envelope.auth.request_idx, path, workload)
+        in_flight.enter(session)  # from here a drain waits for it, a session close cuts it
         outcome, code = Outcome.ERROR, 500
         try:
             async with gate.slot(workload):
                 ledger.start(record)
                 if route.handler is not None:
-                    relayed = await model.relay_handler(
-                        route.handler, payload, route.read_timeout, route.response_hook
-                    )
+                    relayed = await model.relay_handler(route.handler, payload, read_timeout, hook)
                 else:
-                    relayed = await model.relay(
-                        request,
-                        route.model_path,
-                        forwarded,
-                        route.read_timeout,
-                        route.response_hook,
-                    )
+                    relayed = await model.relay(request, model_path, forwarded, read_timeout, hook)
             code = relayed.status
             outcome = Outcome.SUCCESS if code < 400 else Outcome.ERROR
             return relayed.response
@@ -101,13 +94,30 @@ def route_handler(
             outcome, code = Outcome.CANCELLED, CLIENT_CLOSED
             raise
         except Exception:
-            logger.exception("request on %s failed inside the worker", route.path)
+            logger.exception("request on %s failed inside the worker", path)
             return error_response(500, "internal error in the worker")
         finally:
             in_flight.leave()
             ledger.finish(record, outcome, code)
 
     return handle
+
+
+def _admit_workload(
+    route: RouteConfig, gate: RouteGate, parts: RouteParts, payload: JSONObject, auth: AuthData
+) -> float | web.Response:
+    """The request's workload if its gate lets it in: 422 when the payload has none, else 429
+    (accounted as rejected) when the gate is full or its queue would wait too long."""
+    try:
+        workload = route.compute_workload(payload, auth.cost)
+    except WorkloadError as error:
+        return json_response(422, {"error": "invalid request", **error.fields()})
+    perf = parts.status.max_perf
+    refusal = gate.refuse(workload, perf)
+    if refusal is None:
+        return workload
+    parts.ledger.reject(auth.request_idx, route.path, workload, 429)
+    return _refused(refusal, gate, perf)
 
 
 async def _prepare(

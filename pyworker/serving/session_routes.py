@@ -104,7 +104,7 @@ class SessionRoutes:
         admitted = await self.admission.admit(request)
         if isinstance(admitted, web.Response):
             return admitted
-        envelope = admitted.envelope
+        envelope, _ = admitted
         assert isinstance(envelope, SessionRequest)  # parse_create made it
         auth, options = envelope.auth, envelope.options
         try:
