@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from pyworker.config.environment import Environment
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from workers.openai.routes import TRANSCRIPTIONS
 from workers.openai.uploads import UploadForm
@@ -86,7 +86,7 @@ async def measure(mib: int) -> dict[str, float]:
     )
     config = config.model_copy(update={"model_server": server_config, "perf": 1000.0})
     environment = Environment.from_env({"UNSECURED": "true", "REPORT_ADDR": "http://127.0.0.1:9"})
-    worker = Worker(config, environment)
+    worker = compose_worker(config, environment)
     worker.reporter.addresses = ()
     worker_server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
     await worker_server.start_server()

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.protocol.auth import reference_message
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.support.model_server import Recorder, create_app
 
@@ -168,7 +168,7 @@ async def start_worker(
             "PUBLIC_IPADDR": "127.0.0.1",
             "VAST_TCP_PORT_3000": "1",
         }
-        worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
+        worker = compose_worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
         # Tests read the ledger directly; reporting is tested against a recording autoscaler.
         worker.reporter.addresses = ()
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)

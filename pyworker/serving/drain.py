@@ -6,7 +6,7 @@
    (accounted Cancelled).
 3. Open sessions are closed: their close routes are called, their request_idx reported done.
 4. The drain hooks run, each bounded by HOOK_TIMEOUT: this is where the reporter sends its
-   last status report (register with `worker.drain_hooks.append(coroutine_function)`).
+   last status report (the composition root, pyworker.serving.compose, registers them).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from pyworker.lifecycle.state import WorkerState
-
-if TYPE_CHECKING:
-    from pyworker.serving.app import Worker
+from pyworker.lifecycle.state import WorkerState, WorkerStatus
+from pyworker.serving.inflight import InFlight
+from pyworker.serving.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +29,26 @@ CUT_TIMEOUT = 5.0
 """How long cut requests get to unwind and be accounted."""
 
 
-async def drain(worker: Worker, grace: float) -> None:
-    worker.status.set_state(WorkerState.DRAINING)
-    in_flight = worker.in_flight
+@dataclass(frozen=True, slots=True)
+class Drainable:
+    """What a drain stops, in order: new requests, those in flight, sessions, then the hooks."""
+
+    status: WorkerStatus
+    in_flight: InFlight
+    sessions: SessionStore
+    hooks: list[DrainHook]
+    """Appended to until the drain starts (`hooks.append(coroutine_function)`)."""
+
+
+async def drain(parts: Drainable, grace: float) -> None:
+    parts.status.set_state(WorkerState.DRAINING)
+    in_flight = parts.in_flight
     logger.info("draining: %d request(s) in flight, grace %.1f s", len(in_flight), grace)
     if not await in_flight.wait_idle(grace):
         logger.warning("grace period over: cutting %d request(s)", in_flight.cancel_all())
         await in_flight.wait_idle(CUT_TIMEOUT)
-    await worker.sessions.close_all()
-    await run_hooks(worker.drain_hooks)
+    await parts.sessions.close_all()
+    await run_hooks(parts.hooks)
     logger.info("drained")
 
 

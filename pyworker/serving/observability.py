@@ -1,4 +1,5 @@
-"""The worker's own GET routes: `/ready` for probes, `/status` for people, `/metrics` for scrapers.
+"""The worker's own GET routes: `/health` and `/ready` for probes, `/status` for people,
+`/metrics` for scrapers.
 
 These never touch the model server: they read what the worker already holds, plus one NVML
 sample taken off the event loop. Without `MASTER_TOKEN` a client sees the state and readiness
@@ -9,25 +10,48 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from pyworker import __version__
-from pyworker.lifecycle.accounting import Outcome
-from pyworker.lifecycle.metrics import Exposition, scaled
-from pyworker.lifecycle.state import WorkerState
+from pyworker.config.environment import Environment
+from pyworker.lifecycle.accounting import Ledger, Outcome
+from pyworker.lifecycle.gpu import GpuMonitor
+from pyworker.lifecycle.metrics import Exposition, RequestMetrics, scaled
+from pyworker.lifecycle.readiness import Readiness
+from pyworker.lifecycle.reporter import Reporter
+from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from pyworker.serving.access import Access, MasterToken, TokenRefused
+from pyworker.serving.admission import RouteGate
 from pyworker.serving.responses import json_response
-
-if TYPE_CHECKING:
-    from pyworker.serving.app import Worker
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def register_observability_routes(app: web.Application, worker: Worker) -> None:
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What the worker's own routes read: they change nothing."""
+
+    name: str
+    environment: Environment
+    url: Callable[[], str]
+    status: WorkerStatus
+    ledger: Ledger
+    metrics: RequestMetrics
+    gates: Mapping[str, RouteGate]
+    readiness: Readiness
+    reporter: Reporter
+    gpu: GpuMonitor
+
+
+def register_observability_routes(app: web.Application, worker: Observed) -> None:
     token = MasterToken(worker.environment)
+
+    async def health(request: web.Request) -> web.Response:
+        return json_response(200, {"ok": True, "state": worker.status.state})
 
     async def ready(request: web.Request) -> web.Response:
         try:
@@ -63,17 +87,18 @@ def register_observability_routes(app: web.Application, worker: Worker) -> None:
         text = await metrics_text(worker)
         return web.Response(text=text, headers={"Content-Type": PROMETHEUS_TYPE})
 
+    app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
 
 
-def public_status(worker: Worker) -> dict[str, Any]:
+def public_status(worker: Observed) -> dict[str, Any]:
     """What anyone may see: the state and whether the worker is ready."""
     return {"state": str(worker.status.state), "ready": worker.status.ready}
 
 
-async def status_document(worker: Worker) -> dict[str, Any]:
+async def status_document(worker: Observed) -> dict[str, Any]:
     """Everything a person debugging a worker wants, in one answer."""
     status, ledger, readiness = worker.status, worker.ledger, worker.readiness
     samples = await worker.gpu.asample()
@@ -81,8 +106,8 @@ async def status_document(worker: Worker) -> dict[str, Any]:
     reporter = worker.reporter
     return {
         "version": __version__,
-        "name": worker.config.name,
-        "url": worker.url,
+        "name": worker.name,
+        "url": worker.url(),
         "state": str(status.state),
         "ready": status.ready,
         "error_msg": status.error_msg,
@@ -123,7 +148,7 @@ async def status_document(worker: Worker) -> dict[str, Any]:
     }
 
 
-async def metrics_text(worker: Worker) -> str:
+async def metrics_text(worker: Observed) -> str:
 
     out = Exposition()
     routes = worker.metrics.routes

@@ -19,8 +19,8 @@ from aiohttp import web
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
-from pyworker.serving.app import Worker
 from pyworker.serving.bind import bind_warnings, running_in_container
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.connections import (
     CappedAppRunner,
     DescriptorBudget,
@@ -31,7 +31,6 @@ from pyworker.serving.drain import drain
 from pyworker.serving.http_errors import JsonErrorRunner
 from pyworker.serving.limits import HTTP_LIMITS, body_deadline
 from pyworker.serving.memory import pin_mmap_threshold
-from pyworker.serving.session_routes import create_side_app
 from pyworker.serving.tls import TLSError, server_ssl_context
 from pyworker.startup.failure import fail
 
@@ -95,7 +94,7 @@ async def serve(
     )
     await runner.setup()
     tune_garbage_collector()
-    side_app = create_side_app(worker)
+    side_app = worker.create_side_app()
     side_app.middlewares.append(body_deadline(environment.body_timeout))
     side = JsonErrorRunner(side_app, access_log=None, keepalive_timeout=keepalive, **HTTP_LIMITS)
     await side.setup()
@@ -110,14 +109,14 @@ async def serve(
         )
         await site.start()
         bound = _bound_port(runner, port)
-        worker.url = worker.environment.public_url(bound)
-        worker.announce_address()
+        worker.public_url.value = environment.public_url(bound)
+        announce_address(environment, worker.url)
         scheme = "https" if ssl_context is not None else "http"
         announce(f"pyworker {worker.config.name} listening on {scheme}://{host}:{bound}")
         await _start_side_port(side, worker)
         await stop.wait()
         logger.info("stopping")
-        await drain(worker, worker.environment.grace_period)
+        await drain(worker.drainable, environment.grace_period)
     finally:
         await side.cleanup()
         await runner.cleanup()
@@ -132,6 +131,22 @@ async def _start_side_port(side: web.AppRunner, worker: Worker) -> None:
         logger.error("session side port %s:%d not served: %s", host, port, error.strerror)
         return
     announce(f"pyworker /session/end also on http://{host}:{_bound_port(side, port)}")
+
+
+def announce_address(environment: Environment, url: str) -> None:
+    """Say which address signatures must name: a wrong public address shows here first."""
+    if environment.unsecured:
+        return
+    if environment.verify_url:
+        logger.info(
+            "auth_data must be signed for %s (scheme, host and port;"
+            " PYWORKER_VERIFY_URL=false accepts any address)",
+            url,
+        )
+    else:
+        logger.warning(
+            "PYWORKER_VERIFY_URL=false: auth_data signed for any worker's address is accepted"
+        )
 
 
 def announce(line: str) -> None:
@@ -168,7 +183,7 @@ def run(config: WorkerConfig, environment: Environment) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _on_signal, signum, stop)
-        worker = Worker(config, environment)
+        worker = compose_worker(config, environment)
         await serve(worker, environment.host, environment.worker_port, stop, ssl_context)
 
     try:

@@ -1,33 +1,40 @@
 """The session routes of docs/protocol.md: `/session/create`, `/get`, `/health` and `/end`.
 
 Unlike the reference, `/session/create` is a signed request like any other (422 for a bad
-body, 401 for a bad signature, 503 while not ready, 429 at the session limit), and bodies are
-capped at `sessions.max_body_size`. `/session/end` is also served on the plain-HTTP side port
-(`create_side_app`), for webhooks that cannot speak TLS.
+body, 401 for a bad signature, 503 while not ready, 429 at the session limit), admitted by the
+same pipeline as every route (pyworker.serving.pipeline). Bodies are capped at
+`sessions.max_body_size` and read within the budget of unverified bytes. `/session/end` is
+also served on the plain-HTTP side port (`create_side_app`), for webhooks that cannot speak TLS.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pyworker.protocol.auth import AuthData
-from pyworker.protocol.envelope import EnvelopeError, describe_errors, parse_envelope, parse_object
+from pyworker.lifecycle.accounting import Ledger
+from pyworker.protocol.envelope import (
+    Envelope,
+    EnvelopeError,
+    describe_errors,
+    parse_envelope,
+    parse_object,
+)
 from pyworker.protocol.passthrough import TooDeep, encodable
 from pyworker.serving.http_errors import expect_handler, json_errors
-from pyworker.serving.responses import (
-    error_response,
-    json_response,
-    not_ready_refusal,
-    signature_refusal,
+from pyworker.serving.pipeline import Pipeline
+from pyworker.serving.responses import error_response, json_response
+from pyworker.serving.sessions import (
+    SESSION_ROUTE,
+    Session,
+    SessionLimit,
+    SessionStore,
+    check_close_route,
 )
-from pyworker.serving.sessions import SESSION_ROUTE, Session, SessionLimit, check_close_route
-
-if TYPE_CHECKING:
-    from pyworker.serving.app import Worker
 
 FULL_RETRY_AFTER = 30.0
 MAX_SESSION_ID = 256
@@ -64,11 +71,26 @@ class SessionQuery(BaseModel):
     session_auth: dict[str, Any]
 
 
+@dataclass(slots=True)
+class SessionRequest(Envelope):
+    """The body of `/session/create`: an envelope whose payload holds valid options."""
+
+    options: SessionOptions
+
+
 class SessionRoutes:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.store = worker.sessions
-        self.max_body = worker.config.sessions.max_body_size
+    """The four session routes; `/session/create` is admitted as any signed request is."""
+
+    def __init__(self, pipeline: Pipeline, store: SessionStore, ledger: Ledger) -> None:
+        max_lifetime = store.config.max_lifetime
+        max_body = store.config.max_body_size
+        self.admission = pipeline.limited(
+            max_body, partial(parse_create, max_lifetime=max_lifetime), sessions=False
+        )
+        self.reader = pipeline.limited(max_body)
+        self.store = store
+        self.ledger = ledger
+        self.max_body = max_body
 
     def register(self, app: web.Application) -> None:
         expect = expect_handler(self.max_body)
@@ -76,31 +98,15 @@ class SessionRoutes:
         app.router.add_post("/session/get", self.get, expect_handler=expect)
         app.router.add_post("/session/health", self.health, expect_handler=expect)
         app.router.add_post("/session/end", self.end, expect_handler=expect)
-        app.cleanup_ctx.append(self._sweeping)
-
-    async def _sweeping(self, app: web.Application) -> AsyncIterator[None]:
-        """Sweep expired sessions while the app runs; close the rest when it stops."""
-        self.worker.spawn(self.store.run_sweeps, "session-sweep")
-        yield
-        await self.store.close_all()
 
     # --- routes -------------------------------------------------------------------------
     async def create(self, request: web.Request) -> web.Response:
-        body = await read_body(request, self.max_body)
-        if body is None:
-            return error_response(413, f"request body over {self.max_body} bytes")
-        try:
-            envelope = parse_envelope(body)
-            options = _options(envelope.payload, self.store.config.max_lifetime)
-            encodable([envelope.auth_fields])  # /session/get answers with it, one level down
-        except EnvelopeError as error:
-            return json_response(422, error.body())
-        except TooDeep as error:
-            return json_response(422, {"error": "invalid request", "auth_data": str(error)})
-        refused = self._check_signature(envelope.auth) or not_ready_refusal(self.worker.status)
-        if refused is not None:
-            return refused
-        auth = envelope.auth
+        admitted = await self.admission.admit(request)
+        if isinstance(admitted, web.Response):
+            return admitted
+        envelope, _ = admitted
+        assert isinstance(envelope, SessionRequest)  # parse_create made it
+        auth, options = envelope.auth, envelope.options
         try:
             session = self.store.open(
                 auth,
@@ -110,14 +116,14 @@ class SessionRoutes:
                 envelope.auth_fields,
             )
         except SessionLimit:
-            self.worker.ledger.reject(auth.request_idx, SESSION_ROUTE, auth.cost, 429)
+            self.ledger.reject(auth.request_idx, SESSION_ROUTE, auth.cost, 429)
             return error_response(429, "too many open sessions", retry_after=FULL_RETRY_AFTER)
         return json_response(
             201, {"session_id": session.session_id, "expiration": session.expiration}
         )
 
     async def get(self, request: web.Request) -> web.Response:
-        query = await self._query(request)
+        query = await self.reader.read(request, parse_query)
         if isinstance(query, web.Response):
             return query
         found = self._authorized_session(query)
@@ -126,7 +132,7 @@ class SessionRoutes:
         return json_response(200, found.describe())
 
     async def health(self, request: web.Request) -> web.Response:
-        query = await self._query(request)
+        query = await self.reader.read(request, parse_query)
         if isinstance(query, web.Response):
             return query
         session = self.store.find(query.session_id)
@@ -137,7 +143,7 @@ class SessionRoutes:
         return json_response(200, {"ok": True})
 
     async def end(self, request: web.Request) -> web.Response:
-        query = await self._query(request)
+        query = await self.reader.read(request, parse_query)
         if isinstance(query, web.Response):
             return query
         if self.store.was_closed(query.session_id):
@@ -148,22 +154,6 @@ class SessionRoutes:
         self.store.close(found)
         return json_response(200, {"ended": True, "removed_session": found.session_id})
 
-    # --- shared steps -------------------------------------------------------------------
-    async def _query(self, request: web.Request) -> SessionQuery | web.Response:
-        body = await read_body(request, self.max_body)
-        if body is None:
-            return error_response(413, f"request body over {self.max_body} bytes")
-        try:
-            document = parse_object(body)
-            encodable(document)
-            return SessionQuery.model_validate(document)
-        except EnvelopeError as error:
-            return json_response(422, error.body())
-        except TooDeep as error:
-            return error_response(422, f"request body {error}")
-        except ValidationError as error:
-            return _invalid(error)
-
     def _authorized_session(self, query: SessionQuery) -> Session | web.Response:
         """The open session the query names and proves; else the answer saying why not."""
         session = self.store.find(query.session_id)
@@ -173,34 +163,42 @@ class SessionRoutes:
             return error_response(401, "session_auth is not valid")
         return session
 
-    def _check_signature(self, auth: AuthData) -> web.Response | None:
-        if self.worker.environment.unsecured:
-            return None
-        return signature_refusal(self.worker.verifier, auth)
 
-
-def create_side_app(worker: Worker) -> web.Application:
+def create_side_app(routes: SessionRoutes) -> web.Application:
     """The plain-HTTP side port's app: `/session/end` and nothing else."""
-    max_body = worker.config.sessions.max_body_size
-    app = web.Application(client_max_size=max_body, middlewares=[json_errors])
-    app.router.add_post(
-        "/session/end", SessionRoutes(worker).end, expect_handler=expect_handler(max_body)
-    )
+    app = web.Application(client_max_size=routes.max_body, middlewares=[json_errors])
+    app.router.add_post("/session/end", routes.end, expect_handler=expect_handler(routes.max_body))
     return app
 
 
-async def read_body(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None when it is over `limit` bytes (declared or streamed)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+def parse_create(body: bytes, max_lifetime: float) -> SessionRequest:
+    """The envelope of `/session/create` with its options: EnvelopeError (422) when invalid."""
+    envelope = parse_envelope(body)
+    options = _options(envelope.payload, max_lifetime)
+    try:
+        encodable([envelope.auth_fields])  # /session/get answers with it, one level down
+    except TooDeep as error:
+        raise EnvelopeError("invalid request", {"auth_data": str(error)}) from None
+    return SessionRequest(
+        envelope.auth,
+        envelope.payload,
+        envelope.session_id,
+        envelope.payload_bytes,
+        envelope.auth_fields,
+        options,
+    )
+
+
+def parse_query(body: bytes) -> SessionQuery:
+    """The body of `/session/get`, `/health` and `/end`: EnvelopeError (422) when invalid."""
+    document = parse_object(body)
+    try:
+        encodable(document)
+        return SessionQuery.model_validate(document)
+    except TooDeep as error:
+        raise EnvelopeError(f"request body {error}") from None
+    except ValidationError as error:
+        raise _invalid(error) from None
 
 
 def _options(payload: dict[str, Any], max_lifetime: float) -> SessionOptions:
@@ -214,10 +212,10 @@ def _options(payload: dict[str, Any], max_lifetime: float) -> SessionOptions:
     return options
 
 
-def _invalid(error: ValidationError) -> web.Response:
-    fields = describe_errors(error)
-    if any(item["type"] == "json_invalid" for item in error.errors(include_url=False)):
-        return error_response(422, "request body is not valid JSON")
-    if any(item["type"] == "model_type" for item in error.errors(include_url=False)):
-        return error_response(422, "request body must be a JSON object")
-    return json_response(422, {"error": "invalid request", **fields})
+def _invalid(error: ValidationError) -> EnvelopeError:
+    problems = error.errors(include_url=False)
+    if any(item["type"] == "json_invalid" for item in problems):
+        return EnvelopeError("request body is not valid JSON")
+    if any(item["type"] == "model_type" for item in problems):
+        return EnvelopeError("request body must be a JSON object")
+    return EnvelopeError("invalid request", describe_errors(error))

@@ -5,8 +5,8 @@ they arrive, against one budget shared by every request whose signature is not y
 (`UnverifiedBytes`). A body that does not fit is answered `503` with `Retry-After` at once (a
 declared length) or as soon as it passes the budget (a streamed one), so sixteen 30 MB bodies
 with bad signatures hold at most the budget, not 480 MB. The bytes are given back as soon as
-the signature is checked, and after large bodies the freed memory is returned to the system
-(pyworker.serving.memory).
+the body is parsed (before the signature check), and after large bodies the freed memory is
+returned to the system (pyworker.serving.memory).
 
 A compressed body (`Content-Encoding: gzip`, `deflate`, `br`, `zstd`) is measured by its decoded
 size as it is decoded: aiohttp (>= 3.13.3) inflates it in bounded steps as it is read, and
@@ -15,11 +15,15 @@ reading stops at the size limit (413), so a small gzip bomb is never inflated wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from aiohttp import web
 
 from pyworker.serving.memory import Trimmer
 from pyworker.serving.responses import error_response
 
+T = TypeVar("T")
 LARGE_BODY = 1024 * 1024
 """Releasing a body this large schedules a trim (pyworker.serving.memory)."""
 
@@ -53,16 +57,15 @@ class UnverifiedBytes:
         if size >= LARGE_BODY:
             self.trimmer.trim_soon()
 
-    async def read(self, request: web.Request, max_size: int) -> tuple[bytes, int]:
-        """The body (decoded) and the bytes it holds of the budget: `give_back` them later.
+    async def read(self, request: web.Request, max_size: int, parse: Callable[[bytes], T]) -> T:
+        """`parse` of the body (decoded), its bytes held in the budget until `parse` returns.
 
         Raises `BodyRefused`: 413 over `max_size` (declared, streamed or decoded), 503 with
-        Retry-After when the budget cannot hold it now.
+        Retry-After when the budget cannot hold it now. What `parse` raises passes through.
         """
         declared = request.content_length
         if declared is not None and declared > max_size:
             raise BodyRefused(_too_large(max_size))
-        held = 0
         if declared and not self.take(declared):
             raise BodyRefused(self._busy())
         held = declared or 0
@@ -78,11 +81,10 @@ class UnverifiedBytes:
                         raise BodyRefused(self._busy())
                     held = size
                 chunks.append(chunk)
-        except BaseException:
-            chunks.clear()
+            return parse(b"".join(chunks))
+        finally:
+            chunks.clear()  # parsing does not wait: the budget is free again as it returns
             self.give_back(held)
-            raise
-        return b"".join(chunks), held
 
     def _busy(self) -> web.Response:
         self.refused += 1

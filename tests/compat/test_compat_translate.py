@@ -27,7 +27,7 @@ from pyworker.config import WorkerConfig as NativeConfig
 from pyworker.config.environment import Environment
 from pyworker.lifecycle.gpu import GpuMonitor
 from pyworker.protocol.workload import WorkloadError
-from pyworker.serving.app import Worker as AppWorker
+from pyworker.serving.compose import compose_worker
 from tests.conftest import KeyPair, ModelServer, WorkerFactory, wait_until
 from tests.fakes.nvml import FakeNvml
 
@@ -411,7 +411,7 @@ async def test_on_info_lines_appear_in_the_worker_log(
         model_log_file=str(log),
         log_action_config=LogActionConfig(on_load=["loaded"], on_info=['"message":"Download']),
     )
-    worker = AppWorker(translate(config), Environment.from_env({}), GpuMonitor(FakeNvml([])))
+    worker = compose_worker(translate(config), Environment.from_env({}), GpuMonitor(FakeNvml([])))
     caplog.set_level(logging.INFO, logger="pyworker.lifecycle.readiness")
     running = asyncio.create_task(worker.readiness.run())
     try:

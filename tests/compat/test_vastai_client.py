@@ -27,7 +27,7 @@ from pyworker.devtools.demo.model_server import DemoSettings
 from pyworker.devtools.demo.model_server import create_app as create_demo_app
 from pyworker.devtools.local.autoscaler import LocalAutoscaler
 from pyworker.devtools.local.fleet import WorkerPhase
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import serve
 from tests.conftest import wait_until
 
@@ -87,7 +87,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
                 "WORKER_HTTP_PORT": "0",
             }
         )
-        worker = Worker(config, environment)
+        worker = compose_worker(config, environment)
         stop = asyncio.Event()
         serving = asyncio.create_task(serve(worker, "127.0.0.1", 0, stop))
         try:

@@ -23,7 +23,7 @@ from pyworker.config.environment import Environment, InvalidEnvironment
 from pyworker.config.load_deadline import LoadDeadline, never_loaded_message
 from pyworker.lifecycle.gpu import GpuMonitor
 from pyworker.lifecycle.state import WorkerState
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from tests.conftest import MASTER_TOKEN, OPERATOR_HEADERS, KeyPair, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
 from tests.support.fake_autoscaler import FakeAutoscaler
@@ -195,7 +195,7 @@ def _worker(tmp_path: Path, model: str, deadline: LoadDeadline | None) -> Worker
         "routes": [{"path": "/x"}],
         "benchmark": {"cache_file": str(tmp_path / "benchmark.json")},
     }
-    worker = Worker(
+    worker = compose_worker(
         WorkerConfig.model_validate(raw), Environment.from_env({}), GpuMonitor(FakeNvml([]))
     )
     worker.readiness.load_deadline = deadline
@@ -241,7 +241,7 @@ async def test_a_health_only_worker_errors_at_the_deadline_and_recovers(
         "routes": [{"path": "/echo"}],
         "perf": 5.0,
     }
-    worker = Worker(
+    worker = compose_worker(
         WorkerConfig.model_validate(raw), Environment.from_env({}), GpuMonitor(FakeNvml([]))
     )
     worker.readiness.load_deadline = LoadDeadline(first_start=0.3, restart=0.3)

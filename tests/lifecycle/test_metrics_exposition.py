@@ -21,7 +21,7 @@ from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.lifecycle.gpu import GpuMonitor
 from pyworker.lifecycle.metrics import Exposition
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import ModelServer, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
@@ -57,7 +57,7 @@ async def scrape(model_server: ModelServer) -> AsyncIterator[Scrape]:
     config = WorkerConfig.model_validate(
         {"model_server": {"base_url": model_server.url}, "routes": [{"path": "/echo"}], "perf": 1}
     )
-    worker = Worker(config, Environment.from_env({}), GpuMonitor(FakeNvml([gpu])))
+    worker = compose_worker(config, Environment.from_env({}), GpuMonitor(FakeNvml([gpu])))
     server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
     await server.start_server()
     await wait_until(lambda: worker.status.ready)

@@ -16,7 +16,7 @@ from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.lifecycle.gpu import GpuMonitor
 from pyworker.lifecycle.state import WorkerState
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from tests.conftest import KeyPair, wait_until
 from tests.fakes import nvml
 from tests.fakes.nvml import FakeGpu, FakeNvml
@@ -181,7 +181,9 @@ async def test_loading_ready_error_recovery_and_benchmark_cache(scene: Scene) ->
 # --- in process, with a fake NVML --------------------------------------------------------
 def _worker(nvml: FakeNvml, **config: Any) -> Worker:
     raw: dict[str, Any] = {"routes": [{"path": "/x"}], "perf": 5.0, **config}
-    return Worker(WorkerConfig.model_validate(raw), Environment.from_env({}), GpuMonitor(nvml))
+    return compose_worker(
+        WorkerConfig.model_validate(raw), Environment.from_env({}), GpuMonitor(nvml)
+    )
 
 
 async def test_vram_shortfall_is_an_error_that_says_so() -> None:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from pyworker.lifecycle import readiness as readiness_module
 from pyworker.lifecycle.gpu import GpuMonitor, GpuSampler
 from pyworker.lifecycle.logfollow import LogFollower
 from pyworker.lifecycle.supervision import Backoff, Supervisor, run_all
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
@@ -102,9 +103,9 @@ class Scene:
             "PYWORKER_REPORT_INTERVAL": "0.05",
             "PYWORKER_CACHE_DIR": str(self.tmp_path / "cache"),
         }
-        worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
+        worker = compose_worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
         worker.reporter.idle_interval = 0.2
-        worker.supervisor = Supervisor(lambda: Backoff(first=0.05, maximum=0.2))
+        worker = replace(worker, supervisor=Supervisor(lambda: Backoff(first=0.05, maximum=0.2)))
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
         await server.start_server()
         self.servers.append(server)

@@ -42,7 +42,7 @@ from pyworker.protocol.strict import (
     canonical_number,
     strict_fields,
 )
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
@@ -182,7 +182,7 @@ class FuzzedWorker:
                 "PYWORKER_BODY_TIMEOUT": "2",
             }
         )
-        self.worker = Worker(config, environment)
+        self.worker = compose_worker(config, environment)
         worker_url = await self._serve(self.worker.create_app(), **RUNNER_OPTIONS)
         self.port = int(worker_url.rsplit(":", 1)[1])
         self.url = self.worker.url

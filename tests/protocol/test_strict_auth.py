@@ -32,7 +32,7 @@ from pyworker.protocol.strict import (
     sign_message,
     strict_fields,
 )
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair, ModelServer, wait_until
 
@@ -387,7 +387,7 @@ async def strict_worker(model_server: ModelServer) -> AsyncIterator[StrictFactor
         )
         address = str(key_server.make_url("")).rstrip("/")
         environment = Environment.from_env({"REPORT_ADDR": address, **_strict(), **environ})
-        worker = Worker(config, environment)
+        worker = compose_worker(config, environment)
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
         await server.start_server()
         cleanups.append(server.close)

@@ -14,7 +14,8 @@ import pytest
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.protocol.auth import AuthData, SignatureVerifier, Verdict, same_worker
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
+from pyworker.serving.server import announce_address
 from tests.conftest import KeyPair, ModelServer, WorkerFactory
 
 OWN = "http://127.0.0.1:1"
@@ -88,7 +89,7 @@ def test_without_an_audience_any_address_is_accepted(keypair: KeyPair) -> None:
 def _worker(**environ: str) -> Worker:
     config = WorkerConfig.model_validate({"routes": [{"path": "/echo"}]})
     base = {"REPORT_ADDR": "http://127.0.0.1:9", "UNSECURED": "false"}
-    return Worker(config, Environment.from_env(base | environ))
+    return compose_worker(config, Environment.from_env(base | environ))
 
 
 def test_the_opt_out_accepts_any_address_and_says_so(
@@ -100,7 +101,7 @@ def test_the_opt_out_accepts_any_address_and_says_so(
     worker.verifier.load_pem(keypair.pem)
     auth: dict[str, Any] = keypair.auth_data("http://proxy.example:443")
     assert worker.verifier.check(AuthData.model_validate(auth)) is Verdict.ACCEPTED
-    worker.announce_address()
+    announce_address(worker.environment, worker.url)
     assert "PYWORKER_VERIFY_URL=false" in caplog.text and "any worker's address" in caplog.text
 
 
@@ -110,7 +111,7 @@ def test_the_start_up_log_says_which_address_signatures_must_name(
     caplog.set_level(logging.INFO)
     worker = _worker(PUBLIC_IPADDR="203.0.113.7", VAST_TCP_PORT_3000="41234")
     assert worker.environment.verify_url  # on by default
-    worker.announce_address()
+    announce_address(worker.environment, worker.url)
     assert "auth_data must be signed for http://203.0.113.7:41234" in caplog.text
 
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.lifecycle.state import WorkerState
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import MASTER_TOKEN, OPERATOR_HEADERS, ModelServer, WorkerFactory, wait_until
 
@@ -137,7 +137,7 @@ async def start_bare(model_server: ModelServer) -> AsyncIterator[StartLocal]:
             "routes": [{"path": "/echo"}],
             "perf": 10,
         }
-        worker = Worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
+        worker = compose_worker(WorkerConfig.model_validate(raw), Environment.from_env(environ))
         worker.reporter.addresses = ()
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
         await server.start_server()

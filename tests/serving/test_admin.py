@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.serving.admin import bearer_token
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 
 TOKEN = "s3cret-master-token"
@@ -29,7 +29,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
     async def run(**environ: str) -> str:
         config = WorkerConfig.model_validate({"routes": [{"path": "/echo"}]})
         environ.setdefault("PYWORKER_UPDATE_MARKER", str(tmp_path / "force_update"))
-        worker = Worker(config, Environment.from_env(environ))
+        worker = compose_worker(config, Environment.from_env(environ))
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
         await server.start_server()
         servers.append(server)

@@ -21,7 +21,7 @@ from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment, InvalidEnvironment
 from pyworker.lifecycle.accounting import Outcome
 from pyworker.lifecycle.state import WorkerState
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import compose_worker
 from pyworker.serving.drain import drain, run_hooks
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair, ModelServer, RunningWorker, WorkerFactory, wait_until
@@ -152,7 +152,7 @@ async def test_drain_waits_then_closes_sessions_then_runs_hooks(
     async def broken() -> None:
         raise RuntimeError("a broken hook must not stop the drain")
 
-    worker.worker.drain_hooks += [last_report, broken]
+    worker.worker.drainable.hooks.extend([last_report, broken])
     payload = {"on_close_route": "/echo", "on_close_payload": {"closing": True}}
     session = {"auth_data": keypair.auth_data(request_idx=8), "payload": payload}
     async with worker.post("/session/create", session) as response:
@@ -160,7 +160,7 @@ async def test_drain_waits_then_closes_sessions_then_runs_hooks(
     body = {"auth_data": keypair.auth_data(request_idx=9), "payload": HELD_STREAM}
     async with worker.post("/stream", body) as stream:
         assert await stream.content.readuntil(b"\n\n") == b"data: 0\n\n"
-        draining = asyncio.create_task(drain(worker.worker, grace=30))
+        draining = asyncio.create_task(drain(worker.worker.drainable, grace=30))
         await wait_until(lambda: worker.worker.status.state is WorkerState.DRAINING)
         for path in ("/echo", "/session/create"):
             async with worker.post(path, body) as refused:
@@ -183,7 +183,7 @@ async def test_drain_cuts_what_outlives_the_grace_period(
     held = asyncio.create_task(_status(worker, "/slow", body))
     await wait_until(lambda: model_server.recorder.active == 1)
     started = time.monotonic()
-    await asyncio.wait_for(drain(worker.worker, grace=0.3), 10)
+    await asyncio.wait_for(drain(worker.worker.drainable, grace=0.3), 10)
     assert time.monotonic() - started >= 0.3
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await held
@@ -220,7 +220,7 @@ async def test_the_last_report_reaches_the_autoscaler_before_the_drain_ends(
     config = WorkerConfig.model_validate(
         {"model_server": {"base_url": model_server.url}, "routes": [{"path": "/echo"}], "perf": 10}
     )
-    worker = Worker(config, Environment.from_env(environ))
+    worker = compose_worker(config, Environment.from_env(environ))
     server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
     await server.start_server()
     try:
@@ -231,7 +231,7 @@ async def test_the_last_report_reaches_the_autoscaler_before_the_drain_ends(
             client.post(server.make_url("/session/create"), json=body) as response,
         ):
             assert response.status == 201
-        await asyncio.wait_for(drain(worker, grace=5), 15)
+        await asyncio.wait_for(drain(worker.drainable, grace=5), 15)
         reported = [
             item["request_idx"]
             for path, sent in received

@@ -28,7 +28,7 @@ from pyworker.config.environment import Environment
 from pyworker.protocol.auth import MAX_INDEX
 from pyworker.protocol.passthrough import MAX_DEPTH
 from pyworker.protocol.workload import MAX_WORKLOAD
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.http_errors import JsonErrorRunner
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair, wait_until
@@ -125,11 +125,11 @@ class Hostile:
                 "PYWORKER_REPORT_INTERVAL": "0.05",
             }
         )
-        self.worker = Worker(config, environment)
+        self.worker = compose_worker(config, environment)
         runner = JsonErrorRunner(self.worker.create_app(), **RUNNER_OPTIONS)
         url = await self._serve(runner)
         self.port = int(url.rsplit(":", 1)[1])
-        self.worker.url = environment.public_url(self.port)
+        self.worker.public_url.value = environment.public_url(self.port)
         self.session = aiohttp.ClientSession()
         await wait_until(lambda: self.state.status.ready and self.state.verifier.has_key)
 

@@ -22,7 +22,7 @@ import pytest
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import serve
 from tests.conftest import KeyPair, ModelServer, wait_until
 from tests.support.fake_autoscaler import FakeAutoscaler
@@ -73,7 +73,7 @@ async def served(
             {"model_server": {"base_url": model_server.url}, "routes": [{"path": "/echo"}]}
             | {"perf": 100.0, "max_body_size": 64 * 1024}
         )
-        worker = Worker(config, Environment.from_env(environ))
+        worker = compose_worker(config, Environment.from_env(environ))
         stop = asyncio.Event()
         serving = asyncio.create_task(serve(worker, "127.0.0.1", 0, stop))
         output: list[str] = []

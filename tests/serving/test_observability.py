@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.lifecycle.gpu import GpuMonitor
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair, ModelServer, WorkerFactory, wait_until
 from tests.fakes.nvml import FakeGpu, FakeNvml
@@ -81,7 +81,7 @@ async def test_gpu_gauges_and_inventory_from_nvml(model_server: ModelServer) -> 
     config = WorkerConfig.model_validate(
         {"model_server": {"base_url": model_server.url}, "routes": [{"path": "/echo"}], "perf": 1}
     )
-    worker = Worker(config, Environment.from_env({}), GpuMonitor(fake))
+    worker = compose_worker(config, Environment.from_env({}), GpuMonitor(fake))
     server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
     await server.start_server()
     try:

@@ -20,7 +20,6 @@ from pyworker.config.environment import Environment
 from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.protocol.auth import AuthData
 from pyworker.serving.inflight import InFlight
-from pyworker.serving.session_routes import create_side_app
 from pyworker.serving.sessions import SESSION_ROUTE, SessionLimit, SessionStore, check_close_route
 from pyworker.upstream.model import ModelClient
 from tests.conftest import KeyPair, ModelServer, RunningWorker, WorkerFactory, wait_until
@@ -382,7 +381,7 @@ async def test_the_side_app_serves_session_end_only(
 ) -> None:
     worker = await start_worker()
     session_id, auth = await create(worker, keypair)
-    side = TestServer(create_side_app(worker.worker), host="127.0.0.1")
+    side = TestServer(worker.worker.create_side_app(), host="127.0.0.1")
     await side.start_server()
     try:
         url = str(side.make_url("")).rstrip("/")

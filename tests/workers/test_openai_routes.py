@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 
 from pyworker.config.environment import Environment
 from pyworker.config.loader import ConfigError
-from pyworker.serving.app import Worker
+from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair, wait_until
 from tests.support.fake_autoscaler import FakeAutoscaler
@@ -97,7 +97,7 @@ class Harness:
                 "VAST_TCP_PORT_3000": "1",
             }
         )
-        worker = Worker(config, environment)
+        worker = compose_worker(config, environment)
         server = TestServer(worker.create_app(), host="127.0.0.1", **RUNNER_OPTIONS)
         await server.start_server()
         session = aiohttp.ClientSession()
