@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
+from pyworker.lifecycle.state import IllegalTransition, WorkerState
 from pyworker.protocol.auth import reference_message
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
@@ -51,7 +52,11 @@ _KEYPAIR: KeyPair | None = None
 LoopFactories = Mapping[str, Callable[[], asyncio.AbstractEventLoop]]
 DEFAULT_LOOP: LoopFactories = {"asyncio": asyncio.new_event_loop}
 BOTH_LOOPS: LoopFactories = {**DEFAULT_LOOP, "uvloop": uvloop.new_event_loop}
-BOTH_LOOP_MODULES = ("tests.serving.test_app", "tests.upstream.test_pool")
+BOTH_LOOP_MODULES = (
+    "tests.serving.test_app",
+    "tests.upstream.test_pool",
+    "tests.lifecycle.test_state",
+)
 """The request path runs on uvloop in production: these modules' tests run on both loops."""
 MASTER_TOKEN = "operator-token-5f3a"
 OPERATOR_HEADERS = {"Authorization": f"Bearer {MASTER_TOKEN}"}
@@ -72,6 +77,21 @@ def isolated_files(
     folder = tmp_path_factory.mktemp("work")
     monkeypatch.setenv("PYWORKER_CACHE_DIR", str(folder / "cache"))
     monkeypatch.chdir(folder)
+
+
+@pytest.fixture(autouse=True)
+def illegal_transitions(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[IllegalTransition]]:
+    """No test may make the worker move where its state machine forbids, caught or not."""
+    raised: list[IllegalTransition] = []
+    original = IllegalTransition.__init__
+
+    def record(error: IllegalTransition, source: WorkerState, target: WorkerState) -> None:
+        original(error, source, target)
+        raised.append(error)
+
+    monkeypatch.setattr(IllegalTransition, "__init__", record)
+    yield raised
+    assert not raised, f"illegal worker state transitions: {[str(e) for e in raised]}"
 
 
 @pytest.fixture

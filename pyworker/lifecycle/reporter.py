@@ -122,8 +122,10 @@ class Reporter:
             pass
 
     async def _status_loop(self) -> None:
+        seen = 0  # the status as it was made: any change since is reported at once
         while True:
-            changed = await self.status.wait_changed(self.busy_interval)
+            changed = await self.status.wait_changed(self.busy_interval, seen)
+            seen = self.status.version  # a change while the report is sent wakes the next wait
             if changed or self._due():
                 await self.send_status()
 

@@ -22,6 +22,7 @@ from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from tests.conftest import wait_until
+from tests.support.states import advance
 
 TIMEOUT = 0.3
 DELTAS = ("new_load", "cur_perf", "rej_load", "num_requests_recieved")
@@ -153,7 +154,7 @@ async def test_an_autoscaler_that_records_then_fails_counts_each_delta_once(
 ) -> None:
     reporter, status, ledger = make_reporter(autoscaler.url)
     async with running(reporter):
-        status.set_state(WorkerState.READY)
+        advance(status, WorkerState.READY)
         await wait_until(lambda: len(autoscaler.counted) >= 1)
         autoscaler.behaviour = behaviour
         await serve_requests(ledger, 1, 5)
@@ -176,7 +177,7 @@ async def test_an_outage_loses_at_most_the_report_in_flight(
 ) -> None:
     reporter, status, ledger = make_reporter(autoscaler.url)
     async with running(reporter):
-        status.set_state(WorkerState.READY)
+        advance(status, WorkerState.READY)
         await wait_until(lambda: len(autoscaler.counted) >= 1)
         autoscaler.behaviour = behaviour
         seen_before = len(autoscaler.seen)
@@ -204,7 +205,7 @@ def lost(autoscaler: Autoscaler) -> float:
 async def test_an_unavailable_autoscaler_loses_nothing(autoscaler: Autoscaler) -> None:
     reporter, status, ledger = make_reporter(autoscaler.url)
     async with running(reporter):
-        status.set_state(WorkerState.READY)
+        advance(status, WorkerState.READY)
         await wait_until(lambda: len(autoscaler.counted) >= 1)
         autoscaler.behaviour = Behaviour.UNAVAILABLE
         await serve_requests(ledger, 1, 4)
@@ -223,7 +224,7 @@ async def test_the_final_report_waits_for_the_one_in_flight_and_counts_once(
     reporter, status, ledger = make_reporter(autoscaler.url, timeout=10.0)
     autoscaler.delay = 0.15  # slow, but well within the worker's timeout
     async with running(reporter):
-        status.set_state(WorkerState.READY)
+        advance(status, WorkerState.READY)
         await wait_until(lambda: len(autoscaler.counted) >= 1)
         for round_number in range(5):
             record = ledger.receive(round_number, "/r", 7)

@@ -19,6 +19,7 @@ from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from tests.conftest import wait_until
+from tests.support.states import advance
 
 STATUS_FIELDS = {
     "id", "mtoken", "version", "loadtime", "cur_load", "new_load", "rej_load", "cur_perf",
@@ -120,7 +121,7 @@ async def test_reports_while_loading_then_ready_at_once(autoscaler: Autoscaler) 
         await wait_until(lambda: len(autoscaler.statuses) > count, timeout=2)
 
         status.set_perf(42.0)
-        status.set_state(WorkerState.READY)
+        advance(status, WorkerState.READY)
         became_ready = time.monotonic()
         await wait_until(lambda: autoscaler.statuses[-1]["max_perf"] == 42.0, timeout=1.0)
         assert time.monotonic() - became_ready < 1.0
@@ -131,7 +132,7 @@ async def test_reports_while_loading_then_ready_at_once(autoscaler: Autoscaler) 
 async def test_counters_and_finished_requests_survive_an_outage(autoscaler: Autoscaler) -> None:
     reporter, status, ledger = make_reporter(autoscaler.url)
     async with running(reporter):
-        status.set_state(WorkerState.READY)
+        advance(status, WorkerState.READY)
         await wait_until(lambda: len(autoscaler.statuses) >= 1)
         autoscaler.up = False
         records = [ledger.receive(n, "/r", 10) for n in range(5)]
