@@ -39,7 +39,7 @@ from pyworker.devtools.local.fleet import FinishedRequest, Fleet, WorkerPhase, W
 from pyworker.devtools.local.messages import DELETE_REQUESTS, ROUTE_REQUEST, WORKER_REPORT
 from pyworker.devtools.local.table import LiveTable, watch
 from pyworker.protocol.signing import SigningKey
-from pyworker.protocol.strict import PrivateKey
+from pyworker.protocol.strict import PrivateKey, SignedRequest, strict_fields
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +143,8 @@ class LocalAutoscaler:
         }
         if self.strict:
             expires = round(time.time() + self.strict_lifetime)
-            answer |= self.key.strict(
-                url=url,
-                endpoint=name,
-                request_idx=request_idx,
-                reqnum=reqnum,
-                cost=cost,
-                expires=expires,
-            )
+            request = SignedRequest.from_fields(answer | {"expires": expires})
+            answer |= strict_fields(self.private_key, request)
         return answer
 
     def record_status(self, body: object) -> WorkerRecord:
