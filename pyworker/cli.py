@@ -57,7 +57,7 @@ def command_run(arguments: argparse.Namespace) -> int:
         environ["WORKER_HOST"] = arguments.host
     try:
         environment = Environment.from_env(environ)
-        config = load_config(arguments.target, arguments.overrides, environ)
+        config = load_config(arguments.target, arguments.overrides, environment)
     except (ConfigError, InvalidEnvironment) as error:
         fail(str(error), environ)
         return 2

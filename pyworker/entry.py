@@ -34,7 +34,7 @@ def serve_status(worker: WorkerConfig | dict[str, object], source: str = "worker
     )
     try:
         environment = Environment.from_env(environ)
-        config = apply_overrides(raw_config(worker, source), (), environ, source=source)
+        config = apply_overrides(raw_config(worker, source), (), environment, source=source)
     except (ConfigError, InvalidEnvironment) as error:
         fail(str(error), environ)
         return 2

@@ -83,8 +83,9 @@ log() {
     printf '%s on_start: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2
 }
 
-# Post {"id", "mtoken", "error_msg", ...} to every REPORT_ADDR entry. Python builds the JSON so
-# that any message (quotes, newlines, control characters, bad UTF-8) stays valid JSON.
+# Post a /worker_status/ report with error_msg to every REPORT_ADDR entry. It is built and sent
+# by pyworker/protocol/messages.py, the one definition of the message, which uses the standard
+# library only and is run by file path: it works before pyworker is installed, with any python3.
 report_error() {
     if [[ -z ${REPORT_ADDR:-} && -z ${CONTAINER_ID:-} ]]; then
         return 0 # local mode, as the worker's: no autoscaler to tell
@@ -93,48 +94,7 @@ report_error() {
         log "python3 is missing: cannot report the error to the autoscaler"
         return 1
     fi
-    python3 - "$1" <<'PYTHON'
-import json
-import os
-import sys
-import urllib.request
-
-message = sys.argv[1].encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:2000]
-try:
-    worker_id = int(os.environ.get("CONTAINER_ID") or 0)
-except ValueError:
-    worker_id = 0
-port = os.environ.get("WORKER_PORT") or "3000"
-public_port = os.environ.get(f"VAST_TCP_PORT_{port}") or port
-address = os.environ.get("PUBLIC_IPADDR")
-secure = os.environ.get("USE_SSL", "").strip().lower() in ("1", "true", "yes", "on")
-body = json.dumps(
-    {
-        "id": worker_id,
-        "mtoken": os.environ.get("MASTER_TOKEN", ""),
-        "error_msg": message,
-        "loadtime": 0.0,
-        "cur_load": 0.0,
-        "max_perf": 0.0,
-        "url": f"{'https' if secure else 'http'}://{address}:{public_port}" if address else "",
-    }
-).encode()
-for base in (os.environ.get("REPORT_ADDR") or "https://run.vast.ai").split(","):
-    base = base.strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        continue
-    request = urllib.request.Request(
-        base + "/worker_status/",
-        data=body,
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            response.read(4096)
-    except (OSError, ValueError) as error:
-        print(f"on_start: could not report to {base}: {error}", file=sys.stderr)
-PYTHON
+    python3 -I "$SCRIPT_ROOT/pyworker/protocol/messages.py" "$1"
 }
 
 # Log, report and exit: the one way out of a failed start.

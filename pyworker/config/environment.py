@@ -20,9 +20,14 @@ from pyworker.config.load_deadline import (
     RELOAD_VARIABLE,
     LoadDeadline,
 )
+from pyworker.protocol.messages import DEFAULT_REPORT_ADDR, TRUE_WORDS
 
-DEFAULT_REPORT_ADDR = "https://run.vast.ai"
-TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+CONFIG_VARIABLES = {
+    "MODEL_SERVER_URL": "model_server.base_url",
+    "MODEL_LOG": "model_server.log_file",
+    "MODEL_HEALTH_ENDPOINT": "model_server.health_path",
+}
+"""Variables that override a worker config key (docs/protocol.md), by the key they set."""
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
 
@@ -65,11 +70,11 @@ def _seconds(environ: Mapping[str, str], name: str) -> float | None:
     return value
 
 
-def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
+def _positive(environ: Mapping[str, str], name: str) -> float | None:
     value = _seconds(environ, name)
     if value == 0:
         raise InvalidEnvironment(f"{name}=0: it must be a number of seconds above 0")
-    return default if value is None else value
+    return value
 
 
 def _at_least(environ: Mapping[str, str], name: str, minimum: int) -> int | None:
@@ -84,6 +89,24 @@ def _port(environ: Mapping[str, str], name: str) -> int | None:
     if value is not None and not 0 <= value <= 65535:
         raise InvalidEnvironment(f"{name}={value} is not a TCP port (0-65535)")
     return value
+
+
+def config_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """The worker config keys that `CONFIG_VARIABLES` set here, with their values."""
+    return {key: environ[name] for name, key in CONFIG_VARIABLES.items() if environ.get(name)}
+
+
+def _report_addresses(environ: Mapping[str, str], *, local: bool) -> tuple[str, ...]:
+    """REPORT_ADDR's entries; the default address unless local (no CONTAINER_ID either)."""
+    raw = environ.get("REPORT_ADDR", "").strip()
+    if local and not raw:
+        return ()
+    entries = tuple(a.strip().rstrip("/") for a in (raw or DEFAULT_REPORT_ADDR).split(","))
+    addresses = tuple(address for address in entries if address)
+    for address in addresses:
+        if not address.startswith(("http://", "https://")):
+            raise InvalidEnvironment(f"REPORT_ADDR entry {address!r} is not an http(s) URL")
+    return addresses
 
 
 class Environment(BaseModel):
@@ -105,8 +128,9 @@ class Environment(BaseModel):
     master_token: SecretStr | None = None
     unsecured: bool = True
     local: bool = True
-    model_health_endpoint: str | None = None
-    model_log: str | None = None
+    config_overrides: dict[str, str] = Field(default_factory=dict)
+    """Worker config keys set by the platform's variables (`CONFIG_VARIABLES`), e.g.
+    `{"model_server.log_file": MODEL_LOG}`; pyworker.config.loader applies them."""
     tls_cert_file: str = "/etc/instance.crt"
     tls_key_file: str = "/etc/instance.key"
     grace_period: float = Field(default=30.0, ge=0)
@@ -139,18 +163,11 @@ class Environment(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Environment:
+        """Parse the variables; one left unset (or empty) keeps the field's default."""
         env = os.environ if environ is None else environ
         container_id = _integer(env, "CONTAINER_ID")
-        raw_addr = env.get("REPORT_ADDR", "").strip()
-        local = container_id is None and not raw_addr
-        if local:
-            report_addr: tuple[str, ...] = ()
-        else:
-            addresses = raw_addr or DEFAULT_REPORT_ADDR
-            report_addr = tuple(a.strip().rstrip("/") for a in addresses.split(",") if a.strip())
-        for address in report_addr:
-            if not address.startswith(("http://", "https://")):
-                raise InvalidEnvironment(f"REPORT_ADDR entry {address!r} is not an http(s) URL")
+        local = container_id is None and not env.get("REPORT_ADDR", "").strip()
+        report_addr = _report_addresses(env, local=local)
         unsecured = _flag(env, "UNSECURED")
         strict_auth = bool(_flag(env, "PYWORKER_STRICT_AUTH"))
         if strict_auth and unsecured:
@@ -162,44 +179,42 @@ class Environment(BaseModel):
             raise InvalidEnvironment(
                 f"{setting} needs REPORT_ADDR: the public key comes from its /pubkey/"
             )
-        worker_port = _port(env, "WORKER_PORT")
-        port = 3000 if worker_port is None else worker_port
+        port = _port(env, "WORKER_PORT")
+        if port is None:
+            port = cls.model_fields["worker_port"].default
         http_port = _port(env, "WORKER_HTTP_PORT")
         if http_port is None:
             http_port = port + 1 if 0 < port < 65535 else 0  # port 0: any free port for both
-        grace = _seconds(env, "PYWORKER_GRACE")
-        load_timeout = _seconds(env, LOAD_VARIABLE)
-        reload_timeout = _seconds(env, RELOAD_VARIABLE)
-        token = env.get("MASTER_TOKEN") or None
-        return cls(
-            worker_port=port,
-            worker_http_port=http_port,
-            worker_http_host=env.get("WORKER_HTTP_HOST") or "127.0.0.1",
-            host=env.get("WORKER_HOST") or ("127.0.0.1" if local else "0.0.0.0"),
-            public_ipaddr=env.get("PUBLIC_IPADDR") or None,
-            public_port=_port(env, f"VAST_TCP_PORT_{port}"),
-            use_ssl=bool(_flag(env, "USE_SSL")),
-            report_addr=report_addr,
-            container_id=container_id or 0,
-            master_token=SecretStr(token) if token else None,
-            unsecured=unsecured,
-            local=local,
-            model_health_endpoint=env.get("MODEL_HEALTH_ENDPOINT") or None,
-            model_log=env.get("MODEL_LOG") or None,
-            tls_cert_file=env.get("TLS_CERT_FILE") or "/etc/instance.crt",
-            tls_key_file=env.get("TLS_KEY_FILE") or "/etc/instance.key",
-            grace_period=30.0 if grace is None else grace,
-            update_marker=env.get("PYWORKER_UPDATE_MARKER") or "/.force_update",
-            strict_auth=strict_auth,
-            verify_url=_flag(env, "PYWORKER_VERIFY_URL") is not False,
-            report_interval=_positive(env, "PYWORKER_REPORT_INTERVAL", 1.0),
-            body_timeout=_positive(env, "PYWORKER_BODY_TIMEOUT", 60.0),
-            keepalive_timeout=_positive(env, "PYWORKER_KEEPALIVE_TIMEOUT", 75.0),
-            load_timeout=DEFAULT_LOAD_TIMEOUT if load_timeout is None else load_timeout,
-            reload_timeout=DEFAULT_RELOAD_TIMEOUT if reload_timeout is None else reload_timeout,
-            max_connections=_at_least(env, "PYWORKER_MAX_CONNECTIONS", 1),
-            max_unverified_bytes=_at_least(env, "PYWORKER_MAX_UNVERIFIED_BYTES", 1024),
-        )
+        token = env.get("MASTER_TOKEN")
+        values = {
+            "worker_port": port,
+            "worker_http_port": http_port,
+            "worker_http_host": env.get("WORKER_HTTP_HOST"),
+            "host": env.get("WORKER_HOST") or (None if local else "0.0.0.0"),
+            "public_ipaddr": env.get("PUBLIC_IPADDR"),
+            "public_port": _port(env, f"VAST_TCP_PORT_{port}"),
+            "use_ssl": bool(_flag(env, "USE_SSL")),
+            "report_addr": report_addr,
+            "container_id": container_id,
+            "master_token": SecretStr(token) if token else None,
+            "unsecured": unsecured,
+            "local": local,
+            "config_overrides": config_overrides(env),
+            "tls_cert_file": env.get("TLS_CERT_FILE"),
+            "tls_key_file": env.get("TLS_KEY_FILE"),
+            "grace_period": _seconds(env, "PYWORKER_GRACE"),
+            "update_marker": env.get("PYWORKER_UPDATE_MARKER"),
+            "strict_auth": strict_auth,
+            "verify_url": _flag(env, "PYWORKER_VERIFY_URL") is not False,
+            "report_interval": _positive(env, "PYWORKER_REPORT_INTERVAL"),
+            "body_timeout": _positive(env, "PYWORKER_BODY_TIMEOUT"),
+            "keepalive_timeout": _positive(env, "PYWORKER_KEEPALIVE_TIMEOUT"),
+            "load_timeout": _seconds(env, LOAD_VARIABLE),
+            "reload_timeout": _seconds(env, RELOAD_VARIABLE),
+            "max_connections": _at_least(env, "PYWORKER_MAX_CONNECTIONS", 1),
+            "max_unverified_bytes": _at_least(env, "PYWORKER_MAX_UNVERIFIED_BYTES", 1024),
+        }
+        return cls(**{name: value for name, value in values.items() if value not in (None, "")})
 
     @property
     def load_deadline(self) -> LoadDeadline:

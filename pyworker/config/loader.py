@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pyworker.config import WorkerConfig
+from pyworker.config.environment import CONFIG_VARIABLES, Environment, config_overrides
 from pyworker.lifecycle.benchmark import BenchmarkError, load_dataset
 
 if sys.version_info >= (3, 11):
@@ -27,11 +28,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-ENV_OVERRIDES = {
-    "MODEL_SERVER_URL": "model_server.base_url",
-    "MODEL_LOG": "model_server.log_file",
-    "MODEL_HEALTH_ENDPOINT": "model_server.health_path",
-}
+ENV_OVERRIDES = CONFIG_VARIABLES
 CONFIG_FILES = ("worker.py", "worker.toml")
 
 
@@ -52,7 +49,7 @@ def workers_dirs() -> list[Path]:
 def load_config(
     target: str,
     overrides: Sequence[str] = (),
-    environ: Mapping[str, str] | None = None,
+    environ: Environment | Mapping[str, str] | None = None,
 ) -> WorkerConfig:
     return apply_overrides(_read_target(target), overrides, environ, source=target)
 
@@ -60,14 +57,19 @@ def load_config(
 def apply_overrides(
     raw: dict[str, Any],
     overrides: Sequence[str] = (),
-    environ: Mapping[str, str] | None = None,
+    environ: Environment | Mapping[str, str] | None = None,
     source: str = "config",
 ) -> WorkerConfig:
-    """The environment's overrides, then `--set` ones, on a raw config; then validation."""
-    env = os.environ if environ is None else environ
-    for variable, dotted in ENV_OVERRIDES.items():
-        if env.get(variable):
-            _assign(raw, dotted, env[variable])
+    """The environment's overrides, then `--set` ones, on a raw config; then validation.
+
+    `environ`: the parsed Environment, or variables (None: the process's) parsed here.
+    """
+    if isinstance(environ, Environment):
+        environment_overrides = environ.config_overrides
+    else:
+        environment_overrides = config_overrides(os.environ if environ is None else environ)
+    for dotted, value in environment_overrides.items():
+        _assign(raw, dotted, value)
     for item in overrides:
         key, separator, text = item.partition("=")
         if not separator or not key.strip():

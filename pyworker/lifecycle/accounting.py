@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from pyworker.backports import StrEnum
+from pyworker.protocol.messages import FinishedItem
 from pyworker.protocol.workload import WorkloadTotal, units_to_workload, workload_units
 
 logger = logging.getLogger(__name__)
@@ -41,17 +42,17 @@ class RequestRecord:
     status: int = 0
     serial: int = 0
 
-    def to_wire(self) -> dict[str, object]:
+    def finished_item(self) -> FinishedItem:
         """The `/delete_requests/` item for this request (times in epoch seconds)."""
         received = self.received_at
-        return {
-            "request_idx": self.request_idx,
-            "success": self.outcome is Outcome.SUCCESS,
-            "status": str(self.outcome),
-            "entered_queue_at": received,
-            "work_started_at": self.started_at or received,
-            "work_completed_at": self.finished_at or received,
-        }
+        return FinishedItem(
+            request_idx=self.request_idx,
+            success=self.outcome is Outcome.SUCCESS,
+            status=str(self.outcome),
+            entered_queue_at=received,
+            work_started_at=self.started_at or received,
+            work_completed_at=self.finished_at or received,
+        )
 
 
 @dataclass(slots=True)

@@ -37,6 +37,12 @@ from pyworker.config.environment import Environment
 from pyworker.lifecycle.accounting import Interval, Ledger
 from pyworker.lifecycle.state import WorkerStatus
 from pyworker.lifecycle.supervision import run_all
+from pyworker.protocol.messages import (
+    DELETE_REQUESTS_PATH,
+    STATUS_PATH,
+    DeleteRequests,
+    WorkerStatusReport,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,28 +163,26 @@ class Reporter:
             self.ledger.in_progress,
         )
 
-    def build_status(self, interval: Interval, disk_bytes: int) -> dict[str, Any]:
+    def build_status(self, interval: Interval, disk_bytes: int) -> WorkerStatusReport:
         baseline = self._disk_baseline if self._disk_baseline is not None else disk_bytes
         ledger, status = self.ledger, self.status
-        return {
-            "id": self.worker_id,
-            "mtoken": self._mtoken,
-            "version": __version__,
-            "loadtime": status.loadtime if status.ready or status.loadtime else 0.0,
-            "cur_load": ledger.current_load,
-            "new_load": interval.new_load,
-            "rej_load": interval.rejected_load,
-            "cur_perf": interval.served_load,
-            "max_perf": status.max_perf if status.ready else 0.0,
-            "error_msg": status.error_msg,
-            "num_requests_working": ledger.in_progress,
-            "num_requests_recieved": interval.received,
-            "additional_disk_usage": max(disk_bytes - baseline, 0) / GB,
-            "working_request_idxs": ledger.working_request_idxs(),
-            "cur_capacity": 0,
-            "max_capacity": 0,
-            "url": self.url(),
-        }
+        return WorkerStatusReport(
+            id=self.worker_id,
+            mtoken=self._mtoken,
+            version=__version__,
+            loadtime=status.loadtime if status.ready or status.loadtime else 0.0,
+            cur_load=ledger.current_load,
+            new_load=interval.new_load,
+            rej_load=interval.rejected_load,
+            cur_perf=interval.served_load,
+            max_perf=status.max_perf if status.ready else 0.0,
+            error_msg=status.error_msg,
+            num_requests_working=ledger.in_progress,
+            num_requests_recieved=interval.received,
+            additional_disk_usage=max(disk_bytes - baseline, 0) / GB,
+            working_request_idxs=ledger.working_request_idxs(),
+            url=self.url(),
+        )
 
     async def send_status(self) -> bool:
         """Send one status report, after the one in flight; True once acknowledged."""
@@ -191,8 +195,8 @@ class Reporter:
         # Consumed now, before the report leaves: whatever becomes of it, never sent twice.
         interval = Interval() if self._in_doubt else self.ledger.interval()
         self.ledger.commit_interval(interval)
-        report = self.build_status(interval, disk_bytes)
-        delivery = await self._post("/worker_status/", report, failover=False)
+        report = self.build_status(interval, disk_bytes).to_wire()
+        delivery = await self._post(STATUS_PATH, report, failover=False)
         if delivery is not Delivery.ACKNOWLEDGED:
             self.failed_reports += 1
             if delivery is Delivery.NOT_DELIVERED:
@@ -214,12 +218,9 @@ class Reporter:
             records = self.ledger.take_finished(limit)
             if not records:
                 return False
-            body = {
-                "worker_id": self.worker_id,
-                "mtoken": self._mtoken,
-                "requests": [record.to_wire() for record in records],
-            }
-            if await self._post("/delete_requests/", body) is Delivery.ACKNOWLEDGED:
+            items = [record.finished_item() for record in records]
+            body = DeleteRequests(self.worker_id, self._mtoken, requests=items).to_wire()
+            if await self._post(DELETE_REQUESTS_PATH, body) is Delivery.ACKNOWLEDGED:
                 return True
             self.ledger.return_finished(records)
             return False

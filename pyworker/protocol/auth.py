@@ -100,8 +100,6 @@ class Verifier(Protocol):
 
     def load_pem(self, pem: bytes) -> None: ...
 
-    def verify(self, auth: AuthData) -> bool: ...
-
     def check(self, auth: AuthData) -> Verdict: ...
 
 
@@ -170,9 +168,6 @@ class SignatureVerifier:
         if self.audience is not None and not same_worker(auth.url, self.audience()):
             return Verdict.WRONG_WORKER
         return Verdict.ACCEPTED if self._signed(auth) else Verdict.INVALID
-
-    def verify(self, auth: AuthData) -> bool:
-        return self.check(auth) is Verdict.ACCEPTED
 
     def _signed(self, auth: AuthData) -> bool:
         if self._key is None:

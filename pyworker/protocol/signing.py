@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from pyworker.protocol.auth import reference_message
-from pyworker.protocol.strict import PrivateKey, sign_message, strict_fields
+from pyworker.protocol.strict import PrivateKey
 
 KEY_SIZE = 2048
 
@@ -44,27 +44,3 @@ class SigningKey:
             reference_message(url), padding.PKCS1v15(), hashes.SHA256()
         )
         return base64.b64encode(signature).decode()
-
-    def sign_bytes(self, message: bytes) -> str:
-        return sign_message(self.private_key, message)
-
-    def strict(
-        self,
-        *,
-        url: str,
-        endpoint: str,
-        request_idx: int,
-        reqnum: int,
-        cost: float,
-        expires: float,
-    ) -> dict[str, object]:
-        """The strict fields (`expires`, `sig_v`, `strict_signature`) for one `/route/` answer."""
-        return strict_fields(
-            self.private_key,
-            url=url,
-            endpoint=endpoint,
-            request_idx=request_idx,
-            reqnum=reqnum,
-            cost=cost,
-            expires=expires,
-        )

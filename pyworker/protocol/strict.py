@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import heapq
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -99,43 +101,42 @@ def canonical_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def canonical_message(
-    *,
-    url: str,
-    endpoint: str,
-    request_idx: int,
-    reqnum: int,
-    cost: float,
-    expires: float,
-    sig_v: int = SCHEME_VERSION,
-) -> bytes:
+@dataclass(frozen=True)
+class SignedRequest:
+    """What a strict signature binds: exactly the fields of the canonical message."""
+
+    url: str
+    endpoint: str
+    request_idx: int
+    reqnum: int
+    cost: float
+    expires: float
+    sig_v: int = SCHEME_VERSION
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> SignedRequest:
+        """The signed fields of a `/route/` answer (or auth_data); the rest is left out."""
+        return cls(**{name: fields[name] for name in SIGNED_FIELDS if name in fields})
+
+
+SIGNED_FIELDS = tuple(field.name for field in dataclasses.fields(SignedRequest))
+
+
+def canonical_message(request: SignedRequest) -> bytes:
     """The exact bytes an autoscaler signs in strict mode (RFC 8785 of exactly these fields)."""
-    fields: dict[str, str] = {
-        "cost": canonical_number(cost),
-        "endpoint": canonical_string(endpoint),
-        "expires": canonical_number(expires),
-        "reqnum": canonical_number(reqnum),
-        "request_idx": canonical_number(request_idx),
-        "sig_v": canonical_number(sig_v),
-        "url": canonical_string(url),
-    }
-    members = ",".join(f'"{name}":{fields[name]}' for name in sorted(fields))
-    return ("{" + members + "}").encode("utf-8")
+    members = []
+    for name in sorted(SIGNED_FIELDS):
+        value = getattr(request, name)
+        text = canonical_string(value) if isinstance(value, str) else canonical_number(value)
+        members.append(f'"{name}":{text}')
+    return ("{" + ",".join(members) + "}").encode("utf-8")
 
 
 def message_for(auth: AuthData) -> bytes:
     """The canonical message of a received auth_data; CanonicalError if it has none."""
     if auth.expires is None or auth.sig_v is None:
         raise CanonicalError("auth_data has no expires or sig_v")
-    return canonical_message(
-        url=auth.url,
-        endpoint=auth.endpoint,
-        request_idx=auth.request_idx,
-        reqnum=auth.reqnum,
-        cost=auth.cost,
-        expires=auth.expires,
-        sig_v=auth.sig_v,
-    )
+    return canonical_message(SignedRequest.from_fields(vars(auth)))
 
 
 # --- keys and signatures --------------------------------------------------------------------
@@ -175,29 +176,12 @@ def verify_message(key: PublicKey, message: bytes, signature: str) -> bool:
     return True
 
 
-def strict_fields(
-    key: PrivateKey,
-    *,
-    url: str,
-    endpoint: str,
-    request_idx: int,
-    reqnum: int,
-    cost: float,
-    expires: float,
-) -> dict[str, Any]:
+def strict_fields(key: PrivateKey, request: SignedRequest) -> dict[str, Any]:
     """What an autoscaler adds to its `/route/` answer to make it strict."""
-    message = canonical_message(
-        url=url,
-        endpoint=endpoint,
-        request_idx=request_idx,
-        reqnum=reqnum,
-        cost=cost,
-        expires=expires,
-    )
     return {
-        "expires": expires,
-        "sig_v": SCHEME_VERSION,
-        "strict_signature": sign_message(key, message),
+        "expires": request.expires,
+        "sig_v": request.sig_v,
+        "strict_signature": sign_message(key, canonical_message(request)),
     }
 
 
@@ -276,9 +260,6 @@ class StrictVerifier:
 
     def load_pem(self, pem: bytes) -> None:
         self._key = load_public_key(pem)
-
-    def verify(self, auth: AuthData) -> bool:
-        return self.check(auth) is Verdict.ACCEPTED
 
     def check(self, auth: AuthData) -> Verdict:
         """Accept `auth` (and remember it), or say why not. Cheap checks come first."""

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from pyworker.startup.report import report_start_error
+from pyworker.protocol.messages import report_start_error
 
 logger = logging.getLogger("pyworker.startup.certificate")
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pyworker.devtools.local.autoscaler import LocalAutoscaler
 from pyworker.devtools.local.fleet import Fleet
 from pyworker.devtools.local.table import LiveTable, render_table, watch
-from pyworker.protocol.auth import AuthData, SignatureVerifier
+from pyworker.protocol.auth import AuthData, SignatureVerifier, Verdict
 from pyworker.protocol.signing import SigningKey
 
 _KEY: SigningKey | None = None
@@ -122,9 +122,9 @@ async def test_route_signature_verifies_with_the_served_public_key(running: Runn
     assert isinstance(answer["reqnum"], int) and isinstance(answer["request_idx"], int)
     verifier = SignatureVerifier()  # and the worker's own check accepts it
     verifier.load_pem(pem)
-    assert verifier.verify(AuthData.model_validate(answer))
+    assert verifier.check(AuthData.model_validate(answer)) is Verdict.ACCEPTED
     tampered = AuthData.model_validate({**answer, "url": "http://127.0.0.1:1"})
-    assert not verifier.verify(tampered)
+    assert verifier.check(tampered) is not Verdict.ACCEPTED
 
 
 async def test_route_waits_while_no_worker_is_ready(running: Running) -> None:

@@ -10,7 +10,13 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pyworker.protocol.auth import AuthData, SignatureVerifier, fetch_public_key, reference_message
+from pyworker.protocol.auth import (
+    AuthData,
+    SignatureVerifier,
+    Verdict,
+    fetch_public_key,
+    reference_message,
+)
 from tests.conftest import KeyPair
 
 
@@ -26,11 +32,11 @@ def _auth(keypair: KeyPair, **fields: Any) -> AuthData:
 def test_verify_good_bad_and_cached(keypair: KeyPair, monkeypatch: pytest.MonkeyPatch) -> None:
     verifier = SignatureVerifier(cache_size=2)
     good = _auth(keypair)
-    assert not verifier.verify(good)  # no key yet
+    assert verifier.check(good) is Verdict.INVALID  # no key yet
     verifier.load_pem(keypair.pem)
-    assert verifier.verify(good)
-    assert not verifier.verify(_auth(keypair, signature=KeyPair().sign(good.url)))
-    assert not verifier.verify(_auth(keypair, signature="%%%"))
+    assert verifier.check(good) is Verdict.ACCEPTED
+    assert verifier.check(_auth(keypair, signature=KeyPair().sign(good.url))) is Verdict.INVALID
+    assert verifier.check(_auth(keypair, signature="%%%")) is Verdict.INVALID
     # The second check of the same pair costs no RSA operation.
     calls = 0
     real_verify = type(verifier._key).verify  # type: ignore[union-attr]
@@ -41,14 +47,16 @@ def test_verify_good_bad_and_cached(keypair: KeyPair, monkeypatch: pytest.Monkey
         real_verify(*args)
 
     monkeypatch.setattr(type(verifier._key), "verify", counting)
-    assert verifier.verify(good)
+    assert verifier.check(good) is Verdict.ACCEPTED
     assert calls == 0
     # The cache is bounded: two other urls push the first out.
     for port in (2, 3):
         url = f"http://127.0.0.1:{port}"
-        assert verifier.verify(_auth(keypair, url=url, signature=keypair.sign(url)))
+        assert (
+            verifier.check(_auth(keypair, url=url, signature=keypair.sign(url))) is Verdict.ACCEPTED
+        )
     assert calls == 2 and len(verifier._cache) == 2
-    assert verifier.verify(good)
+    assert verifier.check(good) is Verdict.ACCEPTED
     assert calls == 3
 
 

@@ -37,6 +37,7 @@ from pyworker.lifecycle.logfollow import LogFollower, _LineSplitter
 from pyworker.protocol.auth import AuthData, SignatureVerifier, Verdict
 from pyworker.protocol.envelope import Envelope, EnvelopeError, parse_envelope
 from pyworker.protocol.strict import (
+    SignedRequest,
     StrictVerifier,
     canonical_message,
     canonical_number,
@@ -470,14 +471,8 @@ def test_the_canonical_message_is_json_of_exactly_the_signed_fields(
     surrogate = re.compile("[\ud800-\udfff]")
     if surrogate.search(url + endpoint):
         return
-    message = canonical_message(
-        url=url,
-        endpoint=endpoint,
-        request_idx=request_idx,
-        reqnum=reqnum,
-        cost=cost,
-        expires=expires,
-    )
+    signed = SignedRequest(url, endpoint, request_idx, reqnum, cost, expires)
+    message = canonical_message(signed)
     document = json.loads(message)
     assert list(document) == sorted(document)
     assert document == {
@@ -512,7 +507,7 @@ def test_the_strict_replay_cache_stays_bounded_under_a_stream_of_requests() -> N
         if replay and accepted:
             assert verifier.check(accepted[-1]) in (Verdict.REPLAYED, Verdict.EXPIRED)
             return
-        fields = {
+        fields: dict[str, Any] = {
             "url": "http://w:1",
             "endpoint": "e",
             "request_idx": request_idx,
@@ -521,7 +516,11 @@ def test_the_strict_replay_cache_stays_bounded_under_a_stream_of_requests() -> N
         }
         expires = clock[0] + lifetime
         auth = AuthData.model_validate(
-            {**fields, "signature": "", **strict_fields(STRICT_KEY, **fields, expires=expires)}
+            {
+                **fields,
+                "signature": "",
+                **strict_fields(STRICT_KEY, SignedRequest(**fields, expires=expires)),
+            }
         )
         verdict = verifier.check(auth)
         fresh = expires + verifier.skew >= clock[0]

@@ -25,6 +25,7 @@ from pyworker.protocol.strict import (
     CanonicalError,
     PrivateKey,
     ReplayCache,
+    SignedRequest,
     StrictVerifier,
     canonical_message,
     canonical_number,
@@ -76,7 +77,11 @@ def strict_auth(
     }
     expiry = now + 60 if expires is None else expires
     reference = SigningKey(key).sign(url)
-    data = {**fields, "signature": reference, **strict_fields(key, **fields, expires=expiry)}
+    data = {
+        **fields,
+        "signature": reference,
+        **strict_fields(key, SignedRequest(**fields, expires=expiry)),
+    }
     data.update(overrides)
     return data
 
@@ -104,12 +109,14 @@ def verifier_for(key: PrivateKey, clock: Clock | None = None, **options: Any) ->
 
 def test_canonical_message_is_compact_sorted_rfc8785_json() -> None:
     message = canonical_message(
-        url="http://1.2.3.4:5000",
-        endpoint='my "llm" é',
-        request_idx=7,
-        reqnum=3,
-        cost=10.0,
-        expires=1700000060,
+        SignedRequest(
+            url="http://1.2.3.4:5000",
+            endpoint='my "llm" é',
+            request_idx=7,
+            reqnum=3,
+            cost=10.0,
+            expires=1700000060,
+        )
     )
     assert message == (
         b'{"cost":10,"endpoint":"my \\"llm\\" \xc3\xa9","expires":1700000060,"reqnum":3,'
@@ -152,7 +159,9 @@ def test_values_without_a_portable_form_are_refused(value: Any) -> None:
 def test_a_lone_surrogate_has_no_canonical_form() -> None:
     with pytest.raises(CanonicalError):
         canonical_message(
-            url="\ud800", endpoint="e", request_idx=1, reqnum=1, cost=1.0, expires=NOW
+            SignedRequest(
+                url="\ud800", endpoint="e", request_idx=1, reqnum=1, cost=1.0, expires=NOW
+            )
         )
 
 
@@ -182,9 +191,11 @@ def test_a_strict_auth_data_is_accepted_once(any_key: PrivateKey) -> None:
     auth = AuthData.model_validate(strict_auth(any_key))
     assert verifier.check(auth) is Verdict.ACCEPTED
     assert verifier.check(auth) is Verdict.REPLAYED
-    assert not verifier.verify(auth)
+    assert verifier.check(auth) is not Verdict.ACCEPTED
     other = AuthData.model_validate(strict_auth(any_key, reqnum=2))
-    assert verifier.verify(other)  # the same request routed again is another message
+    assert (
+        verifier.check(other) is Verdict.ACCEPTED
+    )  # the same request routed again is another message
 
 
 @pytest.mark.parametrize(
@@ -212,7 +223,7 @@ def test_the_url_must_be_this_workers(any_key: PrivateKey) -> None:
     assert verifier.check(AuthData.model_validate(strict_auth(any_key, WORKER_URL + "/")))
     anywhere = StrictVerifier(clock=Clock())  # no audience: only the signature binds the url
     anywhere.load_pem(public_pem(any_key))
-    assert anywhere.verify(AuthData.model_validate(elsewhere))
+    assert anywhere.check(AuthData.model_validate(elsewhere)) is Verdict.ACCEPTED
     forged = {**elsewhere, "url": WORKER_URL}
     assert anywhere.check(AuthData.model_validate(forged)) is Verdict.INVALID
 
@@ -291,8 +302,14 @@ def test_replay_cache_alone() -> None:
 
 def test_sign_message_round_trips_for_both_key_types(any_key: PrivateKey) -> None:
     verifier = verifier_for(any_key)
-    fields = {"url": WORKER_URL, "endpoint": "e", "request_idx": 4, "reqnum": 2, "cost": 0.25}
-    message = canonical_message(**fields, expires=NOW + 5)
+    fields: dict[str, Any] = {
+        "url": WORKER_URL,
+        "endpoint": "e",
+        "request_idx": 4,
+        "reqnum": 2,
+        "cost": 0.25,
+    }
+    message = canonical_message(SignedRequest(**fields, expires=NOW + 5))
     signature = sign_message(any_key, message)
     auth = {**fields, "signature": "", "expires": NOW + 5, "sig_v": 1}
     accepted = AuthData.model_validate({**auth, "strict_signature": signature})
@@ -483,7 +500,7 @@ async def test_the_local_autoscaler_signs_strictly_and_for_reference_workers(
     assert strict.check(auth) is Verdict.ACCEPTED
     reference = SignatureVerifier()  # a reference worker still accepts the same answer
     reference.load_pem(autoscaler.public_pem)
-    assert reference.verify(auth)
+    assert reference.check(auth) is Verdict.ACCEPTED
     plain = LocalAutoscaler("demo", key=autoscaler.key, strict=False)
     plain.record_status(report)
     assert "strict_signature" not in plain.route(cost=1.0)
@@ -495,9 +512,10 @@ def test_an_ed25519_signing_key_signs_strictly_only(
 ) -> None:
     key = SigningKey(ed25519_key)
     assert key.sign(WORKER_URL) == ""
-    fields = key.strict(
+    signed = SignedRequest(
         url=WORKER_URL, endpoint="e", request_idx=1, reqnum=1, cost=1.0, expires=NOW + 1
     )
+    fields = strict_fields(key.private_key, signed)
     auth = AuthData.model_validate(
         {"url": WORKER_URL, "endpoint": "e", "request_idx": 1, "reqnum": 1, "cost": 1.0}
         | {"signature": "", **fields}

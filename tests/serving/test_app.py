@@ -77,7 +77,7 @@ async def test_success_is_accounted_with_times_and_request_idx(
     interval = ledger.interval()
     assert interval.new_load == 12.5 and interval.served_load == 12.5 and interval.received == 1
     (record,) = ledger.take_finished()
-    wire = record.to_wire()
+    wire = record.finished_item().to_wire()
     assert wire["request_idx"] == 77 and wire["status"] == "Success" and wire["success"] is True
     assert wire["entered_queue_at"] <= wire["work_started_at"] <= wire["work_completed_at"]
     assert ledger.in_progress == 0 and ledger.current_load == 0

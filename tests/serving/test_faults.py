@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from pyworker.devtools.demo.model_server import LOADED_LINE
-from pyworker.protocol.strict import strict_fields
+from pyworker.protocol.strict import SignedRequest, strict_fields
 from tests.conftest import KeyPair, wait_until
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -271,7 +271,7 @@ class Scene:
     # --- clients -------------------------------------------------------------------------
     def auth(self, cost: float = 1.0) -> dict[str, Any]:
         self._next_idx += 1
-        fields = {
+        fields: dict[str, Any] = {
             "url": self.worker_url,
             "endpoint": "faults",
             "request_idx": self._next_idx,
@@ -279,7 +279,7 @@ class Scene:
             "cost": cost,
         }
         expires = round(time.time() + 60)
-        strict = strict_fields(self.keypair.private, **fields, expires=expires)
+        strict = strict_fields(self.keypair.private, SignedRequest(**fields, expires=expires))
         return {**fields, "signature": self.keypair.sign(self.worker_url), **strict}
 
     async def request(

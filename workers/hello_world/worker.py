@@ -20,26 +20,17 @@ from pathlib import Path
 
 from pyworker.config import (
     BenchmarkConfig,
-    JSONObject,
     ModelServerConfig,
     RouteConfig,
     WorkerConfig,
 )
 from pyworker.devtools.demo.model_server import LOADED_LINE
 from pyworker.devtools.demo.openai import DEFAULT_MAX_TOKENS
+from pyworker.protocol.usage import completion_tokens
 
 HERE = Path(__file__).resolve().parent
 MODEL_LOG = "/tmp/pyworker-demo.log"
 """Where the demo server logs when started by hand as above (`MODEL_LOG` overrides it)."""
-
-
-def completion_tokens(answer: JSONObject) -> float | None:
-    """The tokens an OpenAI-style answer says it produced; None when it does not say."""
-    usage = answer.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    if isinstance(tokens, int | float) and not isinstance(tokens, bool):
-        return float(tokens)
-    return None
 
 
 def openai_route(path: str) -> RouteConfig:

@@ -17,12 +17,12 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TypeGuard
 
 import orjson
 
 from pyworker.config import JSONObject, WorkerConfig
 from pyworker.config.loader import ConfigError
+from pyworker.protocol.usage import processed_tokens
 from workers.openai.engines import ServerKind, engine_model_server, server_kind
 
 # Re-exported: the route names live in routes.py.
@@ -121,26 +121,8 @@ def workload(payload: JSONObject, default_max_tokens: int = DEFAULT_MAX_TOKENS) 
 
 
 # --- produced work: what an answer says it cost ------------------------------------------
-def produced_tokens(document: JSONObject) -> float | None:
-    """Tokens processed per the answer's `usage`: a whole answer, or a stream's usage chunk.
-
-    Chat streams carry `usage` only when asked (`stream_options.include_usage`), and so do
-    vLLM's and SGLang's completions streams; llama-server always ends a completions stream
-    with it. Chunks without it give None.
-    """
-    usage = document.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
-    if _is_count(prompt) and _is_count(completion):
-        return float(prompt + completion)
-    total = usage.get("total_tokens")
-    return float(total) if _is_count(total) else None
-
-
-def _is_count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+produced_tokens = processed_tokens
+"""Tokens processed per the answer's `usage` (pyworker.protocol.usage)."""
 
 
 # --- the config ----------------------------------------------------------------------------

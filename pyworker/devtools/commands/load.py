@@ -48,6 +48,7 @@ from pyworker.devtools.commands.routing import (
     worker_url,
 )
 from pyworker.lifecycle.benchmark import BenchmarkError, load_dataset, produced_documents
+from pyworker.protocol.usage import completion_tokens
 
 DEFAULT_ROUTE = "/v1/completions"
 DEFAULT_CONCURRENCY = 32
@@ -94,10 +95,9 @@ def produced_work(body: bytes, content_type: str, cost: float) -> float:
     """The completion tokens the answer reports (its last `usage`), else the announced cost."""
     produced: float | None = None
     for document in produced_documents(body, content_type):
-        usage = document.get("usage")
-        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        if isinstance(tokens, int | float) and not isinstance(tokens, bool):
-            produced = float(tokens)
+        tokens = completion_tokens(document)
+        if tokens is not None:
+            produced = tokens
     return cost if produced is None else produced
 
 

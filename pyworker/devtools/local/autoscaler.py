@@ -36,10 +36,10 @@ from pydantic import ValidationError
 
 from pyworker.devtools.local.dashboard import DASHBOARD_HTML, FLEET_PATH
 from pyworker.devtools.local.fleet import FinishedRequest, Fleet, WorkerPhase, WorkerRecord
-from pyworker.devtools.local.messages import DeleteRequests, RouteRequest, WorkerReport
+from pyworker.devtools.local.messages import DELETE_REQUESTS, ROUTE_REQUEST, WORKER_REPORT
 from pyworker.devtools.local.table import LiveTable, watch
 from pyworker.protocol.signing import SigningKey
-from pyworker.protocol.strict import PrivateKey
+from pyworker.protocol.strict import PrivateKey, SignedRequest, strict_fields
 
 logger = logging.getLogger(__name__)
 
@@ -143,26 +143,20 @@ class LocalAutoscaler:
         }
         if self.strict:
             expires = round(time.time() + self.strict_lifetime)
-            answer |= self.key.strict(
-                url=url,
-                endpoint=name,
-                request_idx=request_idx,
-                reqnum=reqnum,
-                cost=cost,
-                expires=expires,
-            )
+            request = SignedRequest.from_fields(answer | {"expires": expires})
+            answer |= strict_fields(self.private_key, request)
         return answer
 
     def record_status(self, body: object) -> WorkerRecord:
         """Record a `/worker_status/` body; ValidationError if malformed, Refused on a bad token."""
-        report = WorkerReport.model_validate(body)
+        report = WORKER_REPORT.validate_python(body)
         self._check_token(report.mtoken)
-        raw = body if isinstance(body, dict) else report.model_dump()
+        raw = body if isinstance(body, dict) else report.to_wire()
         return self.fleet.record_status(report, raw)
 
     def record_finished(self, body: object) -> list[FinishedRequest]:
         """Record a `/delete_requests/` body, in either form."""
-        message = DeleteRequests.model_validate(body)
+        message = DELETE_REQUESTS.validate_python(body)
         self._check_token(message.mtoken)
         return self.fleet.record_finished(message)
 
@@ -280,7 +274,7 @@ async def _pubkey(request: web.Request) -> web.Response:
 
 async def _route(request: web.Request) -> web.Response:
     autoscaler = request.app[AUTOSCALER_KEY]
-    message = RouteRequest.model_validate(await _body(request))
+    message = ROUTE_REQUEST.validate_python(await _body(request))
     api_key = message.api_key or _bearer(request) or request.query.get("api_key", "")
     answer = autoscaler.route(message.endpoint, message.cost, message.request_idx, api_key)
     return _json(answer)

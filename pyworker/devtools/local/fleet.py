@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pyworker.backports import StrEnum
-from pyworker.devtools.local.messages import DeleteRequests, WorkerReport
+from pyworker.protocol.messages import DeleteRequests, WorkerStatusReport
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class WorkerRecord:
 
     def __init__(self, worker_id: int, history_size: int, now: float) -> None:
         self.id = worker_id
-        self.report = WorkerReport(id=worker_id)
+        self.report = WorkerStatusReport(id=worker_id)
         self.raw_report: dict[str, Any] = {}
         self.history: deque[Sample] = deque(maxlen=history_size)
         self.first_seen = now
@@ -76,7 +76,9 @@ class WorkerRecord:
         self.last_routed_at = 0.0
         self.outcomes: Counter[str] = Counter()
 
-    def update(self, report: WorkerReport, raw: dict[str, Any], now: float, wall: float) -> None:
+    def update(
+        self, report: WorkerStatusReport, raw: dict[str, Any], now: float, wall: float
+    ) -> None:
         self.report = report
         self.raw_report = {key: value for key, value in raw.items() if key != "mtoken"}
         self.reported_at = now
@@ -161,7 +163,7 @@ class Fleet:
         self._clock = clock
         self._wall_clock = wall_clock
 
-    def record_status(self, report: WorkerReport, raw: dict[str, Any]) -> WorkerRecord:
+    def record_status(self, report: WorkerStatusReport, raw: dict[str, Any]) -> WorkerRecord:
         now = self._clock()
         record = self.workers.get(report.id)
         if record is None:

@@ -1,0 +1,175 @@
+"""The bodies a worker and its clients send to the autoscaler, each defined once (PROTOCOL.md).
+
+The worker's reporter sends them, the local autoscaler validates them (pyworker.devtools.local
+adds pydantic validation to these very classes), and the start report tells the autoscaler why
+a worker cannot start. That report must go out even before pyworker is installed, from any
+python3 the container has (perhaps one older than pyworker supports): so this module uses the
+standard library only, stays importable by Python 3.7, and `scripts/on_start.sh` runs it by
+file path, which never imports the `pyworker` package:
+
+    python3 pyworker/protocol/messages.py "why the worker cannot start"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+STATUS_PATH = "/worker_status/"
+DELETE_REQUESTS_PATH = "/delete_requests/"
+DEFAULT_REPORT_ADDR = "https://run.vast.ai"
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+MAX_ERROR_MESSAGE = 2000
+"""Characters of `error_msg` a start report carries."""
+START_REPORT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerStatusReport:
+    """`POST /worker_status/`; every field but `id` may be left out (start-up failure reports)."""
+
+    id: int
+    mtoken: str | None = None
+    version: str = ""
+    loadtime: float = 0.0
+    cur_load: float = 0.0
+    new_load: float = 0.0
+    rej_load: float = 0.0
+    cur_perf: float = 0.0
+    max_perf: float = 0.0
+    error_msg: str | None = ""
+    num_requests_working: int = 0
+    num_requests_recieved: int = 0  # sic: the reference's spelling
+    additional_disk_usage: float = 0.0
+    working_request_idxs: list[int] = field(default_factory=list)
+    cur_capacity: float = 0  # reserved; the reference sends the integer 0
+    max_capacity: float = 0
+    url: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object, keys in the reference's order."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FinishedItem:
+    """One finished request of `/delete_requests/` (times in epoch seconds)."""
+
+    request_idx: int
+    success: bool = True
+    status: str = ""
+    entered_queue_at: float | None = None
+    work_started_at: float | None = None
+    work_completed_at: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DeleteRequests:
+    """`POST /delete_requests/`: the `requests` list, or the older `request_idxs` + `success`
+    (one post per outcome, as vastai 1.9.1 sends)."""
+
+    worker_id: int
+    mtoken: str | None = None
+    requests: list[FinishedItem] | None = None
+    request_idxs: list[int] | None = None
+    success: bool = True
+
+    def __post_init__(self) -> None:
+        if self.requests is None and self.request_idxs is None:
+            raise ValueError("either requests or request_idxs is required")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object in the form it was made in: only that form's keys."""
+        head = {"worker_id": self.worker_id, "mtoken": self.mtoken}
+        if self.requests is not None:
+            return {**head, "requests": [item.to_wire() for item in self.requests]}
+        return {**head, "request_idxs": self.request_idxs, "success": self.success}
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """`POST /route/` from a client; `request_idx` 0 or absent asks for a new one."""
+
+    endpoint: str
+    api_key: str = ""
+    cost: float = 0.0
+    request_idx: int | None = None
+    replay_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cost >= 0:
+            raise ValueError("cost must be a number >= 0")
+
+
+# --- the start report: why a worker cannot start ---------------------------------------------
+
+
+def start_report(message: str, environ: Mapping[str, str]) -> WorkerStatusReport:
+    """The worker's id, token and public url, no load, and `message` as `error_msg`."""
+    try:
+        worker_id = int(environ.get("CONTAINER_ID") or 0)
+    except ValueError:
+        worker_id = 0
+    port = environ.get("WORKER_PORT") or "3000"
+    public_port = environ.get(f"VAST_TCP_PORT_{port}") or port
+    address = environ.get("PUBLIC_IPADDR")
+    scheme = "https" if environ.get("USE_SSL", "").strip().lower() in TRUE_WORDS else "http"
+    return WorkerStatusReport(
+        id=worker_id,
+        mtoken=environ.get("MASTER_TOKEN", ""),
+        error_msg=message[:MAX_ERROR_MESSAGE],
+        url=f"{scheme}://{address}:{public_port}" if address else "",
+    )
+
+
+def report_start_error(message: str, environ: Mapping[str, str]) -> None:
+    """Post the start report to every `REPORT_ADDR` entry; nothing in local mode. Never raises.
+
+    Blocking: for start-up steps that run before the worker (and its reporter) does.
+    """
+    if not environ.get("REPORT_ADDR") and not environ.get("CONTAINER_ID"):
+        return
+    body = json.dumps(start_report(message, environ).to_wire()).encode()
+    for base in (environ.get("REPORT_ADDR") or DEFAULT_REPORT_ADDR).split(","):
+        base = base.strip().rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            continue
+        request = urllib.request.Request(
+            base + STATUS_PATH,
+            data=body,
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=START_REPORT_TIMEOUT) as response:
+                response.read(4096)
+        except (OSError, ValueError) as error:
+            logger.warning("could not report to %s: %s", base, error)
+
+
+def main(arguments: Sequence[str]) -> int:
+    """`messages.py MESSAGE`: report MESSAGE (any bytes the shell passed) as the start error."""
+    if len(arguments) != 1:
+        print("usage: python3 pyworker/protocol/messages.py MESSAGE", file=sys.stderr)
+        return 2
+    logging.basicConfig(format="on_start: %(message)s")
+    # A message cut from a log may hold invalid UTF-8: keep the rest of it readable.
+    message = arguments[0].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    report_start_error(message, os.environ)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
