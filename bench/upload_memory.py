@@ -30,9 +30,9 @@ from aiohttp.test_utils import TestServer
 from pyworker.config.environment import Environment
 from pyworker.serving.compose import compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
-from workers.openai.routes import TRANSCRIPTIONS
-from workers.openai.uploads import UploadForm
-from workers.openai.worker import build_worker
+from pyworker.workers.openai.routes import TRANSCRIPTIONS
+from pyworker.workers.openai.uploads import UploadForm
+from pyworker.workers.openai.worker import build_worker
 
 MiB = 1024 * 1024
 

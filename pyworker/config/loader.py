@@ -36,9 +36,16 @@ class ConfigError(ValueError):
     """The worker config cannot be used; the message names what is wrong."""
 
 
+TWINS = {"comfyui-json": "comfyui_json", "vllm-score": "vllm_score"}
+"""Vast's backend names that Python cannot import, and the worker folder that defines each.
+
+The repository's root `workers/` has a folder of each spelling; the installed `pyworker/workers`
+only the importable one, so `pyworker run comfyui-json` is looked for under both names."""
+
+
 def workers_dirs() -> list[Path]:
     """Folders searched for `workers/<name>`: the current directory's, then the installed one."""
-    installed = Path(__file__).resolve().parents[2] / "workers"
+    installed = Path(__file__).resolve().parents[1] / "workers"  # pyworker/workers
     dirs = [Path.cwd() / "workers", installed]
     extra = os.environ.get("PYWORKER_WORKERS_DIR")
     if extra:
@@ -131,9 +138,11 @@ def _read_target(target: str) -> dict[str, Any]:
     if path.is_dir():
         path = _config_in(path)
     elif not path.exists() and "/" not in target and not target.endswith((".py", ".toml")):
+        spellings = (target, TWINS[target]) if target in TWINS else (target,)
         for folder in workers_dirs():
-            if (folder / target).is_dir():
-                path = _config_in(folder / target)
+            found = [folder / name for name in spellings if (folder / name).is_dir()]
+            if found:
+                path = _config_in(found[0])
                 break
         else:
             return _from_module(_import_module(target), target)
@@ -188,6 +197,7 @@ def available_workers() -> list[str]:
         )
     # `comfyui_json` is the importable twin of the backend name `comfyui-json`: list the one
     # users type.
+    names.update(dashed for dashed, importable in TWINS.items() if importable in names)
     return sorted(name for name in names if name.replace("_", "-") not in names - {name})
 
 
@@ -214,7 +224,7 @@ def _import_module(name: str) -> ModuleType:
             raise ConfigError(f"worker module {name!r}: import failed: {error}") from None
         raise ConfigError(not_found_message(name)) from None
     if not hasattr(module, "worker") and module.__file__:
-        # A package such as `workers.tgi`: its config lives in worker.py beside __init__.py.
+        # A package such as `pyworker.workers.tgi`: its config lives in worker.py beside it.
         folder = Path(module.__file__).parent
         if (folder / "worker.py").exists():
             return importlib.import_module(f"{name}.worker")

@@ -31,8 +31,8 @@ from tests.support import fake_comfyui
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.fake_comfyui import FakeComfyUI
 from tests.support.processes import spawn, stop
-from workers.comfyui import worker as comfyui
-from workers.comfyui.worker import check_payload, run_workflow, workload
+from pyworker.workers.comfyui import worker as comfyui
+from pyworker.workers.comfyui.worker import check_payload, run_workflow, workload
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

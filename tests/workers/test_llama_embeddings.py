@@ -28,8 +28,8 @@ from tests.support.llama import (
     start_llama_server,
 )
 from tests.support.tiny_gguf import ModelShape, write_model
-from workers.openai.routes import EMBEDDINGS, ROUTE_BENCHMARKS
-from workers.openai.worker import BENCHMARK_FILE, produced_tokens
+from pyworker.workers.openai.routes import EMBEDDINGS, ROUTE_BENCHMARKS
+from pyworker.workers.openai.worker import BENCHMARK_FILE, produced_tokens
 
 pytestmark = pytest.mark.timeout(1800)
 

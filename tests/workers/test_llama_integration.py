@@ -32,7 +32,7 @@ from tests.support.llama import (
     wait_until_ready,
 )
 from tests.support.tiny_gguf import SLOW, ModelShape, write_model
-from workers.openai.worker import BENCHMARK_FILE, produced_tokens, workload
+from pyworker.workers.openai.worker import BENCHMARK_FILE, produced_tokens, workload
 
 # The build, when CI must do it here, takes minutes; every wait below has its own deadline.
 pytestmark = pytest.mark.timeout(1800)

@@ -28,8 +28,8 @@ from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair, wait_until
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.fake_openai import NOT_FOUND_BODY, FakeOpenAI, speech_bytes
-from workers.openai.benchmarks import wav_clip
-from workers.openai.routes import (
+from pyworker.workers.openai.benchmarks import wav_clip
+from pyworker.workers.openai.routes import (
     ALL_ROUTES,
     EMBEDDINGS,
     IMAGE_EDITS,
@@ -39,7 +39,7 @@ from workers.openai.routes import (
     TRANSCRIPTIONS,
     TRANSLATIONS,
 )
-from workers.openai.worker import build_worker
+from pyworker.workers.openai.worker import build_worker
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 ALL_BYTES = bytes(range(256)) * 4

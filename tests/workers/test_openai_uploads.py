@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from pyworker.config.encoded_body import EncodedBody, PayloadRefused
-from workers.openai import uploads
-from workers.openai.uploads import (
+from pyworker.workers.openai import uploads
+from pyworker.workers.openai.uploads import (
     AUDIO_TYPES,
     IMAGE_TYPES,
     FileField,

@@ -15,7 +15,7 @@ import pytest
 from pyworker.lifecycle.benchmark import produced_documents
 from pyworker.lifecycle.logfollow import LineKind, LogFollower
 from pyworker.lifecycle.readiness import log_patterns
-from workers.openai.worker import (
+from pyworker.workers.openai.worker import (
     BENCHMARK_FILE,
     CHAT,
     COMPLETIONS,

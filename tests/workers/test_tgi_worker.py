@@ -25,7 +25,7 @@ from tests.conftest import KeyPair
 from tests.support import fake_tgi
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.processes import spawn, stop
-from workers.tgi.worker import (
+from pyworker.workers.tgi.worker import (
     DEFAULT_MAX_NEW_TOKENS,
     check_payload,
     produced_work,

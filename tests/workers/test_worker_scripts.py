@@ -19,12 +19,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from workers.comfyui import client as comfyui_client
-from workers.comfyui import load as comfyui_load
-from workers.openai import client as openai_client
-from workers.openai import load as openai_load
-from workers.tgi import client as tgi_client
-from workers.tgi import load as tgi_load
+from pyworker.workers.comfyui import client as comfyui_client
+from pyworker.workers.comfyui import load as comfyui_load
+from pyworker.workers.openai import client as openai_client
+from pyworker.workers.openai import load as openai_load
+from pyworker.workers.tgi import client as tgi_client
+from pyworker.workers.tgi import load as tgi_load
 
 
 class StandIn:

@@ -6,7 +6,7 @@ this module only gives it the name Vast's templates use.
 
 from __future__ import annotations
 
-from workers.comfyui_json.worker import worker
+from pyworker.workers.comfyui_json.worker import worker
 
 if __name__ == "__main__":
     from pyworker.entry import serve

@@ -6,7 +6,7 @@ this module only gives it the name Vast's templates use.
 
 from __future__ import annotations
 
-from workers.vllm_score.worker import worker
+from pyworker.workers.vllm_score.worker import worker
 
 if __name__ == "__main__":
     from pyworker.entry import serve

@@ -19,8 +19,8 @@ from pathlib import Path
 import orjson
 
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig, WorkerConfig
-from workers.openai.engines import ServerKind, engine_model_server
-from workers.openai.worker import produced_tokens
+from pyworker.workers.openai.engines import ServerKind, engine_model_server
+from pyworker.workers.openai.worker import produced_tokens
 
 HERE = Path(__file__).resolve().parent
 BENCHMARK_FILE = HERE / "benchmark.jsonl"

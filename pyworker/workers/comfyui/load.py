@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from pyworker.devtools.commands.load import add_worker_arguments, run_worker_load
-from workers.comfyui.client import estimated_cost
+from pyworker.workers.comfyui.client import estimated_cost
 
 DATASET = Path(__file__).resolve().parent / "benchmark.json"
 ROUTE = "/workflow"

@@ -21,7 +21,7 @@ from typing import Any
 
 from pyworker.devtools.commands.load import add_worker_arguments, run_worker_load
 from pyworker.lifecycle.benchmark import produced_documents
-from workers.tgi.client import estimated_cost
+from pyworker.workers.tgi.client import estimated_cost
 
 DATASET = Path(__file__).resolve().parent / "benchmark.jsonl"
 

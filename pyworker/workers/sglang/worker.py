@@ -6,8 +6,8 @@ each can be overridden through the environment (see README.md in this folder).
 
 from __future__ import annotations
 
-from workers.openai.engines import ServerKind
-from workers.openai.worker import build_worker
+from pyworker.workers.openai.engines import ServerKind
+from pyworker.workers.openai.worker import build_worker
 
 worker = build_worker(kind=ServerKind.SGLANG)
 

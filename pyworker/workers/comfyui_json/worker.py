@@ -46,8 +46,9 @@ BENCHMARK_ROUNDS = 3
 MAX_WORKFLOW_BYTES = 16 * 1024 * 1024
 """A benchmark workflow file larger than this is not read."""
 
-FORK_WORKFLOW = HERE.parent / "comfyui-json" / "misc" / "benchmark.json"
-"""Where a fork commits its benchmark workflow (the reference's `misc/benchmark.json`)."""
+FORK_WORKFLOW = HERE.parents[2] / "workers" / "comfyui-json" / "misc" / "benchmark.json"
+"""Where a fork commits its benchmark workflow (the reference's `misc/benchmark.json`): in the
+repository's root `workers/` folder, next to the entry point Vast's start script runs."""
 IMAGE_WORKFLOW = Path("/opt/comfyui-api-wrapper/workflows/pyworker_benchmark.json")
 """The link Vast's ComfyUI image keeps to the first provisioned workflow."""
 PROMPTS_FILE = HERE / "prompts.json"

@@ -23,19 +23,19 @@ import orjson
 from pyworker.config import JSONObject, WorkerConfig
 from pyworker.config.loader import ConfigError
 from pyworker.protocol.usage import processed_tokens
-from workers.openai.engines import ServerKind, engine_model_server, server_kind
+from pyworker.workers.openai.engines import ServerKind, engine_model_server, server_kind
 
 # Re-exported: the route names live in routes.py.
-from workers.openai.routes import CHAT as CHAT
-from workers.openai.routes import COMPLETIONS as COMPLETIONS
-from workers.openai.routes import (
+from pyworker.workers.openai.routes import CHAT as CHAT
+from pyworker.workers.openai.routes import COMPLETIONS as COMPLETIONS
+from pyworker.workers.openai.routes import (
     RouteSettings,
     benchmark_config,
     benchmark_route,
     route_configs,
     served_routes,
 )
-from workers.openai.uploads import UploadLimits
+from pyworker.workers.openai.uploads import UploadLimits
 
 HERE = Path(__file__).resolve().parent
 BENCHMARK_FILE = HERE / "benchmark.jsonl"

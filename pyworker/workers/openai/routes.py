@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pyworker.config import BenchmarkConfig, JSONObject, ProducedWork, RouteConfig
 from pyworker.config.encoded_body import BodyEncoder
 from pyworker.config.loader import ConfigError
-from workers.openai import benchmarks
-from workers.openai.uploads import (
+from pyworker.workers.openai import benchmarks
+from pyworker.workers.openai.uploads import (
     AUDIO_TYPES,
     IMAGE_TYPES,
     FileField,
