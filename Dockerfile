@@ -1,4 +1,5 @@
-# pyworker on a slim Python: the worker, its workers/ and the start script, nothing else.
+# pyworker on a slim Python: the worker (its ready workers are pyworker/workers) and the start
+# script, nothing else. The root workers/ (entry points for Vast's start path) is not needed.
 # Templates either run it beside a model server started elsewhere, or build FROM it and set
 # MODEL_SERVER_CMD; scripts/on_start.sh documents every environment variable.
 #
@@ -38,7 +39,6 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/pyw
 
 COPY --chown=pyworker:pyworker pyproject.toml README.md /opt/pyworker/src/
 COPY --chown=pyworker:pyworker pyworker/ /opt/pyworker/src/pyworker/
-COPY --chown=pyworker:pyworker workers/ /opt/pyworker/src/workers/
 COPY --chown=pyworker:pyworker scripts/ /opt/pyworker/src/scripts/
 
 USER 10001:10001

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from collections.abc import Sequence
 from pyworker import __version__
 from pyworker.config.environment import Environment, InvalidEnvironment
 from pyworker.config.loader import ConfigError, load_config
+from pyworker.entry import configure_logging
 from pyworker.startup.failure import fail
 
 
@@ -68,10 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(tools=argv[:1] != ["run"])
     arguments = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(arguments, "log_level", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(getattr(arguments, "log_level", "INFO"))
     handler = arguments.handler
     result: int = handler(arguments)
     return result

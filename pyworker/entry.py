@@ -18,6 +18,13 @@ from pyworker.config.environment import Environment, InvalidEnvironment
 from pyworker.config.loader import ConfigError, apply_overrides, raw_config
 from pyworker.startup.failure import fail
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """One log format for a worker, whether `pyworker run` or a worker module started it."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
 
 def serve(worker: WorkerConfig | dict[str, object], source: str = "worker.py") -> NoReturn:
     """Serve `worker` with the process environment; exits with the worker's status."""
@@ -28,10 +35,7 @@ def serve_status(worker: WorkerConfig | dict[str, object], source: str = "worker
     from pyworker.serving.server import run
 
     environ = dict(os.environ)
-    logging.basicConfig(
-        level=environ.get("PYWORKER_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(environ.get("PYWORKER_LOG_LEVEL", "INFO"))
     try:
         environment = Environment.from_env(environ)
         config = apply_overrides(raw_config(worker, source), (), environment, source=source)

@@ -19,7 +19,7 @@ class Reader(Enum):
     PLATFORM = "Set by the platform, read by the worker"
     WORKER = "pyworker's own settings"
     CONFIG = "Overrides of the worker config"
-    WORKERS = "Read by the ready workers in workers/"
+    WORKERS = "Read by the ready workers in pyworker/workers/"
     START_SCRIPT = "Read by the container entrypoint scripts/on_start.sh"
     TOOLS = "Read by the developer commands (pyworker dev, call, load)"
 
@@ -170,8 +170,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "PYWORKER_WORKERS_DIR",
         "unset",
-        "A folder searched first for `pyworker run <name>` (then `./workers`, then the "
-        "installed `workers/`).",
+        "A folder searched first for `pyworker run <name>` (then `./workers`, then pyworker's "
+        "own `pyworker/workers/`).",
         Reader.WORKER,
     ),
     Variable(

@@ -34,7 +34,12 @@ from pyworker.devtools.demo.model_server import DemoSettings
 from pyworker.devtools.demo.model_server import create_app as create_demo_app
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
-from tests.support.wheelhouse import build_wheelhouse, stub_wheel
+from tests.support.wheelhouse import (
+    build_wheel,
+    build_wheelhouse,
+    copy_working_tree,
+    stub_wheel,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,14 +93,7 @@ def commit_folder(folder: Path) -> str:
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git repository holding this working tree's files (committed or not): PYWORKER_REPO."""
-    folder = tmp_path_factory.mktemp("origin")
-    listed = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT)
-    for name in filter(None, listed.split("\0")):
-        source = ROOT / name
-        if source.is_file() and not source.is_symlink():
-            target = folder / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+    folder = copy_working_tree(ROOT, tmp_path_factory.mktemp("origin"))
     commit_folder(folder)
     return folder
 
@@ -397,12 +395,7 @@ def template_repository(folder: Path, pyworker_requirement: str) -> Path:
 
 def pyworker_wheel(origin: Path, wheelhouse: Path, folder: Path) -> Path:
     """pyworker's wheel, built offline from the origin (what PyPI would serve)."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
-         "--find-links", str(wheelhouse), "--wheel-dir", str(folder), str(origin)],
-        env=clean_environ() | {"PIP_CONFIG_FILE": os.devnull},
-        capture_output=True, check=True, timeout=300,
-    )  # fmt: skip
+    build_wheel(origin, folder, ["--no-index", "--find-links", str(wheelhouse)], clean_environ())
     return folder
 
 

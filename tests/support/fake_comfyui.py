@@ -6,7 +6,7 @@
 It prints `listening on http://127.0.0.1:PORT` once its port is open. Its log gets ComfyUI's
 start-up lines at once and, `--load-after` seconds later, "Starting server" and "To see the
 GUI go to: ..."; until then every route answers 503. The lines are real ComfyUI lines
-(workers/comfyui/README.md cites where each comes from).
+(pyworker/workers/comfyui/README.md cites where each comes from).
 
 API, as ComfyUI's: `POST /prompt {"prompt", "client_id"}` validates and queues a workflow
 (`{"prompt_id", "number", "node_errors"}`, or 400 with ComfyUI's error shape); one executor

@@ -8,7 +8,7 @@ launcher's start-up lines at once and, `--load-after` seconds later, the shard-r
 router lines ending with "Connected"; until then `/health` and generation answer 503. With
 `--fail-start` the shard dies of CUDA OOM instead and the launcher exits with
 `Error: ShardCannotStart` (the lines of a real failed start). Every line is a real TGI line
-with a fresh timestamp; workers/tgi/README.md cites where each comes from.
+with a fresh timestamp; pyworker/workers/tgi/README.md cites where each comes from.
 
 API: `POST /generate` (`{"generated_text", "details"?}`), `POST /generate_stream` (SSE, one
 `data:` event a token, the last with `generated_text` and `details`), `GET /health`,

@@ -13,8 +13,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from packaging.markers import default_environment
@@ -109,3 +113,36 @@ def stub_wheel(name: str, version: str, folder: Path) -> Path:
         record.append(f"{stem}.dist-info/RECORD,,")
         archive.writestr(f"{stem}.dist-info/RECORD", "\n".join(record) + "\n")
     return wheel
+
+
+def copy_working_tree(root: Path, folder: Path) -> Path:
+    """The files of the git working tree at `root` (committed or not, ignored ones left out)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        source = root / name
+        if source.is_file() and not source.is_symlink():
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return folder
+
+
+def build_wheel(
+    source: Path,
+    folder: Path,
+    options: Sequence[str] = ("--no-build-isolation", "--no-index"),
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """The wheel of the project at `source`, built offline: by default with the build backend
+    installed here (no build isolation, nothing downloaded)."""
+    environ = os.environ if environ is None else environ
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *options,
+         "--wheel-dir", str(folder), str(source)],
+        env={**environ, "PIP_CONFIG_FILE": os.devnull},
+        capture_output=True, check=True, timeout=300,
+    )  # fmt: skip
+    return next(folder.glob("*.whl"))

@@ -24,15 +24,15 @@ from pyworker.config.loader import load_config
 from pyworker.config.template_env import TemplateEnvError, existing_log
 from pyworker.lifecycle.logfollow import LineKind, LogFollower
 from pyworker.lifecycle.readiness import log_patterns
-from tests.conftest import KeyPair
-from tests.support.fake_engines import EngineRecorder, create_app
-from tests.support.processes import spawn, stop
 from pyworker.workers.comfyui_json import worker as comfyui_json
 from pyworker.workers.openai.engines import PROFILES, ServerKind
 from pyworker.workers.openai.routes import ALL_ROUTES
 from pyworker.workers.openai.worker import build_worker as openai_worker
 from pyworker.workers.tgi.worker import build_worker as tgi_worker
 from pyworker.workers.vllm_score import worker as vllm_score
+from tests.conftest import KeyPair
+from tests.support.fake_engines import EngineRecorder, create_app
+from tests.support.processes import spawn, stop
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 VLLM_LOADED = "(APIServer pid=460954) INFO:     Application startup complete."

@@ -26,13 +26,13 @@ from pyworker.config import HandlerResult, JSONObject
 from pyworker.config.loader import load_config
 from pyworker.lifecycle.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.lifecycle.readiness import log_patterns
+from pyworker.workers.comfyui import worker as comfyui
+from pyworker.workers.comfyui.worker import check_payload, run_workflow, workload
 from tests.conftest import KeyPair, WorkerFactory, wait_until
 from tests.support import fake_comfyui
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.fake_comfyui import FakeComfyUI
 from tests.support.processes import spawn, stop
-from pyworker.workers.comfyui import worker as comfyui
-from pyworker.workers.comfyui.worker import check_payload, run_workflow, workload
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

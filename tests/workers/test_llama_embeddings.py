@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pyworker.workers.openai.routes import EMBEDDINGS, ROUTE_BENCHMARKS
+from pyworker.workers.openai.worker import BENCHMARK_FILE, produced_tokens
 from tests.conftest import MASTER_TOKEN, OPERATOR_HEADERS, KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.llama import (
@@ -28,8 +30,6 @@ from tests.support.llama import (
     start_llama_server,
 )
 from tests.support.tiny_gguf import ModelShape, write_model
-from pyworker.workers.openai.routes import EMBEDDINGS, ROUTE_BENCHMARKS
-from pyworker.workers.openai.worker import BENCHMARK_FILE, produced_tokens
 
 pytestmark = pytest.mark.timeout(1800)
 

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pyworker.workers.openai.worker import BENCHMARK_FILE, produced_tokens, workload
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.llama import (
@@ -32,7 +33,6 @@ from tests.support.llama import (
     wait_until_ready,
 )
 from tests.support.tiny_gguf import SLOW, ModelShape, write_model
-from pyworker.workers.openai.worker import BENCHMARK_FILE, produced_tokens, workload
 
 # The build, when CI must do it here, takes minutes; every wait below has its own deadline.
 pytestmark = pytest.mark.timeout(1800)

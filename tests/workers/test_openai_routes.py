@@ -25,9 +25,6 @@ from pyworker.config.environment import Environment
 from pyworker.config.loader import ConfigError
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
-from tests.conftest import KeyPair, wait_until
-from tests.support.fake_autoscaler import FakeAutoscaler
-from tests.support.fake_openai import NOT_FOUND_BODY, FakeOpenAI, speech_bytes
 from pyworker.workers.openai.benchmarks import wav_clip
 from pyworker.workers.openai.routes import (
     ALL_ROUTES,
@@ -40,6 +37,9 @@ from pyworker.workers.openai.routes import (
     TRANSLATIONS,
 )
 from pyworker.workers.openai.worker import build_worker
+from tests.conftest import KeyPair, wait_until
+from tests.support.fake_autoscaler import FakeAutoscaler
+from tests.support.fake_openai import NOT_FOUND_BODY, FakeOpenAI, speech_bytes
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 ALL_BYTES = bytes(range(256)) * 4

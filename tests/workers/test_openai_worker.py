@@ -1,7 +1,8 @@
 """The `openai` worker's parts: workload, produced work from `usage`, and log patterns.
 
 The log lines are real: vLLM, SGLang and TGI lines as they appear in those servers' logs
-(quoted in workers/openai/README.md), llama.cpp lines as our own llama-server build prints them.
+(quoted in pyworker/workers/openai/README.md), llama.cpp lines as our own llama-server build
+prints them.
 """
 
 from __future__ import annotations

@@ -21,16 +21,16 @@ from pyworker.config.loader import load_config
 from pyworker.lifecycle.benchmark import produced_documents
 from pyworker.lifecycle.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.lifecycle.readiness import log_patterns
-from tests.conftest import KeyPair
-from tests.support import fake_tgi
-from tests.support.fake_autoscaler import FakeAutoscaler
-from tests.support.processes import spawn, stop
 from pyworker.workers.tgi.worker import (
     DEFAULT_MAX_NEW_TOKENS,
     check_payload,
     produced_work,
     workload,
 )
+from tests.conftest import KeyPair
+from tests.support import fake_tgi
+from tests.support.fake_autoscaler import FakeAutoscaler
+from tests.support.processes import spawn, stop
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""The ready workers' client and load scripts (workers/<name>/) against a stand-in worker.
+"""The ready workers' client and load scripts (pyworker/workers/<name>/) against a stand-in worker.
 
 Each load script is `pyworker load` with its worker's route, payload preparation and work
 counting; each client sends one request and prints the answer. These tests check them against
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from pyworker.workers.openai import client as openai_client
 from pyworker.workers.openai import load as openai_load
 from pyworker.workers.tgi import client as tgi_client
 from pyworker.workers.tgi import load as tgi_load
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 class StandIn:
@@ -227,3 +231,25 @@ async def test_a_client_without_a_worker_fails_with_a_message(
     status = await asyncio.to_thread(tgi_client.main, ["--worker", "http://127.0.0.1:9", "Hi"])
     assert status == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["workers/hello_world/client.py"],
+        ["workers/openai/client.py"],
+        ["workers/tgi/client.py"],
+        ["workers/comfyui/client.py"],
+        ["-m", "workers.openai.load"],
+        ["-m", "workers.tgi.load"],
+        ["-m", "workers.comfyui.load"],
+    ],
+)
+def test_the_scripts_run_from_a_clone_as_the_readmes_say(command: list[str]) -> None:
+    """The root workers/<name>/ scripts are the package's, run by their old paths."""
+    done = subprocess.run(
+        [sys.executable, *command, "--help"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage:")

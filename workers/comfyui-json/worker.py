@@ -1,6 +1,6 @@
 """`BACKEND=comfyui-json`, run by Vast's start script as `python3 -m workers.comfyui-json.worker`.
 
-The worker is defined in workers/comfyui_json (a folder name Python can import by name too);
+The worker is defined in pyworker/workers/comfyui_json (a name Python can import);
 this module only gives it the name Vast's templates use.
 """
 

@@ -1,6 +1,6 @@
 """`BACKEND=vllm-score`, run by Vast's start script as `python3 -m workers.vllm-score.worker`.
 
-The worker is defined in workers/vllm_score (a folder name Python can import by name too);
+The worker is defined in pyworker/workers/vllm_score (a name Python can import);
 this module only gives it the name Vast's templates use.
 """
 

@@ -321,7 +321,7 @@ worker = WorkerConfig(
     ),
 )
 
-if __name__ == "__main__":  # python -m workers.comfyui.worker, as Vast's start script runs it
+if __name__ == "__main__":  # python -m pyworker.workers.comfyui.worker
     from pyworker.entry import serve
 
     serve(worker)

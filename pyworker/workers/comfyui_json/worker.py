@@ -204,7 +204,7 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
 
 worker = build_worker()
 
-if __name__ == "__main__":  # python -m workers.comfyui_json.worker
+if __name__ == "__main__":  # python -m pyworker.workers.comfyui_json.worker
     from pyworker.entry import serve
 
     serve(worker)

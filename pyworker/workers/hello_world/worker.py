@@ -61,7 +61,7 @@ worker = WorkerConfig(
     ),
 )
 
-if __name__ == "__main__":  # python -m workers.hello_world.worker, as Vast's start script runs it
+if __name__ == "__main__":  # python -m pyworker.workers.hello_world.worker
     from pyworker.entry import serve
 
     serve(worker)

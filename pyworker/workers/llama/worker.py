@@ -1,6 +1,6 @@
-"""`BACKEND=llama`: the OpenAI-compatible worker (workers/openai) with llama-server defaults.
+"""`BACKEND=llama`: the OpenAI-compatible worker (../openai) with llama-server defaults.
 
-Its port, log file, model variable, health route and log lines are in workers/openai/engines.py;
+Its port, log file, model variable, health route and log lines are in ../openai/engines.py;
 each can be overridden through the environment (see README.md in this folder).
 """
 
@@ -11,7 +11,7 @@ from pyworker.workers.openai.worker import build_worker
 
 worker = build_worker(kind=ServerKind.LLAMACPP)
 
-if __name__ == "__main__":  # python -m workers.llama.worker, as Vast's start script runs it
+if __name__ == "__main__":  # python -m pyworker.workers.llama.worker
     from pyworker.entry import serve
 
     serve(worker)

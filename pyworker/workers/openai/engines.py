@@ -1,7 +1,7 @@
 """The engines behind the OpenAI-compatible workers and what each one's defaults are.
 
 `vllm`, `sglang`, `llama` and `openai` (an alias of `vllm`, or of the engine `OPENAI_SERVER`
-names) share one worker definition (workers/openai/worker.py) and differ only in a profile:
+names) share one worker definition (worker.py here) and differ only in a profile:
 the port, log file and model variable of Vast's template for that engine, its health route,
 and the log lines that say it loaded or failed. The log patterns quote the real lines (see
 README.md in this folder); every default can be overridden through the environment

@@ -181,7 +181,7 @@ except ConfigError as error:
     print(f"pyworker: {error}", file=sys.stderr)
     sys.exit(2)
 
-if __name__ == "__main__":  # python -m workers.openai.worker, as Vast's start script runs it
+if __name__ == "__main__":  # python -m pyworker.workers.openai.worker
     from pyworker.entry import serve
 
     serve(worker)

@@ -144,7 +144,7 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
 
 worker = build_worker()
 
-if __name__ == "__main__":  # python -m workers.tgi.worker, as Vast's start script runs it
+if __name__ == "__main__":  # python -m pyworker.workers.tgi.worker
     from pyworker.entry import serve
 
     serve(worker)

@@ -6,7 +6,7 @@ answers pass through unchanged; a payload wrapped in `{"input": {...}}`, as the 
 clients send it, is unwrapped first. Workload is in tokens: every pair the model reads, query
 plus document, estimated at four characters a token; the benchmark counts the tokens vLLM
 says it processed (`usage`). vLLM's defaults (port 18000, log lines, `/health`) come from
-workers/openai/engines.py, with the same environment overrides.
+../openai/engines.py, with the same environment overrides.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
 
 worker = build_worker()
 
-if __name__ == "__main__":  # python -m workers.vllm_score.worker
+if __name__ == "__main__":  # python -m pyworker.workers.vllm_score.worker
     from pyworker.entry import serve
 
     serve(worker)
