@@ -217,10 +217,19 @@ def _eager_closure(start: str) -> dict[str, Import | None]:
     while pending:
         module = pending.pop()
         for found in _imports():
-            if found.importer == module and found.eager and found.imported not in reached:
-                reached[found.imported] = found
-                pending.append(found.imported)
+            if found.importer != module or not found.eager:
+                continue
+            # Python runs the packages above a module first: their imports load too.
+            for loaded in [*_packages_above(found.imported), found.imported]:
+                if loaded not in reached:
+                    reached[loaded] = found
+                    pending.append(loaded)
     return reached
+
+
+def _packages_above(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:end]) for end in range(1, len(parts))]
 
 
 def test_pyworker_run_never_loads_the_developer_tools() -> None:
@@ -236,7 +245,7 @@ def test_pyworker_run_never_loads_the_developer_tools() -> None:
             chains.append(" <- ".join(chain))
         assert not tools, (
             f"{start} loads developer tools at import time; import them inside the command "
-            "that needs them:\n  " + "\n  ".join(chains)
+            "that needs them:\n  " + "\n  ".join(dict.fromkeys(chains))
         )
 
 
