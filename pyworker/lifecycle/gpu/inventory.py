@@ -23,6 +23,7 @@ class GpuDevice:
     uuid: str | None = None
     memory_total_bytes: int | None = None
     memory_free_bytes: int | None = None
+    """Free when the worker started, before the model server loaded its model."""
     pcie_generation: int | None = None
     pcie_generation_max: int | None = None
     pcie_width: int | None = None

@@ -32,6 +32,7 @@ class GpuSample:
 
     index: int
     timestamp: float
+    """Seconds since the epoch."""
     utilization_percent: float | None = None
     memory_used_bytes: float | None = None
     power_watts: float | None = None
