@@ -23,7 +23,7 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from pyworker.serving.http_errors import JsonErrorServer
+from pyworker.serving.http_errors import JsonErrorServer, rebuild_server
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +186,4 @@ class CappedAppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         built = await super()._make_server()
-        return CappedServer(
-            built.request_handler,
-            request_factory=built.request_factory,
-            handler_cancellation=built.handler_cancellation,
-            loop=asyncio.get_running_loop(),
-            max_connections=self._max_connections,
-            **built._kwargs,
-        )
+        return rebuild_server(built, CappedServer, max_connections=self._max_connections)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
+Built = TypeVar("Built", bound=web.Server)
 
 
 @web.middleware
@@ -109,11 +111,16 @@ class JsonErrorRunner(web.AppRunner):
     """An `AppRunner` whose connections answer even unparseable requests in JSON."""
 
     async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        return JsonErrorServer(
-            server.request_handler,
-            request_factory=server.request_factory,
-            handler_cancellation=server.handler_cancellation,
-            loop=server._loop,
-            **server._kwargs,
-        )
+        return rebuild_server(await super()._make_server(), JsonErrorServer)
+
+
+def rebuild_server(server: web.Server, server_class: type[Built], **options: Any) -> Built:
+    """`server` remade as a `server_class`: the same handler and settings, plus `options`."""
+    return server_class(
+        server.request_handler,
+        request_factory=server.request_factory,
+        handler_cancellation=server.handler_cancellation,
+        loop=server._loop,
+        **options,
+        **server._kwargs,
+    )

@@ -145,16 +145,10 @@ def signing_request(key: rsa.RSAPrivateKey) -> bytes:
         ]
     )
     usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=True,
-        key_encipherment=True,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
+        digital_signature=True, content_commitment=True, key_encipherment=True,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
     any_address = x509.IPAddress(ipaddress.ip_address("0.0.0.0"))
     request = (
         x509.CertificateSigningRequestBuilder()

@@ -203,7 +203,7 @@ def test_every_variable_the_code_reads_is_in_the_reference() -> None:
     found = names_read_by_the_code()
     assert {"CONTAINER_ID", "MASTER_TOKEN", "OPENAI_SERVER", "MODEL_SERVER_CMD"} <= set(found)
     missing = {name: where for name, where in found.items() if not _documented(name, documented)}
-    assert not missing, f"add a row to pyworker/config/variables.py, rerun the generator: {missing}"
+    assert not missing, f"add a row to pyworker/config/variables/, rerun the generator: {missing}"
     text = reference.REFERENCE_FILE.read_text(encoding="utf-8")
     for variable in VARIABLES:
         assert f"| `{variable.name}` |" in text
@@ -292,6 +292,6 @@ def test_every_name_shaped_string_in_the_code_is_a_documented_variable_or_known(
         and not _documented(name + "*" if name.endswith("_") else name, documented)
     }
     assert not unknown, (
-        "a variable? add a row to pyworker/config/variables.py and rerun the generator; "
+        "a variable? add a row to pyworker/config/variables/ and rerun the generator; "
         f"else add it to NOT_VARIABLES: {unknown}"
     )

@@ -18,10 +18,10 @@ from typing import Any, BinaryIO
 import aiohttp
 import orjson
 
+from pyworker.devtools.commands.arguments import add_command, add_target_arguments, resolve_target
 from pyworker.devtools.commands.devstate import find_state
 from pyworker.devtools.commands.routing import (
     DataError,
-    NoAutoscaler,
     RoutingError,
     Target,
     current_state,
@@ -32,52 +32,14 @@ from pyworker.devtools.commands.routing import (
     worker_url,
 )
 
-DEFAULT_WAIT = 60.0
-DEFAULT_TIMEOUT = 600.0
 STATUS_TIMEOUT = 5.0
 BROKEN_PIPE_STATUS = 141
 """128 + SIGPIPE: what a shell reports for a writer whose reader went away."""
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags `call` and `load` share: where the autoscaler is and how long to wait."""
-    parser.add_argument(
-        "--autoscaler",
-        metavar="URL",
-        help="autoscaler base URL (default: the running `pyworker dev`'s)",
-    )
-    parser.add_argument(
-        "--endpoint", help="endpoint name (default: the running `pyworker dev`'s, else hello_world)"
-    )
-    parser.add_argument("--api-key", default="", help="api_key sent to /route/ (default: none)")
-    parser.add_argument(
-        "--cost",
-        type=float,
-        help="cost announced to /route/ (default: the payload's max_tokens, else 100)",
-    )
-    parser.add_argument(
-        "--wait",
-        type=float,
-        default=DEFAULT_WAIT,
-        metavar="SECONDS",
-        help=f"how long to keep asking while no worker is ready (default {DEFAULT_WAIT:g})",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"limit on each worker request (default {DEFAULT_TIMEOUT:g})",
-    )
-
-
 def add_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "call",
-        help="send one request through the autoscaler and print the answer",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    summary = "send one request through the autoscaler and print the answer"
+    parser = add_command(commands, "call", summary, __doc__)
     parser.add_argument("route", help="the worker route, e.g. /v1/completions")
     parser.add_argument(
         "--data", "-d", default="{}", help="the payload: JSON text, or @FILE (default: {})"
@@ -115,10 +77,8 @@ def command_call(arguments: argparse.Namespace) -> int:
     if arguments.stream and isinstance(payload, dict):
         payload.setdefault("stream", True)
     state = current_state(arguments.autoscaler is not None)
-    try:
-        target = Target.resolve(arguments.autoscaler, arguments.endpoint, arguments.api_key, state)
-    except NoAutoscaler as error:
-        print(f"pyworker call: {error}", file=sys.stderr)
+    target = resolve_target(arguments, state, "call")
+    if target is None:
         return 1
     request = CallRequest(
         target=target,

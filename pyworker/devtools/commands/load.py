@@ -30,12 +30,11 @@ import aiohttp
 import orjson
 
 from pyworker.config import BenchmarkConfig
-from pyworker.devtools.commands.call import add_target_arguments
+from pyworker.devtools.commands.arguments import add_command, add_target_arguments, resolve_target
 from pyworker.devtools.commands.devstate import DevState
 from pyworker.devtools.commands.progress import ProgressBar
 from pyworker.devtools.commands.routing import (
     DataError,
-    NoAutoscaler,
     RoutingError,
     Target,
     add_worker_target_arguments,
@@ -58,12 +57,7 @@ PROGRESS_INTERVAL = 0.1
 
 
 def add_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "load",
-        help="load-test the endpoint through the autoscaler",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(commands, "load", "load-test the endpoint through the autoscaler", __doc__)
     parser.add_argument(
         "route",
         nargs="?",
@@ -229,10 +223,8 @@ def command_load(arguments: argparse.Namespace) -> int:
     if (error := _size_error(arguments, max_rps=math.inf)) is not None:
         return _usage(error)
     state = current_state(arguments.autoscaler is not None)
-    try:
-        target = Target.resolve(arguments.autoscaler, arguments.endpoint, arguments.api_key, state)
-    except NoAutoscaler as error:
-        print(f"pyworker load: {error}", file=sys.stderr)
+    target = resolve_target(arguments, state, "load")
+    if target is None:
         return 1
     try:
         payloads = choose_payloads(arguments.data, arguments.dataset, state)

@@ -57,23 +57,14 @@ class Spinner:
 
     def start(self, label: str) -> None:
         with self._lock:
-            self._label = label
             self._started = time.monotonic()
-            if self.interactive:
-                self._draw()
-            else:
-                self._write(f"{self._waiting_mark} {label}\n")
+            self._show(label)
 
     def relabel(self, label: str) -> None:
         """Change the label of the current wait without restarting its clock."""
         with self._lock:
-            if label == self._label:
-                return
-            self._label = label
-            if self.interactive:
-                self._draw()
-            else:
-                self._write(f"{self._waiting_mark} {label}\n")
+            if label != self._label:
+                self._show(label)
 
     def note(self, text: str) -> None:
         """Print `text` on its own lines above the spinner, which is redrawn below it."""
@@ -100,6 +91,14 @@ class Spinner:
             prefix = _CLEAR_LINE if self.interactive else ""
             self._write(f"{prefix}{mark} {text}\n")
             self._label = ""
+
+    def _show(self, label: str) -> None:
+        """Label the wait: redrawn in place on a terminal, a line of its own elsewhere."""
+        self._label = label
+        if self.interactive:
+            self._draw()
+        else:
+            self._write(f"{self._waiting_mark} {label}\n")
 
     def _draw(self) -> None:
         frame = self._frames[self._frame]

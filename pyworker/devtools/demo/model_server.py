@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from pyworker.devtools.demo.openai import (
     parse_completion,
 )
 from pyworker.devtools.demo.text import generate_tokens
+from pyworker.devtools.listen import run_server, server_parser
 
 # The server logs a line containing this text once requests are served; a worker config matches
 # it as its *loaded* pattern. It is what vLLM (through uvicorn) prints when it is ready.
@@ -268,20 +268,23 @@ def create_app(settings: DemoSettings | None = None) -> web.Application:
         await log.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/health", _health)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.add_routes(
+        [
+            web.get("/health", _health),
+            web.get("/v1/models", _models),
+            web.post("/v1/completions", _completions),
+            web.post("/v1/chat/completions", _chat_completions),
+        ]
+    )
     return app
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pyworker.devtools.demo.model_server",
-        description="A demo OpenAI-compatible model server: a CPU stand-in, not a model.",
+    parser = server_parser(
+        "python -m pyworker.devtools.demo.model_server",
+        "A demo OpenAI-compatible model server: a CPU stand-in, not a model.",
+        port=8000,
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--model", default="demo", help="model name in answers")
     parser.add_argument(
         "--tokens-per-second", type=float, default=200.0, help="per request; 0: no pacing"
@@ -338,12 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(signum, stop.set)
         await serve(settings, arguments.host, arguments.port, stop)
 
-    try:
-        asyncio.run(run())
-    except OSError as error:
-        print(f"demo model server: cannot serve: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_server(run(), "demo model server")
 
 
 if __name__ == "__main__":

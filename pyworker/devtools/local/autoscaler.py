@@ -24,7 +24,6 @@ import hmac
 import itertools
 import logging
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,6 +33,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from pyworker.devtools.listen import run_server, server_parser
 from pyworker.devtools.local.dashboard import DASHBOARD_HTML, FLEET_PATH
 from pyworker.devtools.local.fleet import FinishedRequest, Fleet, WorkerPhase, WorkerRecord
 from pyworker.devtools.local.messages import DELETE_REQUESTS, ROUTE_REQUEST, WORKER_REPORT
@@ -327,12 +327,11 @@ def create_app(autoscaler: LocalAutoscaler | None = None) -> web.Application:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pyworker.devtools.local.autoscaler",
-        description="A local stand-in for Vast.ai's autoscaler: routes, signs and records.",
+    parser = server_parser(
+        "python -m pyworker.devtools.local.autoscaler",
+        "A local stand-in for Vast.ai's autoscaler: routes, signs and records.",
+        port=DEFAULT_PORT,
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     parser.add_argument("--endpoint", help="the only endpoint name accepted (default: any)")
     parser.add_argument("--api-key", help="require this api_key on /route/ (default: none)")
     parser.add_argument("--master-token", help="require this mtoken in reports (default: none)")
@@ -389,11 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         strict=not arguments.reference_only,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        try:
-            asyncio.run(serve(autoscaler, arguments.host, arguments.port, arguments.watch))
-        except OSError as error:
-            print(f"local autoscaler: cannot serve: {error}", file=sys.stderr)
-            return 1
+        serving = serve(autoscaler, arguments.host, arguments.port, arguments.watch)
+        return run_server(serving, "local autoscaler")
     return 0
 
 
