@@ -23,8 +23,8 @@ from pyworker.compat.reference import (
 )
 from pyworker.config import JSONObject, ModelHandler, WorkloadFunction
 from pyworker.config import WorkerConfig as NativeConfig
+from pyworker.config.dataset import BenchmarkError
 from pyworker.config.loader import ConfigError, validate_config
-from pyworker.lifecycle.benchmark import BenchmarkError
 
 DEFAULT_HOST_URL = "http://127.0.0.1"
 MAX_ROUNDS = 100

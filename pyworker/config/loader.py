@@ -20,8 +20,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from pyworker.config import WorkerConfig
+from pyworker.config.dataset import BenchmarkError, load_dataset
 from pyworker.config.environment import CONFIG_VARIABLES, Environment, config_overrides
-from pyworker.lifecycle.benchmark import BenchmarkError, load_dataset
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -25,6 +25,7 @@ import orjson
 
 from pyworker import backports
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
+from pyworker.config.dataset import BenchmarkError
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.protocol.workload import WorkloadError
 from pyworker.upstream.errors import ConnectFailed, PoolError
@@ -33,11 +34,6 @@ from pyworker.upstream.model import ModelClient
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-MAX_DATASET = 10_000
-
-
-class BenchmarkError(RuntimeError):
-    """The benchmark could not measure anything usable; the message says why."""
 
 
 @dataclass(slots=True)
@@ -68,50 +64,6 @@ class BenchmarkResult:
             "key": self.key,
             "gpu": self.gpu,
         }
-
-
-def load_dataset(config: BenchmarkConfig) -> list[JSONObject]:
-    """The payloads to send, from the inline dataset, a JSON or JSONL file, or the generator."""
-    if config.dataset:
-        return config.dataset[:MAX_DATASET]
-    if config.dataset_file:
-        return _read_dataset(Path(config.dataset_file))
-    if config.generator is not None:
-        count = config.rounds * config.concurrency + 1
-        return [config.generator(index) for index in range(min(count, MAX_DATASET))]
-    return [{}]
-
-
-def _read_dataset(path: Path) -> list[JSONObject]:
-    try:
-        text = path.read_bytes()
-    except OSError as error:
-        raise BenchmarkError(f"benchmark dataset {path}: {error.strerror}") from None
-    try:
-        document = orjson.loads(text)
-        items = document if isinstance(document, list) else [document]
-    except orjson.JSONDecodeError:
-        items = _json_lines(path, text)
-    payloads = [item for item in items if isinstance(item, dict)]
-    if not payloads:
-        raise BenchmarkError(f"benchmark dataset {path} holds no JSON objects")
-    return payloads[:MAX_DATASET]
-
-
-def _json_lines(path: Path, text: bytes) -> list[Any]:
-    """A JSONL file's documents; BenchmarkError naming the first line that is not JSON."""
-    items: list[Any] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append(orjson.loads(line))
-        except orjson.JSONDecodeError as error:
-            raise BenchmarkError(
-                f"benchmark dataset {path}, line {number}: not JSON ({error}); "
-                "a dataset is one JSON list, or one JSON object per line"
-            ) from None
-    return items
 
 
 def cache_key(config: BenchmarkConfig, route: RouteConfig, identity: dict[str, Any]) -> str:

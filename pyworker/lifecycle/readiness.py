@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from pyworker.config import Pattern, PatternConfig, RouteConfig, WorkerConfig
+from pyworker.config.dataset import BenchmarkError, load_dataset
 from pyworker.config.load_deadline import LoadDeadline, never_loaded_message
 from pyworker.lifecycle.benchmark import (
     Benchmark,
-    BenchmarkError,
     BenchmarkResult,
     cache_key,
-    load_dataset,
     read_cache,
     write_cache,
 )

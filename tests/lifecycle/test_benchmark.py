@@ -12,12 +12,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from pyworker.config import BenchmarkConfig, RouteConfig
+from pyworker.config.dataset import BenchmarkError, load_dataset
 from pyworker.lifecycle.benchmark import (
     Benchmark,
-    BenchmarkError,
     BenchmarkResult,
     cache_key,
-    load_dataset,
     produced_documents,
     read_cache,
     write_cache,

@@ -20,6 +20,7 @@ from typing import TextIO
 
 import aiohttp
 
+from pyworker.config.dataset import BenchmarkError, load_dataset
 from pyworker.config.loader import ConfigError, load_config
 from pyworker.devtools.commands.children import Child, ChildExited, Children
 from pyworker.devtools.commands.devoutput import exchange_text, how_to_call, shown
@@ -43,7 +44,6 @@ from pyworker.devtools.commands.routing import (
 )
 from pyworker.devtools.demo.model_server import LISTENING_PATTERN as MODEL_LISTENING
 from pyworker.devtools.local.autoscaler import LocalAutoscaler
-from pyworker.lifecycle.benchmark import BenchmarkError, load_dataset
 from pyworker.protocol.signing import SigningKey
 
 WORKER_LISTENING = re.compile(r"listening on (https?://\S+)")

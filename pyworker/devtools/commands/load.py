@@ -30,6 +30,7 @@ import aiohttp
 import orjson
 
 from pyworker.config import BenchmarkConfig
+from pyworker.config.dataset import BenchmarkError, load_dataset
 from pyworker.devtools.commands.arguments import add_command, add_target_arguments, resolve_target
 from pyworker.devtools.commands.devstate import DevState
 from pyworker.devtools.commands.progress import ProgressBar
@@ -46,7 +47,7 @@ from pyworker.devtools.commands.routing import (
     worker_body,
     worker_url,
 )
-from pyworker.lifecycle.benchmark import BenchmarkError, load_dataset, produced_documents
+from pyworker.lifecycle.benchmark import produced_documents
 from pyworker.protocol.usage import completion_tokens
 
 DEFAULT_ROUTE = "/v1/completions"
