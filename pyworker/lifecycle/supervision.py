@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 FailureHandler = Callable[[str, BaseException], None]
 TaskFactory = Callable[[], Awaitable[None]]
+CLOSE_PATIENCE = 10.0
+"""How long closing waits for cancelled tasks to end before it goes on without them."""
+RECANCEL_INTERVAL = 0.5
 
 
 @dataclass(slots=True)
@@ -56,6 +59,7 @@ class Supervisor:
     def __init__(self, backoff: Callable[[], Backoff] = Backoff) -> None:
         self._backoff = backoff
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.failures: dict[str, int] = {}
         """Crashes per task name since start (`/status` and tests read it)."""
 
@@ -82,12 +86,26 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def aclose(self) -> None:
-        """Cancel every task and wait for them to end."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def aclose(self, patience: float = CLOSE_PATIENCE) -> None:
+        """Cancel every task and wait for them to end, `patience` seconds at the most.
+
+        A task whose code turned its cancellation into an error (`asyncio.wait_for`'s race on
+        Python 3.10/3.11, a library that wraps it) is not restarted and is cancelled again; one
+        that still runs after `patience` is named in the log and left, so that a worker always
+        gets to exit.
+        """
+        self._closing = True
+        deadline = time.monotonic() + patience
+        while self._tasks and (left := deadline - time.monotonic()) > 0:
+            pending = list(self._tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=min(left, RECANCEL_INTERVAL))
+        if self._tasks:
+            names = sorted(task.get_name() for task in self._tasks)
+            logger.warning(
+                "tasks %s did not stop within %.0f s of being cancelled", names, patience
+            )
 
     async def _once(
         self,
@@ -115,7 +133,7 @@ class Supervisor:
                 return
             except Exception as error:
                 self._failed(name, error, on_failure)
-            if not restart:
+            if not restart or self._closing:
                 return
             delay = backoff.delay(time.monotonic() - began)
             logger.warning("restarting task %s in %.1f s", name, delay)

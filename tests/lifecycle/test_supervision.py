@@ -431,3 +431,48 @@ async def test_a_failure_handler_that_fails_is_logged_and_the_task_restarts(
     supervisor.supervise("t", task, on_failure=handler)
     await asyncio.wait_for(second_run.wait(), 5)
     assert "the failure handler of task t failed" in caplog.text
+
+
+# --- closing ----------------------------------------------------------------------------------
+async def test_closing_ends_a_task_that_turned_its_cancellation_into_an_error() -> None:
+    """asyncio.wait_for's race on 3.10/3.11 can turn a cancel into TimeoutError: no restart."""
+    supervisor = Supervisor(backoff=lambda: Backoff(first=0.01))
+    starts = 0
+    stopping = asyncio.Event()
+
+    async def swallows() -> None:
+        nonlocal starts
+        starts += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopping.set()
+            raise TimeoutError("cancelled, as wait_for may report it") from None
+
+    supervisor.supervise("swallows", swallows)
+    await wait_until(lambda: starts == 1)
+    await asyncio.wait_for(supervisor.aclose(), 5)
+    assert stopping.is_set()
+    assert starts == 1
+    assert len(supervisor) == 0
+
+
+async def test_closing_gives_up_on_a_task_that_will_not_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    supervisor = Supervisor()
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+
+    task = supervisor.supervise("stubborn", stubborn)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(supervisor.aclose(patience=0.2), 5)
+    assert "stubborn" in caplog.text and "did not stop" in caplog.text
+    release.set()
+    await asyncio.wait_for(task, 5)
