@@ -1,4 +1,4 @@
-"""The bodies a worker and its clients send to the autoscaler, each defined once (PROTOCOL.md).
+"""The bodies a worker and its clients send to the autoscaler, each defined once (docs/protocol.md).
 
 The worker's reporter sends them, the local autoscaler validates them (pyworker.devtools.local
 adds pydantic validation to these very classes), and the start report tells the autoscaler why

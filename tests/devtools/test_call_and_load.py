@@ -48,7 +48,9 @@ from pyworker.devtools.commands.routing import (
 from pyworker.devtools.local.autoscaler import LocalAutoscaler
 
 TOKENS_PER_SECOND = 50  # slow enough to see a stream arrive in pieces
-DATASET = Path(__file__).resolve().parents[2] / "workers" / "hello_world" / "benchmark.jsonl"
+REPOSITORY = Path(__file__).resolve().parents[2]
+DATASET = REPOSITORY / "pyworker" / "workers" / "hello_world" / "benchmark.jsonl"
+CLIENT = REPOSITORY / "workers" / "hello_world" / "client.py"
 
 
 def _environ(runtime: Path | None) -> dict[str, str]:
@@ -201,7 +203,7 @@ def test_call_of_a_route_the_worker_lacks_names_its_routes(dev: DevRun) -> None:
 
 def test_call_without_a_dev_session_says_so_and_sends_nothing(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
-    client = str(DATASET.parent / "client.py")
+    client = str(CLIENT)
     for command in (
         ["-m", "pyworker", "call", "/v1/completions"],
         ["-m", "pyworker", "load", "-n", "1", "--data", "{}"],
