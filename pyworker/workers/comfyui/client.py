@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from pyworker.devtools.commands.routing import add_worker_target_arguments, worker_auth_data
+from pyworker.workers.client_script import worker_answer
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=900)
 
@@ -79,11 +80,8 @@ def estimated_cost(workflow: dict[str, Any]) -> float:
 async def run_workflow(
     session: aiohttp.ClientSession, auth_data: dict[str, Any], workflow: dict[str, Any]
 ) -> dict[str, Any]:
-    envelope = {"auth_data": auth_data, "payload": {"workflow": workflow}}
-    url = str(auth_data["url"]).rstrip("/") + "/workflow"
-    async with session.post(url, json=envelope, timeout=ANSWER_TIMEOUT) as response:
-        if response.status != 200:
-            raise RuntimeError(f"worker answered {response.status}: {await response.text()}")
+    payload: dict[str, Any] = {"workflow": workflow}
+    async with worker_answer(session, auth_data, "/workflow", payload, ANSWER_TIMEOUT) as response:
         answer: dict[str, Any] = await response.json()
     return answer
 

@@ -21,16 +21,8 @@ from pathlib import Path
 
 import orjson
 
-from pyworker.config import (
-    BenchmarkConfig,
-    JSONObject,
-    ModelServerConfig,
-    Pattern,
-    PatternConfig,
-    RouteConfig,
-    WorkerConfig,
-)
-from pyworker.config.template_env import engine_url, existing_log, log_grammar, served_model
+from pyworker.config import BenchmarkConfig, JSONObject, PatternConfig, RouteConfig, WorkerConfig
+from pyworker.workers.engine_profile import ServerProfile
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +46,19 @@ IMAGE_WORKFLOW = Path("/opt/comfyui-api-wrapper/workflows/pyworker_benchmark.jso
 PROMPTS_FILE = HERE / "prompts.json"
 FALLBACK_PROMPT = "a still life of fruit on a wooden table, soft window light"
 
-LOAD_PATTERNS: list[Pattern] = [PatternConfig(text=r"\bBACKENDS_READY\b", regex=True)]
-"""`\\b` keeps `BACKENDS_READY_TIMEOUT` (an error) from reading as the ready line."""
-ERROR_PATTERNS: list[Pattern] = [
-    "BACKENDS_READY_TIMEOUT",  # the backends never answered within the wrapper's deadline
-    "BACKEND_UNRECOVERABLE",  # a CUDA fault latched on a backend
-    "Application startup failed",  # uvicorn's lifespan start-up failed
-]
+PROFILE = ServerProfile(
+    port=WRAPPER_PORT,
+    health_path="/health",
+    log_file=WRAPPER_LOG,
+    model_variables=("COMFY_MODEL",),
+    # `\b` keeps `BACKENDS_READY_TIMEOUT` (an error) from reading as the ready line.
+    load_patterns=[PatternConfig(text=r"\bBACKENDS_READY\b", regex=True)],
+    error_patterns=[
+        "BACKENDS_READY_TIMEOUT",  # the backends never answered within the wrapper's deadline
+        "BACKEND_UNRECOVERABLE",  # a CUDA fault latched on a backend
+        "Application startup failed",  # uvicorn's lifespan start-up failed
+    ],
+)
 
 
 def check_payload(payload: JSONObject) -> JSONObject:
@@ -169,18 +167,9 @@ def benchmark_payloads(
 
 def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     env = os.environ if environ is None else environ
-    grammar = log_grammar(env, LOAD_PATTERNS, ERROR_PATTERNS)
     return WorkerConfig(
         name="comfyui-json",
-        model_server=ModelServerConfig(
-            base_url=engine_url(env, WRAPPER_PORT),
-            log_file=existing_log(WRAPPER_LOG),
-            health_path="/health",
-            model_id=served_model(env, ("COMFY_MODEL",)),
-            load_patterns=grammar.load,
-            error_patterns=grammar.error,
-            info_patterns=grammar.info,
-        ),
+        model_server=PROFILE.model_server(env),
         routes=[
             RouteConfig(
                 path=ROUTE,

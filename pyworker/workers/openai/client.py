@@ -12,15 +12,14 @@ The two steps are the whole protocol: `POST {autoscaler}/route/` answers with si
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 
 from pyworker.devtools.commands.routing import add_worker_target_arguments, worker_auth_data
+from pyworker.workers.client_script import run_client, worker_answer
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
 
@@ -35,11 +34,8 @@ async def stream_chat(
     session: aiohttp.ClientSession, auth_data: dict[str, Any], payload: dict[str, Any]
 ) -> None:
     """Send the chat request through the worker and print the answer as it arrives."""
-    envelope = {"auth_data": auth_data, "payload": payload}
-    url = str(auth_data["url"]).rstrip("/") + "/v1/chat/completions"
-    async with session.post(url, json=envelope, timeout=ANSWER_TIMEOUT) as response:
-        if response.status != 200:
-            raise RuntimeError(f"worker answered {response.status}: {await response.text()}")
+    path = "/v1/chat/completions"
+    async with worker_answer(session, auth_data, path, payload, ANSWER_TIMEOUT) as response:
         async for raw in response.content:
             line = raw.strip()
             if not line.startswith(b"data:") or line == b"data: [DONE]":
@@ -73,13 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_worker_target_arguments(parser, endpoint="openai")
     parser.add_argument("--model", default="", help="model name, if the server checks it")
     parser.add_argument("--max-tokens", type=int, default=256)
-    arguments = parser.parse_args(argv)
-    try:
-        asyncio.run(main_async(arguments))
-    except (aiohttp.ClientError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_client(main_async, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ README.md in this folder); every default can be overridden through the environme
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from pyworker.backports import StrEnum
 from pyworker.config import ModelServerConfig, Pattern, PatternConfig
-from pyworker.config.template_env import engine_url, existing_log, log_grammar, served_model
+from pyworker.config.template_env import served_model
+from pyworker.workers.engine_profile import ServerProfile
 
 VAST_ENGINE_PORT = 18000
 """Where Vast's vLLM, SGLang and llama.cpp templates start the engine."""
@@ -34,21 +34,6 @@ class ServerKind(StrEnum):
     GENERIC = "generic"
 
 
-@dataclass(frozen=True)
-class ServerProfile:
-    """What tells that one kind of server is loaded, alive, or broken, and where it is."""
-
-    port: int
-    health_path: str
-    log_file: str | None = None
-    """Where Vast's template writes the engine's output; used when that file exists."""
-    model_variables: tuple[str, ...] = ()
-    """The engine's own variable naming the served model, read after `MODEL_NAME`."""
-    load_patterns: list[Pattern] = field(default_factory=list)
-    error_patterns: list[Pattern] = field(default_factory=list)
-    info_patterns: list[Pattern] = field(default_factory=list)
-
-
 def _regex(text: str) -> PatternConfig:
     return PatternConfig(text=text, regex=True)
 
@@ -58,60 +43,64 @@ def _supervisor_exit(program: str) -> str:
     return f"INFO exited: {program} "
 
 
+def _vast_engine(
+    program: str, model_variable: str, loaded: Pattern, errors: list[Pattern]
+) -> ServerProfile:
+    """An engine of Vast's vLLM, SGLang or llama.cpp template: supervisord's `program` on port
+    18000, logging to `/var/log/portal/<program>.log`, dead when supervisord says it exited."""
+    return ServerProfile(
+        port=VAST_ENGINE_PORT,
+        health_path="/health",
+        log_file=f"/var/log/portal/{program}.log",
+        model_variables=(model_variable,),
+        load_patterns=[loaded],
+        error_patterns=[*errors, _supervisor_exit(program)],
+        info_patterns=[DOWNLOAD_LINE],
+    )
+
+
 PROFILES: dict[ServerKind, ServerProfile] = {
     # vLLM: uvicorn's line comes after "Starting vLLM API server ... on http://..." and the
     # route list, once the engine is up and the app serves.
-    ServerKind.VLLM: ServerProfile(
-        port=VAST_ENGINE_PORT,
-        health_path="/health",
-        log_file="/var/log/portal/vllm.log",
-        model_variables=("VLLM_MODEL",),
-        load_patterns=["Application startup complete."],
-        error_patterns=[
+    ServerKind.VLLM: _vast_engine(
+        "vllm",
+        "VLLM_MODEL",
+        "Application startup complete.",
+        [
             "Engine core initialization failed",
             "EngineDeadError",
             "CUDA out of memory",
             "No available memory for the cache blocks",
             _regex(r"(?i)larger than the available KV cache memory"),
-            _supervisor_exit("vllm"),
         ],
-        info_patterns=[DOWNLOAD_LINE],
     ),
     # SGLang prints this after its warm-up request, later than uvicorn's own startup lines.
-    ServerKind.SGLANG: ServerProfile(
-        port=VAST_ENGINE_PORT,
-        health_path="/health",
-        log_file="/var/log/portal/sglang.log",
-        model_variables=("SGLANG_MODEL",),
-        load_patterns=["The server is fired up and ready to roll!"],
-        error_patterns=[
+    ServerKind.SGLANG: _vast_engine(
+        "sglang",
+        "SGLANG_MODEL",
+        "The server is fired up and ready to roll!",
+        [
             "Scheduler hit an exception",
             "Received sigquit from a child process",
             "Not enough memory. Please try to increase --mem-fraction-static",
             "Initialization failed. warmup error",
             "CUDA out of memory",
-            _supervisor_exit("sglang"),
         ],
-        info_patterns=[DOWNLOAD_LINE],
     ),
     # llama-server: "srv  llama_server: model loaded" (older builds: "main: model loaded");
     # /health answers 503 while the model loads, then 200.
-    ServerKind.LLAMACPP: ServerProfile(
-        port=VAST_ENGINE_PORT,
-        health_path="/health",
-        log_file="/var/log/portal/llama.log",
-        model_variables=("LLAMA_MODEL",),
-        load_patterns=[_regex(r"(?:\bsrv\s+\S+|\bmain): model loaded\s*$")],
-        error_patterns=[
+    ServerKind.LLAMACPP: _vast_engine(
+        "llama",
+        "LLAMA_MODEL",
+        _regex(r"(?:\bsrv\s+\S+|\bmain): model loaded\s*$"),
+        [
             "exiting due to model loading error",
             "error loading model",
             "failed to load model",
             "cudaMalloc failed: out of memory",
             "exiting due to HTTP server error",
             "GGML_ASSERT",
-            _supervisor_exit("llama"),
         ],
-        info_patterns=[DOWNLOAD_LINE],
     ),
     # TGI's router, in its text and its JSON log formats (its messages API, /v1/...).
     ServerKind.TGI: ServerProfile(
@@ -161,16 +150,4 @@ def engine_model(kind: ServerKind, environ: Mapping[str, str]) -> str | None:
 
 def engine_model_server(kind: ServerKind, environ: Mapping[str, str]) -> ModelServerConfig:
     """The model server part of the config: the profile, with the template's variables."""
-    profile = PROFILES[kind]
-    grammar = log_grammar(
-        environ, profile.load_patterns, profile.error_patterns, profile.info_patterns
-    )
-    return ModelServerConfig(
-        base_url=engine_url(environ, profile.port),
-        log_file=existing_log(profile.log_file),
-        health_path=profile.health_path,
-        model_id=engine_model(kind, environ),
-        load_patterns=grammar.load,
-        error_patterns=grammar.error,
-        info_patterns=grammar.info,
-    )
+    return PROFILES[kind].model_server(environ, engine_model(kind, environ))

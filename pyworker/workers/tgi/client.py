@@ -13,16 +13,15 @@ It needs only aiohttp.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 
 from pyworker.devtools.commands.routing import add_worker_target_arguments, worker_auth_data
+from pyworker.workers.client_script import run_client, worker_answer
 
 ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
 
@@ -37,12 +36,8 @@ async def generate(
     session: aiohttp.ClientSession, auth_data: dict[str, Any], payload: dict[str, Any], stream: bool
 ) -> None:
     """Send the request through the worker; print the text (token by token when streaming)."""
-    envelope = {"auth_data": auth_data, "payload": payload}
     path = "/generate_stream" if stream else "/generate"
-    url = str(auth_data["url"]).rstrip("/") + path
-    async with session.post(url, json=envelope, timeout=ANSWER_TIMEOUT) as response:
-        if response.status != 200:
-            raise RuntimeError(f"worker answered {response.status}: {await response.text()}")
+    async with worker_answer(session, auth_data, path, payload, ANSWER_TIMEOUT) as response:
         if not stream:
             answer = await response.json()
             print(answer["generated_text"])
@@ -74,13 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_worker_target_arguments(parser, endpoint="tgi")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--no-stream", action="store_true", help="use /generate, not a stream")
-    arguments = parser.parse_args(argv)
-    try:
-        asyncio.run(main_async(arguments))
-    except (aiohttp.ClientError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_client(main_async, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,18 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pyworker.config import (
-    BenchmarkConfig,
-    JSONObject,
-    ModelServerConfig,
-    Pattern,
-    PatternConfig,
-    RouteConfig,
-    WorkerConfig,
-)
-from pyworker.config.template_env import engine_url, log_grammar, served_model
+from pyworker.config import BenchmarkConfig, JSONObject, PatternConfig, RouteConfig, WorkerConfig
+from pyworker.workers.engine_profile import ServerProfile
 
 HERE = Path(__file__).resolve().parent
+BENCHMARK_FILE = HERE / "benchmark.jsonl"
+ROUTES = ("/generate", "/generate_stream")
+"""TGI's native API; the benchmark sends its dataset to the first, in one body."""
 CHARS_PER_TOKEN = 4
 DEFAULT_MAX_NEW_TOKENS = 100
 """TGI's own default when `parameters.max_new_tokens` is missing or null."""
@@ -99,43 +94,40 @@ def _patterns(*texts: str, regex: bool = False, fatal: bool = True) -> list[Any]
     return [PatternConfig(text=text, regex=regex, fatal=fatal) for text in texts]
 
 
-LOAD_PATTERNS: list[Pattern] = _patterns(CONNECTED, regex=True)
-ERROR_PATTERNS: list[Pattern] = [
-    *_patterns(LAUNCHER_EXIT, r"Shard \d+ (failed to start|crashed)", regex=True),
-    *_patterns("CUDA out of memory", "Error when initializing model", "Webserver Crashed"),
-    # The router failing one request: counted; /health tells whether the shards died.
-    *_patterns("Request failed during generation", fatal=False),
-]
-INFO_PATTERNS: list[Pattern] = [
-    "Starting download process",
-    "Download file:",
-    "Waiting for shard to be ready",
-    "Shard ready in",
-    "Warming up model",
-]
 VAST_TGI_PORT = 5001
 """Where Vast's TGI template starts text-generation-launcher."""
+PROFILE = ServerProfile(
+    port=VAST_TGI_PORT,
+    health_path="/health",
+    model_variables=("MODEL_ID",),
+    load_patterns=_patterns(CONNECTED, regex=True),
+    error_patterns=[
+        *_patterns(LAUNCHER_EXIT, r"Shard \d+ (failed to start|crashed)", regex=True),
+        *_patterns("CUDA out of memory", "Error when initializing model", "Webserver Crashed"),
+        # The router failing one request: counted; /health tells whether the shards died.
+        *_patterns("Request failed during generation", fatal=False),
+    ],
+    info_patterns=[
+        "Starting download process",
+        "Download file:",
+        "Waiting for shard to be ready",
+        "Shard ready in",
+        "Warming up model",
+    ],
+)
 
 
 def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     """The config, with what Vast's TGI template sets: `MODEL_ID` (or `MODEL_NAME`), the
     port (`MODEL_SERVER_PORT`, 5001 as in the template) and the log grammar variables."""
     env = os.environ if environ is None else environ
-    grammar = log_grammar(env, LOAD_PATTERNS, ERROR_PATTERNS, INFO_PATTERNS)
     return WorkerConfig(
         name="tgi",
-        model_server=ModelServerConfig(
-            base_url=engine_url(env, VAST_TGI_PORT),
-            health_path="/health",
-            model_id=served_model(env, ("MODEL_ID",)),
-            load_patterns=grammar.load,
-            error_patterns=grammar.error,
-            info_patterns=grammar.info,
-        ),
-        routes=[_route("/generate"), _route("/generate_stream")],
+        model_server=PROFILE.model_server(env),
+        routes=[_route(path) for path in ROUTES],
         benchmark=BenchmarkConfig(
-            route="/generate",
-            dataset_file=str(HERE / "benchmark.jsonl"),
+            route=ROUTES[0],
+            dataset_file=str(BENCHMARK_FILE),
             rounds=3,
             concurrency=16,
         ),
