@@ -38,13 +38,13 @@ class RouteGate:
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @property
     def workload(self) -> float:
         """Workload admitted on this route, running and queued; exactly 0 when none is."""
         return self._load.value
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
 
     def refuse(self, workload: float, perf: float) -> Refusal | None:
         """Why this request may not even queue, if it may not.

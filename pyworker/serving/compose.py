@@ -88,15 +88,15 @@ class Worker:
     drainable: Drainable
     """What `pyworker.serving.drain.drain` stops; its hooks run last (the final report)."""
 
-    @property
-    def url(self) -> str:
-        return self.public_url.value
-
     def create_app(self) -> web.Application:
         return create_app(self)
 
     def create_side_app(self) -> web.Application:
         return create_side_app(self)
+
+    @property
+    def url(self) -> str:
+        return self.public_url.value
 
 
 def compose_worker(
