@@ -18,6 +18,7 @@ from pyworker.backports import StrEnum
 from pyworker.protocol.messages import FinishedItem
 from pyworker.protocol.workload import WorkloadTotal, units_to_workload, workload_units
 
+
 class Outcome(StrEnum):
     """How a request ended; the values are the wire protocol's words."""
 

@@ -52,6 +52,7 @@ REQUEST_TIMEOUT = 30.0
 MAX_ANSWER = 1024 * 1024
 KEY_SIZE = 2048
 
+
 class SettingsError(ValueError):
     """An environment variable this module needs is missing or unusable."""
 
