@@ -121,13 +121,13 @@ def compose_worker(
         environment=environment,
         public_url=url,
         status=status,
-        metrics=metrics,
-        ledger=ledger,
         verifier=(
             StrictVerifier(audience=audience)
             if environment.strict_auth
             else SignatureVerifier(audience=audience)
         ),
+        metrics=metrics,
+        ledger=ledger,
         key_loaded=key_loaded,
         model=model,
         gates={
