@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -29,6 +30,7 @@ CONFIG_VARIABLES = {
 }
 """Variables that override a worker config key (docs/protocol.md), by the key they set."""
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+Number = TypeVar("Number", int, float)
 
 
 class InvalidEnvironment(ValueError):
@@ -47,26 +49,27 @@ def _flag(environ: Mapping[str, str], name: str) -> bool | None:
     raise InvalidEnvironment(f"{name}={raw!r} is not a boolean (use true or false)")
 
 
-def _integer(environ: Mapping[str, str], name: str) -> int | None:
+def read_number(
+    environ: Mapping[str, str], name: str, kind: type[Number], what: str
+) -> Number | None:
+    """The variable read as `kind`, None when unset or blank; one parser for every module."""
     raw = environ.get(name, "").strip()
     if not raw:
         return None
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise InvalidEnvironment(f"{name}={raw!r} is not an integer") from None
+        raise InvalidEnvironment(f"{name}={raw!r} is not {what}") from None
+
+
+def _integer(environ: Mapping[str, str], name: str) -> int | None:
+    return read_number(environ, name, int, "an integer")
 
 
 def _seconds(environ: Mapping[str, str], name: str) -> float | None:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidEnvironment(f"{name}={raw!r} is not a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise InvalidEnvironment(f"{name}={raw!r} must be a finite number >= 0")
+    value = read_number(environ, name, float, "a number of seconds")
+    if value is not None and not 0 <= value < float("inf"):
+        raise InvalidEnvironment(f"{name}={environ[name].strip()!r} must be a finite number >= 0")
     return value
 
 

@@ -18,8 +18,6 @@ from pyworker.backports import StrEnum
 from pyworker.protocol.messages import FinishedItem
 from pyworker.protocol.workload import WorkloadTotal, units_to_workload, workload_units
 
-logger = logging.getLogger(__name__)
-
 
 class Outcome(StrEnum):
     """How a request ended; the values are the wire protocol's words."""
@@ -28,6 +26,9 @@ class Outcome(StrEnum):
     ERROR = "Error"
     CANCELLED = "Cancelled"
     REJECTED = "Rejected"
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)

@@ -94,18 +94,18 @@ class Readiness:
         self.config = config
         self.status = status
         self.model = model
+        self.benchmark: BenchmarkResult | None = None
         self.gpu = gpu
+        self.inventory = GpuInventory()
         self.key_loaded = key_loaded
+        self._loaded = asyncio.Event()
         self.poll_interval = poll_interval
         self.load_deadline = load_deadline
-        self.benchmark: BenchmarkResult | None = None
-        self.inventory = GpuInventory()
+        self._load_seen = asyncio.Event()
+        """Set at the model's first load signal: what the load deadline waits for."""
         self.follower: LogFollower | None = None
         self.error_lines = 0
         self.error_cause = ""
-        self._loaded = asyncio.Event()
-        self._load_seen = asyncio.Event()
-        """Set at the model's first load signal: what the load deadline waits for."""
         self._pass: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._backoff: Backoff | None = None

@@ -88,24 +88,24 @@ class Reporter:
         self.status = status
         self.ledger = ledger
         self.url = url
-        self.busy_interval = busy_interval
-        self.idle_interval = idle_interval
-        self.attempt_timeout = attempt_timeout
-        self.attempts_per_address = attempts_per_address
-        self.disk_path = disk_path
         self.sent_reports = 0
         self.failed_reports = 0
-        self.last_report: dict[str, Any] | None = None
-        self._disk_baseline: int | None = None
-        self._last_signature: tuple[Any, ...] | None = None
-        self._last_sent_at = 0.0
-        self._session: aiohttp.ClientSession | None = None
-        self._status_lock = asyncio.Lock()
-        self._finished_lock = asyncio.Lock()
-        self._retry_delay = busy_interval
         self.failed_deletes = 0
+        self.last_report: dict[str, Any] | None = None
+        self.busy_interval = busy_interval
+        self.idle_interval = idle_interval
+        self._retry_delay = busy_interval
+        self._last_sent_at = 0.0
+        self._last_signature: tuple[Any, ...] | None = None
+        self.attempt_timeout = attempt_timeout
+        self.attempts_per_address = attempts_per_address
+        self._session: aiohttp.ClientSession | None = None
         self._in_doubt = False
         """The last status report's fate is unknown: deltas wait until one is acknowledged."""
+        self.disk_path = disk_path
+        self._disk_baseline: int | None = None
+        self._status_lock = asyncio.Lock()
+        self._finished_lock = asyncio.Lock()
 
     async def run(self) -> None:
         """Report until cancelled. Never raises for a failed send."""

@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from pyworker.backports import StrEnum
 from pyworker.protocol.workload import WorkloadTotal
@@ -21,30 +22,25 @@ class Refusal(StrEnum):
     WAIT_TOO_LONG = "estimated wait exceeds max_queue_time"
 
 
+@dataclass(slots=True, eq=False)
 class RouteGate:
     """Slots for one route; `limit=None` means unlimited (no queue at all)."""
 
-    def __init__(
-        self,
-        limit: int | None,
-        max_queue: int,
-        max_queue_time: float | None,
-    ) -> None:
-        self.limit = limit
-        self.max_queue = max_queue
-        self.max_queue_time = max_queue_time
-        self.active = 0
-        self._load = WorkloadTotal()
-        self._waiters: deque[asyncio.Future[None]] = deque()
+    limit: int | None
+    max_queue: int
+    max_queue_time: float | None
+    active: int = field(default=0, init=False)
+    _load: WorkloadTotal = field(default_factory=WorkloadTotal, init=False)
+    _waiters: deque[asyncio.Future[None]] = field(default_factory=deque, init=False)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     @property
     def workload(self) -> float:
         """Workload admitted on this route, running and queued; exactly 0 when none is."""
         return self._load.value
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
 
     def refuse(self, workload: float, perf: float) -> Refusal | None:
         """Why this request may not even queue, if it may not.

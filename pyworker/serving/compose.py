@@ -88,15 +88,15 @@ class Worker:
     drainable: Drainable
     """What `pyworker.serving.drain.drain` stops; its hooks run last (the final report)."""
 
-    @property
-    def url(self) -> str:
-        return self.public_url.value
-
     def create_app(self) -> web.Application:
         return create_app(self)
 
     def create_side_app(self) -> web.Application:
         return create_side_app(self)
+
+    @property
+    def url(self) -> str:
+        return self.public_url.value
 
 
 def compose_worker(
@@ -121,13 +121,13 @@ def compose_worker(
         environment=environment,
         public_url=url,
         status=status,
-        metrics=metrics,
-        ledger=ledger,
         verifier=(
             StrictVerifier(audience=audience)
             if environment.strict_auth
             else SignatureVerifier(audience=audience)
         ),
+        metrics=metrics,
+        ledger=ledger,
         key_loaded=key_loaded,
         model=model,
         gates={

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,31 +53,19 @@ def register_observability_routes(app: web.Application, worker: Observed) -> Non
     async def health(request: web.Request) -> web.Response:
         return json_response(200, {"ok": True, "state": worker.status.state})
 
-    async def ready(request: web.Request) -> web.Response:
-        try:
-            access = token.access(request)
-        except TokenRefused as refused:
-            return refused.response
+    async def ready(access: Access) -> web.Response:
         status = worker.status
         body: dict[str, Any] = {"ready": status.ready, "state": str(status.state)}
         if access is Access.OPERATOR:
             body["error"] = status.error_msg
         return json_response(200 if status.ready else 503, body)
 
-    async def status(request: web.Request) -> web.Response:
-        try:
-            access = token.access(request)
-        except TokenRefused as refused:
-            return refused.response
+    async def status(access: Access) -> web.Response:
         if access is Access.ANONYMOUS:
             return json_response(200, public_status(worker))
         return json_response(200, await status_document(worker))
 
-    async def metrics(request: web.Request) -> web.Response:
-        try:
-            access = token.access(request)
-        except TokenRefused as refused:
-            return refused.response
+    async def metrics(access: Access) -> web.Response:
         if access is Access.ANONYMOUS:
             return json_response(
                 401,
@@ -88,9 +76,24 @@ def register_observability_routes(app: web.Application, worker: Observed) -> Non
         return web.Response(text=text, headers={"Content-Type": PROMETHEUS_TYPE})
 
     app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/ready", _checked(token, ready))
+    app.router.add_get("/status", _checked(token, status))
+    app.router.add_get("/metrics", _checked(token, metrics))
+
+
+def _checked(
+    token: MasterToken, handler: Callable[[Access], Awaitable[web.Response]]
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A route that answers a refused token itself and tells `handler` what the request may see."""
+
+    async def checked(request: web.Request) -> web.Response:
+        try:
+            access = token.access(request)
+        except TokenRefused as refused:
+            return refused.response
+        return await handler(access)
+
+    return checked
 
 
 def public_status(worker: Observed) -> dict[str, Any]:

@@ -86,15 +86,15 @@ def _canonical(value: object) -> str:
 @dataclass(slots=True, eq=False)
 class Session:
     session_id: str
+    on_close_route: str | None
+    on_close_payload: dict[str, Any] | None
+    record: RequestRecord
     auth: AuthData
     auth_fields: dict[str, Any]
     """auth_data as the client sent it: what `/session/get` answers, what session_auth equals."""
     lifetime: float
     created_at: float
     """Epoch seconds."""
-    on_close_route: str | None
-    on_close_payload: dict[str, Any] | None
-    record: RequestRecord
     deadline: float
     """Monotonic seconds: the sweep closes the session once this has passed."""
     created_monotonic: float

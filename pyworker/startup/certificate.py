@@ -32,7 +32,6 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from pyworker.config.environment import InvalidEnvironment, Number, read_number
 from pyworker.protocol.messages import report_start_error
 
 logger = logging.getLogger("pyworker.startup.certificate")
@@ -51,8 +51,6 @@ MAX_DELAY = 60.0
 REQUEST_TIMEOUT = 30.0
 MAX_ANSWER = 1024 * 1024
 KEY_SIZE = 2048
-
-Number = TypeVar("Number", int, float)
 
 
 class SettingsError(ValueError):
@@ -98,13 +96,8 @@ class Settings:
 
 
 def _number(environ: Mapping[str, str], name: str, default: Number, kind: type[Number]) -> Number:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    value = read_number(environ, name, kind, "a number")
+    return default if value is None else value
 
 
 def reuse_problem(cert_file: Path, key_file: Path, now: datetime.datetime) -> str | None:
@@ -254,7 +247,7 @@ def ensure_certificate(environ: Mapping[str, str]) -> int:
         return 0
     try:
         settings = Settings.from_env(environ)
-    except SettingsError as error:
+    except (SettingsError, InvalidEnvironment) as error:
         logger.error("%s", error)
         return 2
     logger.info("%s: asking %s for a new one", problem, settings.sign_url)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import cast
 
@@ -44,24 +45,15 @@ class State(Enum):
     CLOSED = "closed"
 
 
+@dataclass(slots=True, eq=False)
 class Answer:
     """The model server's answer: status and headers now, the body as it arrives."""
 
-    __slots__ = ("_connection", "content_length", "content_type", "headers", "status")
-
-    def __init__(
-        self,
-        connection: Connection,
-        status: int,
-        headers: list[tuple[str, str]],
-        content_length: int | None,
-        content_type: str,
-    ) -> None:
-        self._connection = connection
-        self.status = status
-        self.headers = headers
-        self.content_length = content_length
-        self.content_type = content_type
+    _connection: Connection
+    status: int
+    headers: list[tuple[str, str]]
+    content_length: int | None
+    content_type: str
 
     @property
     def complete(self) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -61,25 +61,16 @@ class Origin:
         return f"{host}:{self.port}"
 
 
+@dataclass(slots=True, eq=False)
 class Exchange:
     """`async with pool.post(...) as answer`: the connection goes back to the pool after."""
 
-    __slots__ = ("_body", "_connection", "_method", "_path", "_pool", "_read_timeout")
-
-    def __init__(
-        self,
-        pool: ConnectionPool,
-        method: str,
-        path: str,
-        body: bytes | EncodedBody,
-        read_timeout: float | None,
-    ) -> None:
-        self._pool = pool
-        self._method = method
-        self._path = path
-        self._body = body
-        self._read_timeout = read_timeout
-        self._connection: Connection | None = None
+    _pool: ConnectionPool
+    _method: str
+    _path: str
+    _body: bytes | EncodedBody
+    _read_timeout: float | None
+    _connection: Connection | None = field(default=None, init=False)
 
     async def __aenter__(self) -> Answer:
         pool = self._pool
