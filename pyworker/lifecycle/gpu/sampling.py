@@ -34,8 +34,10 @@ class GpuSample:
     timestamp: float
     """Seconds since the epoch."""
     utilization_percent: float | None = None
+    """Share of the last sample period in which a kernel ran (NVML's `gpu` utilization)."""
     memory_used_bytes: float | None = None
     power_watts: float | None = None
+    """The whole board's draw, for the perf-per-watt the benchmark reports."""
     temperature_celsius: float | None = None
     sm_clock_mhz: float | None = None
 
