@@ -72,7 +72,11 @@ class FinishedItem:
     work_completed_at: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # One of these a finished request: a plain dict is ~30x cheaper than dataclasses.asdict.
+        return {key: getattr(self, key) for key in _FINISHED_ITEM_KEYS}
+
+
+_FINISHED_ITEM_KEYS = tuple(item.name for item in dataclasses.fields(FinishedItem))
 
 
 @dataclass(frozen=True)
