@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,13 +385,7 @@ class Scene:
     async def wait_report(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30.0
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for report in self.autoscaler.worker_status:
-                if predicate(report):
-                    return report
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no such report among {self.autoscaler.worker_status[-3:]}")
+        return await self.autoscaler.wait_report(predicate, timeout=timeout)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -98,13 +97,7 @@ class Scene:
     async def wait_report(
         self, predicate: Callable[[dict[str, Any]], bool], after: int = 0, timeout: float = 15.0
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for report in self.autoscaler.worker_status[after:]:
-                if predicate(report):
-                    return report
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"no such report among {self.autoscaler.worker_status[-3:]}")
+        return await self.autoscaler.wait_report(predicate, after, timeout)
 
 
 @pytest.fixture

@@ -99,13 +99,7 @@ class Scene:
         self, predicate: Any, after: int = 0, timeout: float = 10.0
     ) -> dict[str, Any]:
         """The first report, sent after the `after`-th, that `predicate` accepts."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for report in self.autoscaler.worker_status[after:]:
-                if predicate(report):
-                    return report
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"no such report among {self.autoscaler.worker_status[-3:]}")
+        return await self.autoscaler.wait_report(predicate, after, timeout)
 
 
 @pytest.fixture

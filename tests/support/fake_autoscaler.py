@@ -62,6 +62,27 @@ class FakeAutoscaler:
             )
         return list(self.worker_status)
 
+    async def wait_report(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        after: int = 0,
+        timeout: float = 15.0,
+    ) -> dict[str, Any]:
+        """The first status report, among those after the `after`-th, that `predicate` accepts;
+        woken by each report as it arrives."""
+
+        def found() -> dict[str, Any] | None:
+            return next((r for r in self.worker_status[after:] if predicate(r)), None)
+
+        try:
+            async with self.received:
+                await asyncio.wait_for(self.received.wait_for(lambda: found() is not None), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"no such report among {self.worker_status[-3:]}") from None
+        report = found()
+        assert report is not None
+        return report
+
     def _create_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/worker_status/", self._recorder(self.worker_status))

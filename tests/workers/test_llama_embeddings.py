@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,13 +57,7 @@ def benchmark_payloads() -> list[dict[str, Any]]:
 async def wait_report(
     autoscaler: FakeAutoscaler, predicate: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while time.monotonic() < deadline:
-        for report in autoscaler.worker_status:
-            if predicate(report):
-                return report
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no such report in {autoscaler.worker_status[-3:]}")
+    return await autoscaler.wait_report(predicate, timeout=STEP_TIMEOUT)
 
 
 def worker_environ(server: Process, autoscaler: FakeAutoscaler, folder: Path) -> dict[str, str]:

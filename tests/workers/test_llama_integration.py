@@ -212,13 +212,7 @@ async def test_ready_from_the_real_log_after_a_load_error_with_a_measured_benchm
 
 
 async def wait_report(autoscaler: FakeAutoscaler, predicate: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while time.monotonic() < deadline:
-        for report in autoscaler.worker_status:
-            if predicate(report):
-                return report
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no such report in {autoscaler.worker_status[-3:]}")
+    return await autoscaler.wait_report(predicate, timeout=STEP_TIMEOUT)
 
 
 async def expected_round_work(

@@ -241,13 +241,7 @@ class Scene:
     async def wait_report(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for report in self.autoscaler.worker_status:
-                if predicate(report):
-                    return report
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no such report among {self.autoscaler.worker_status[-3:]}")
+        return await self.autoscaler.wait_report(predicate, timeout=timeout)
 
     async def finished(self, request_idx: int, timeout: float = 10.0) -> str:
         """The status the worker reported in /delete_requests/ for `request_idx`."""
