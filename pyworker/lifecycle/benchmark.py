@@ -97,7 +97,8 @@ def read_cache(path: Path, key: str) -> BenchmarkResult | None:
     except UnusableFile as error:
         _file_warnings.warn(path, f"benchmark cache {error}: not used")
         return None
-    except OSError:
+    except OSError as error:
+        _file_warnings.warn(path, f"benchmark cache {path} not read: {error.strerror}")
         return None
     if data is None:
         return None
