@@ -71,7 +71,8 @@ class ModelServerConfig(_Model):
     """Where the model server listens; each route's payload is posted to `base_url + path`."""
     log_file: str | None = None
     """The model server's log, followed for load, error and info lines (rotation survived).
-    None: readiness comes from `health_path` alone."""
+    Read only as a regular file (a symlink to one is followed); a FIFO, a folder or a device
+    there is waited out, with one warning. None: readiness comes from `health_path` alone."""
     health_path: str | None = None
     """A GET path on the model server that answers 200 when it is healthy; polled every
     `health_interval` once loaded. None: no health checks."""
@@ -271,10 +272,12 @@ class BenchmarkConfig(_Model):
     cache_file: str | None = None
     """Where the measured perf is cached, keyed by GPUs, model, route, settings and dataset, so
     that a restarted worker skips the benchmark. None: `$PYWORKER_CACHE_DIR/benchmark.json`,
-    else `~/.cache/pyworker/benchmark.json`."""
+    else `~/.cache/pyworker/benchmark.json`. Read only as a regular file, not through a symlink
+    (a symlink there is replaced when the cache is written): move it with `PYWORKER_CACHE_DIR`."""
     reference_file: str | None = ".has_benchmark"
-    """After a benchmark, this file (relative to the working folder) gets the perf as text: the
-    reference worker's marker, kept so its tooling works. None: not written."""
+    """After a benchmark or a cache hit, this file (relative to the working folder) gets the perf
+    as text: the reference worker's marker, kept so its tooling works. A symlink there is
+    replaced, never written through. None: not written."""
     failure_hint: str | None = None
     """Added to the error when every benchmark request fails: what the operator may change."""
 

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import inspect
 import logging
-import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -27,6 +26,12 @@ from pyworker import backports
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
 from pyworker.config.dataset import BenchmarkError
 from pyworker.config.encoded_body import EncodedBody
+from pyworker.lifecycle.regular_files import (
+    OnceWarnings,
+    UnusableFile,
+    read_regular,
+    write_replacing,
+)
 from pyworker.protocol.workload import WorkloadError
 from pyworker.upstream.errors import ConnectFailed, PoolError
 from pyworker.upstream.model import ModelClient
@@ -80,10 +85,27 @@ def cache_key(config: BenchmarkConfig, route: RouteConfig, identity: dict[str, A
     return hashlib.sha256(orjson.dumps(description, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+MAX_CACHE_BYTES = 1024 * 1024
+"""The cache document is a few kilobytes; a larger file is not one the worker wrote."""
+_file_warnings = OnceWarnings(logger)
+
+
 def read_cache(path: Path, key: str) -> BenchmarkResult | None:
+    """The cached result for `key`; None if there is none, or the file is not one we wrote."""
     try:
-        document = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+        data = read_regular(path, MAX_CACHE_BYTES)
+    except UnusableFile as error:
+        _file_warnings.warn(path, f"benchmark cache {error}: not used")
+        return None
+    except OSError as error:
+        _file_warnings.warn(path, f"benchmark cache {path} not read: {error.strerror}")
+        return None
+    if data is None:
+        return None
+    _file_warnings.clear(path)
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
         return None
     if not isinstance(document, dict) or document.get("key") != key:
         return None
@@ -97,16 +119,24 @@ def write_cache(path: Path, result: BenchmarkResult, reference_file: Path | None
     """Write atomically; a full or read-only disk costs the cache, never the worker."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        temporary.write_bytes(orjson.dumps(result.to_dict() | {"measured_at": time.time()}))
-        os.replace(temporary, path)
+        write_replacing(path, orjson.dumps(result.to_dict() | {"measured_at": time.time()}))
+    except UnusableFile as error:
+        _file_warnings.warn(path, f"benchmark cache {error}: not used")
     except OSError as error:
         logger.warning("benchmark cache %s not written: %s", path, error.strerror)
-    if reference_file is not None:
-        try:
-            reference_file.write_text(str(result.perf))
-        except OSError as error:
-            logger.warning("%s not written: %s", reference_file, error.strerror)
+    write_marker(reference_file, result.perf)
+
+
+def write_marker(path: Path | None, perf: float) -> None:
+    """The reference worker's `.has_benchmark`, holding the perf: its tooling reads it."""
+    if path is None:
+        return
+    try:
+        write_replacing(path, str(perf).encode())
+    except UnusableFile as error:
+        _file_warnings.warn(path, f"reference marker {error}: not used")
+    except OSError as error:
+        logger.warning("%s not written: %s", path, error.strerror)
 
 
 def produced_documents(body: bytes, content_type: str) -> Iterator[JSONObject]:

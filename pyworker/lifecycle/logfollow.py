@@ -5,6 +5,8 @@ than one chunk plus one line in memory, so a huge or hostile log cannot stall th
 grow the process. It waits for the file to appear, survives rotation (a new file at the path: the
 old file is read to its end first) and truncation in place (copytruncate), holds a partial line
 until it is completed, cuts over-long lines and decodes bytes that are not UTF-8 with U+FFFD.
+Only a regular file is read (through a symlink too): a FIFO, a directory or a device at the path
+is never read and never blocks the follower; it gets one warning each time what is there changes.
 
 Lines end at `\\n`, `\\r\\n` or a lone `\\r` (progress bars redraw with `\\r`); blank lines are
 skipped. A truncation followed by enough new output to pass the old offset before the next poll
@@ -19,12 +21,12 @@ import contextlib
 import logging
 import os
 import re
-import stat
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyworker.backports import StrEnum
+from pyworker.lifecycle.regular_files import UnusableFile, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -195,21 +197,6 @@ class _OpenFile:
         self.tail = b""
 
 
-def _open_regular(path: Path) -> tuple[int, FileIdentity, int] | None:
-    """Open `path` for reading; None while it does not exist (or is not a regular file)."""
-    try:
-        # O_NONBLOCK so that a FIFO at the path cannot hang the thread in open().
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    status = os.fstat(descriptor)
-    if not stat.S_ISREG(status.st_mode):
-        os.close(descriptor)
-        logger.warning("log path %s is not a regular file; waiting for one", path)
-        return None
-    return descriptor, (status.st_dev, status.st_ino), status.st_size
-
-
 def _inspect(descriptor: int, path: Path) -> tuple[int, FileIdentity | None]:
     """Size of the open file, and identity of whatever is at `path` now (None if nothing)."""
     size = os.fstat(descriptor).st_size
@@ -301,13 +288,23 @@ class LogFollower:
             self._running = False
 
     async def _open(self, skip_existing: bool) -> _OpenFile | None:
-        opened = await asyncio.to_thread(_open_regular, self.path)
+        try:
+            # A symlink to a regular file is followed (supervisors link logs); anything else
+            # (a FIFO, a directory, a device) is never opened, or closed at once, and waited out.
+            opened = await asyncio.to_thread(open_regular, self.path, follow_symlinks=True)
+        except UnusableFile as error:
+            self._report(error)
+            opened = None
+        else:
+            if opened is None:
+                self._last_error = ""  # nothing there: whatever comes next is news
         if opened is None:
             if self.stats.state is not FollowState.WAITING:
                 logger.info("waiting for log %s to appear", self.path)
                 self.stats.state = FollowState.WAITING
             return None
-        descriptor, identity, size = opened
+        descriptor, status = opened
+        identity, size = (status.st_dev, status.st_ino), status.st_size
         position = size if skip_existing else 0
         if self._resume is not None and self._resume[0] == identity and self._resume[1] <= size:
             position = self._resume[1]  # reopened after an I/O error: do not repeat lines
@@ -366,10 +363,14 @@ class LogFollower:
         return decoded
 
     def _report(self, error: OSError) -> None:
-        """Log an I/O error once, not at every poll while it lasts."""
-        message = f"{type(error).__name__}: {error.strerror or error}"
+        """Log an I/O error, or what is at the path, once per change, not at every poll."""
+        if isinstance(error, UnusableFile):
+            message = f"log {error}; waiting for a regular file there"
+        else:
+            reason = f"{type(error).__name__}: {error.strerror or error}"
+            message = f"cannot read log {self.path} ({reason}); retrying"
         if message != self._last_error:
-            logger.warning("cannot read log %s (%s); retrying", self.path, message)
+            logger.warning("%s", message)
             self._last_error = message
 
     async def _pause(self) -> None:

@@ -449,6 +449,47 @@ async def test_reference_worker_runs_with_its_import_line_changed(
             assert await stop(worker) == 0
 
 
+async def test_a_cache_hit_writes_the_marker_in_a_fresh_working_folder(
+    scene: Scene, tmp_path: Path
+) -> None:
+    """The reference's tooling reads `.has_benchmark` in the folder the worker runs in: a new
+    clone of the template on a machine that benchmarked this model before gets it too."""
+    example = EXAMPLES["tutorial"]
+    async with FakeModelServer(tmp_path / "model.log", example.loaded_line) as model:
+        scene.write_worker(example.source, model.port, model.log)
+        worker, _ = await spawn("-m", "worker", env=scene.env())
+        try:
+            measured = await scene.wait_report(lambda report: report["max_perf"] > 0)
+        finally:
+            assert await stop(worker) == 0
+        assert float((scene.folder / ".has_benchmark").read_text()) > 0
+        benchmarked = len(model.received)
+        victim = tmp_path / "victim"
+        victim.write_text("not the worker's")
+        for name, marker_before in (("fresh", None), ("linked", victim)):
+            folder = tmp_path / name
+            folder.mkdir()
+            (folder / "worker.py").write_text((scene.folder / "worker.py").read_text())
+            marker = folder / ".has_benchmark"
+            if marker_before is not None:
+                marker.symlink_to(marker_before)  # never written through
+            after = len(scene.autoscaler.worker_status)
+            worker, _ = await spawn("-m", "worker", env=scene.env(), cwd=folder)
+            try:
+                ready = await scene.autoscaler.wait_report(
+                    lambda report: report["max_perf"] > 0, after, timeout=30
+                )
+                assert ready["max_perf"] == measured["max_perf"]
+                assert len(model.received) == benchmarked  # a cache hit: no benchmark ran
+            finally:
+                assert await stop(worker) == 0
+            assert not marker.is_symlink() and float(marker.read_text()) > 0, name
+        assert victim.read_text() == "not the worker's"
+        assert float((tmp_path / "fresh" / ".has_benchmark").read_text()) == float(
+            (scene.folder / ".has_benchmark").read_text()
+        )
+
+
 REFUSED = {
     "handler_class": (
         'HandlerConfig(route="/generate", handler_class=object, '

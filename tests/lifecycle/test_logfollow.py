@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import tracemalloc
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
+from pyworker.lifecycle import logfollow
 from pyworker.lifecycle.logfollow import (
     FollowState,
     LineKind,
@@ -87,6 +89,51 @@ async def test_waits_for_the_file_to_appear(tmp_path: Path) -> None:
     assert not second.fatal
     assert follower.stats.matches[LineKind.LOADED] == 1
     assert follower.stats.state is FollowState.STOPPED
+
+
+async def test_a_special_file_at_the_path_gets_one_warning_per_change_and_never_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    looks = 0
+    open_regular = logfollow.open_regular
+
+    def counted(*arguments: Any, **options: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        return open_regular(*arguments, **options)
+
+    async def several_looks() -> None:
+        seen = looks
+        await until(lambda: looks >= seen + 5)
+
+    monkeypatch.setattr(logfollow, "open_regular", counted)
+    path = tmp_path / "model.log"
+    os.mkfifo(path)  # opened for reading, it would wait for a writer
+    follower = make_follower(path)
+    with caplog.at_level(logging.WARNING, "pyworker.lifecycle.logfollow"):
+        async with following(follower) as lines:
+            first = asyncio.ensure_future(anext(lines))
+            await several_looks()
+            path.unlink()
+            path.mkdir()
+            await several_looks()
+            path.rmdir()
+            path.symlink_to("/dev/zero")  # read, it never ends
+            await several_looks()
+            assert follower.stats.state is FollowState.WAITING and not first.done()
+            real = tmp_path / "model.real"
+            real.write_text("model loaded\n")
+            path.unlink()
+            path.symlink_to(real)  # a link to a regular file is followed
+            assert await asyncio.wait_for(first, TIMEOUT) == "model loaded"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    waiting = "waiting for a regular file there"
+    assert warnings == [
+        f"log {path} is a FIFO, not a regular file; {waiting}",
+        f"log {path} is a directory, not a regular file; {waiting}",
+        f"log {path} is a character device, not a regular file; {waiting}",
+    ]
+    assert follower.stats.bytes_read == len("model loaded\n")
 
 
 async def test_follows_lines_written_after_start(tmp_path: Path) -> None:

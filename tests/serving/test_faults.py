@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import re
 import signal
@@ -468,7 +469,7 @@ async def test_benchmark_cache_cannot_be_written(scene: Scene) -> None:
     blocker = scene.root / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     scene.cache_file = blocker / "benchmark.json"
-    scene.reference_file = Path("/dev/full")  # every write fails: no space left on device
+    scene.reference_file = Path("/dev/full")  # a device: never written into
     await scene.start_model()
     await scene.start_worker()
     report = await scene.wait_report(lambda report: report["max_perf"] > 0)
@@ -476,7 +477,52 @@ async def test_benchmark_cache_cannot_be_written(scene: Scene) -> None:
     assert (await scene.request())[0] == 200
     log = scene.worker.text()
     assert "benchmark cache" in log and "not written" in log
-    assert "/dev/full not written" in log
+    assert "/dev/full is a character device, not a regular file: not used" in log
+    await scene.finish()
+
+
+async def test_own_files_that_are_not_regular_files_are_never_read_or_written_through(
+    scene: Scene,
+) -> None:
+    victim = scene.root / "elsewhere"
+    victim.write_text("not the worker's")
+    scene.cache_file.parent.mkdir()
+    scene.cache_file.symlink_to("/dev/zero")  # read whole, it fills memory
+    scene.reference_file.symlink_to(victim)
+    await scene.start_model()
+    real_log = scene.root / "model.real"
+    scene.model_log.rename(real_log)  # the model server goes on writing there
+    os.mkfifo(scene.model_log)  # opened for reading, it would wait for a writer
+    await scene.start_worker(wait_ready=False)
+    log = scene.model_log
+
+    async def warned(what: str) -> None:
+        await wait_until(lambda: f"log {log} is {what}" in scene.worker.text(), 20)
+
+    await warned("a FIFO")
+    log.unlink()
+    log.mkdir()
+    await warned("a directory")
+    log.rmdir()
+    log.symlink_to("/dev/zero")  # read, it never ends
+    await warned("a character device")
+    log.unlink()
+    log.symlink_to(real_log)  # a link to a regular file is followed
+    await scene.wait_state("ready")
+    report = await scene.wait_report(lambda report: report["max_perf"] > 0)
+    assert report["error_msg"] == ""
+    assert (await scene.request())[0] == 200
+
+    assert victim.read_text() == "not the worker's"
+    assert not scene.reference_file.is_symlink() and float(scene.reference_file.read_text()) > 0
+    assert not scene.cache_file.is_symlink()
+    assert json.loads(scene.cache_file.read_bytes())["perf"] > 0  # measured, then cached
+    text = scene.worker.text()
+    waiting = "not a regular file; waiting for a regular file there"
+    for what in ("a FIFO", "a directory", "a character device"):
+        assert text.count(f"log {log} is {what}, {waiting}") == 1, text[-3000:]
+    assert text.count(f"{scene.cache_file} is a symbolic link") == 1, text[-3000:]
+    assert "MemoryError" not in text and "Traceback" not in text
     await scene.finish()
 
 

@@ -6,14 +6,18 @@ import asyncio
 import re
 import signal
 import sys
+from pathlib import Path
 
 LISTENING = re.compile(rb"listening on (http://\S+)")
 
 
-async def spawn(*arguments: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    """Start `python ARGUMENTS`; its URL from the `listening on URL` line it prints."""
+async def spawn(
+    *arguments: str, env: dict[str, str], cwd: Path | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """Start `python ARGUMENTS` (in `cwd`, else this working folder); its URL from the
+    `listening on URL` line it prints."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, *arguments, stdout=asyncio.subprocess.PIPE, env=env
+        sys.executable, *arguments, stdout=asyncio.subprocess.PIPE, env=env, cwd=cwd
     )
     assert process.stdout is not None
     while True:

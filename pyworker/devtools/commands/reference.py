@@ -241,9 +241,12 @@ def questions() -> list[str]:
         "- **Files the benchmark writes.** The cache, `$PYWORKER_CACHE_DIR/benchmark.json` "
         "(default `~/.cache/pyworker/benchmark.json`, or `benchmark.cache_file`), keyed by "
         "GPUs, model, route, settings and dataset; and the reference worker's marker "
-        f"`{cache}` in the working folder (`benchmark.reference_file`; `--set "
-        "benchmark.reference_file=null` turns it off). A worker with a known `perf` runs no "
-        "benchmark and writes neither.",
+        f"`{cache}` in the working folder, after a benchmark or a cache hit "
+        "(`benchmark.reference_file`; `--set benchmark.reference_file=null` turns it off). "
+        "Both are read and written only as regular files: a symlink at either name is "
+        "replaced, never followed (move the cache with `PYWORKER_CACHE_DIR`), and a FIFO, a "
+        "folder or a device there is left alone with one warning. A worker with a known "
+        "`perf` runs no benchmark and writes neither.",
         "- **Local mode.** With neither `CONTAINER_ID` nor `REPORT_ADDR` set the worker reports "
         "nowhere, checks no signature and listens on `127.0.0.1` unless `WORKER_HOST` says "
         "otherwise.",
