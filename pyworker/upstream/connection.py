@@ -292,7 +292,7 @@ class Connection(asyncio.Protocol):
             elif lowered == "transfer-encoding":
                 codings.extend(coding.strip().lower() for coding in value.split(","))
         if codings:
-            self._check_codings(codings, length)
+            self._check_codings(codings)
             length = None
         if status in NO_BODY_STATUSES:
             length = 0
@@ -317,10 +317,11 @@ class Connection(asyncio.Protocol):
         self._message_done(self._parser.should_keep_alive())
 
     # --- internals ----------------------------------------------------------------------
-    def _check_codings(self, codings: list[str], length: int | None) -> None:
+    def _check_codings(self, codings: list[str]) -> None:
         """Only a lone `chunked` is relayed: any other coding would reach the client
-        undecoded, and a length beside it is how responses are smuggled."""
-        if length is not None or any(name.lower() == "content-length" for name, _ in self._headers):
+        undecoded, and a length beside it is how responses are smuggled (llhttp refuses
+        that too; this holds whatever its leniency)."""
+        if any(name.lower() == "content-length" for name, _ in self._headers):
             self._refusal = BadAnswer("the model server sent Content-Length with Transfer-Encoding")
             raise _Stop
         if codings != ["chunked"]:
