@@ -4,8 +4,8 @@ Ready means: the model is loaded (its load line seen in the log, or, for servers
 useful log, its health path answering), the benchmark done (or its cached result valid for
 these GPUs and this model), the health path answering 200 when one is configured, and the
 public key loaded unless unsecured (a worker that cannot get it is ERRORED, saying so, until
-it arrives). A fatal error line or a failing health check makes the
-worker ERRORED with an `error_msg` that says why; when the model server comes back (its load
+it arrives). A fatal error line or a failing health check makes the worker ERRORED with an
+`error_msg` that says why; when the model server comes back (its load
 line again, or its health recovering) the worker goes through readiness again. A pass that
 failed (the benchmark, say) is also tried again after a backoff, the worker errored meanwhile.
 A model that gives no load signal within its load deadline (pyworker.config.load_deadline) makes the
