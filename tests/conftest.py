@@ -55,6 +55,7 @@ BOTH_LOOPS: LoopFactories = {**DEFAULT_LOOP, "uvloop": uvloop.new_event_loop}
 BOTH_LOOP_MODULES = (
     "tests.serving.test_app",
     "tests.upstream.test_pool",
+    "tests.upstream.test_framing",
     "tests.lifecycle.test_state",
 )
 """The request path runs on uvloop in production: these modules' tests run on both loops."""

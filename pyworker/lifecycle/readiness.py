@@ -3,8 +3,9 @@
 Ready means: the model is loaded (its load line seen in the log, or, for servers without a
 useful log, its health path answering), the benchmark done (or its cached result valid for
 these GPUs and this model), the health path answering 200 when one is configured, and the
-public key loaded unless unsecured. A fatal error line or a failing health check makes the
-worker ERRORED with an `error_msg` that says why; when the model server comes back (its load
+public key loaded unless unsecured (a worker that cannot get it is ERRORED, saying so, until
+it arrives). A fatal error line or a failing health check makes the worker ERRORED with an
+`error_msg` that says why; when the model server comes back (its load
 line again, or its health recovering) the worker goes through readiness again. A pass that
 failed (the benchmark, say) is also tried again after a backoff, the worker errored meanwhile.
 A model that gives no load signal within its load deadline (pyworker.config.load_deadline) makes the
@@ -36,6 +37,7 @@ from pyworker.lifecycle.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.lifecycle.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from pyworker.lifecycle.supervision import Backoff, describe, run_all
+from pyworker.protocol.auth import KeyFetch
 from pyworker.upstream.errors import UpstreamError
 from pyworker.upstream.model import ModelClient
 
@@ -45,6 +47,12 @@ MAX_ERROR_LINE = 500
 RETRY_FIRST = 10.0
 RETRY_MAXIMUM = 300.0
 """A failed readiness pass is tried again after 10 s, doubling up to 5 minutes."""
+KEY_CAUSE = "public key"
+
+
+class KeyMissing(Exception):
+    """The pass is done but for the public key, which REPORT_ADDR did not give: the worker
+    errs, saying so, until the key arrives (its fetch goes on meanwhile)."""
 
 
 def default_cache_file() -> Path:
@@ -87,7 +95,7 @@ class Readiness:
         status: WorkerStatus,
         model: ModelClient,
         gpu: GpuMonitor,
-        key_loaded: asyncio.Event | None,
+        key: KeyFetch | None,
         *,
         poll_interval: float = 0.2,
         load_deadline: LoadDeadline | None = None,
@@ -98,7 +106,7 @@ class Readiness:
         self.benchmark: BenchmarkResult | None = None
         self.gpu = gpu
         self.inventory = GpuInventory()
-        self.key_loaded = key_loaded
+        self.key = key
         self._loaded = asyncio.Event()
         self.poll_interval = poll_interval
         self.load_deadline = load_deadline
@@ -141,6 +149,8 @@ class Readiness:
             watchers.append(self._wait_for_health_then_load())
         if self.load_deadline is not None:
             watchers.append(self._enforce_load_deadline(self.load_deadline))
+        if self.key is not None:
+            watchers.append(self._recover_when_the_key_loads(self.key))
         await run_all(self._drive(), *watchers)
 
     async def _enforce_load_deadline(self, deadline: LoadDeadline) -> None:
@@ -189,6 +199,12 @@ class Readiness:
                 await asyncio.sleep(self.poll_interval)
         self._loaded.set()
 
+    async def _recover_when_the_key_loads(self, key: KeyFetch) -> None:
+        await key.loaded.wait()
+        if self.status.state is WorkerState.ERRORED and self.error_cause == KEY_CAUSE:
+            logger.info("public key loaded: readiness again")
+            self._loaded.set()
+
     def _fail(self, message: str, cause: str) -> None:
         logger.error("%s", message)
         if self.status.state is WorkerState.ERRORED:
@@ -217,6 +233,11 @@ class Readiness:
             if finished.cancelled():
                 continue  # cut short by an error line; the next load line starts again
             error = finished.exception()
+            if isinstance(error, KeyMissing):
+                self._fail(str(error), cause=KEY_CAUSE)
+                if self.key is not None and self.key.loaded.is_set():
+                    self._loaded.set()  # it came meanwhile; else its watcher starts the pass
+                continue
             if isinstance(error, BenchmarkError):
                 self._fail(f"benchmark failed: {error}", cause="benchmark")
                 self._retry_later()
@@ -256,8 +277,8 @@ class Readiness:
                 if time.monotonic() > deadline:
                     raise BenchmarkError(f"health check {path} did not answer 200 in time")
                 await asyncio.sleep(self.poll_interval)
-        if self.key_loaded is not None:
-            await self.key_loaded.wait()
+        if self.key is not None:
+            await _wait_for_key(self.key)
         self.status.set_state(WorkerState.READY)
 
     async def _benchmark(self) -> BenchmarkResult:
@@ -330,6 +351,19 @@ class Readiness:
             await asyncio.sleep(server.health_interval)
         logger.info("model server health recovered")
         self._loaded.set()
+
+
+async def _wait_for_key(key: KeyFetch) -> None:
+    """Until the key loads; `KeyMissing` at once if a whole round over REPORT_ADDR failed."""
+    if not key.loaded.is_set() and not key.failed.is_set():
+        waits = {asyncio.ensure_future(key.loaded.wait()), asyncio.ensure_future(key.failed.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+    if not key.loaded.is_set():
+        raise KeyMissing(f"public key unavailable from REPORT_ADDR: {key.problem}")
 
 
 def _gpu_figures(summary: GpuSampleSummary, perf: float) -> dict[str, Any]:

@@ -15,6 +15,9 @@ What the autoscaler receives is counted once (docs/reporting.md):
   interval that was in flight when it began, and never counts one twice.
 - `/delete_requests/` is retried until acknowledged, across addresses; the autoscaler treats
   it by `request_idx`, so a repeat after a lost answer is harmless.
+- A redirect is never followed (reports carry `MASTER_TOKEN`), and an answer is read only up
+  to a small bound (pyworker.protocol.outbound): a 3xx is a report not delivered, sent again
+  to the next address.
 - One report of each kind is in flight at a time, the drain's final one included, and each
   attempt may take `attempt_timeout` seconds (an autoscaler under load answers slowly).
 """
@@ -22,6 +25,7 @@ What the autoscaler receives is counted once (docs/reporting.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -37,6 +41,7 @@ from pyworker.config.environment import Environment
 from pyworker.lifecycle.accounting import Interval, Ledger
 from pyworker.lifecycle.state import WorkerStatus
 from pyworker.lifecycle.supervision import run_all
+from pyworker.protocol import outbound
 from pyworker.protocol.messages import (
     DELETE_REQUESTS_PATH,
     STATUS_PATH,
@@ -112,7 +117,7 @@ class Reporter:
         if not self.addresses:
             return
         self._disk_baseline = await asyncio.to_thread(disk_used_bytes, self.disk_path)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async with outbound.session() as session:
             self._session = session
             try:
                 await run_all(self._status_loop(), self._finished_loop())
@@ -230,36 +235,42 @@ class Reporter:
 
         Without `failover` (a report that must not arrive twice) it moves on only while the
         report certainly did not arrive, and stops at the first answer of unknown effect.
+        A redirect is not followed (pyworker.protocol.outbound): the next address is tried.
         """
         session = self._session
         if session is None:
             return Delivery.NOT_DELIVERED
-        data = orjson.dumps(body)
-        headers = {"Content-Type": "application/json"}
-        timeout = aiohttp.ClientTimeout(total=self.attempt_timeout)
-        for address in self.addresses:
-            for attempt in range(1, self.attempts_per_address + 1):
-                delivery = Delivery.UNKNOWN
-                try:
-                    async with session.post(
-                        address + path, data=data, headers=headers, timeout=timeout
-                    ) as response:
-                        await response.read()
-                        if response.status < 300:
-                            return Delivery.ACKNOWLEDGED
-                        if response.status in NOT_HANDLED:
-                            delivery = Delivery.NOT_DELIVERED
-                        problem = f"HTTP {response.status}"
-                except aiohttp.ClientConnectorError as error:
-                    delivery, problem = Delivery.NOT_DELIVERED, error.__class__.__name__
-                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                    problem = error.__class__.__name__
-                logger.debug("%s%s attempt %d: %s", address, path, attempt, problem)
+        replies = outbound.attempts(
+            session,
+            self.addresses,
+            path,
+            timeout=self.attempt_timeout,
+            per_address=self.attempts_per_address,
+            data=orjson.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
+                delivery = _delivery(reply)
+                if delivery is Delivery.ACKNOWLEDGED:
+                    return delivery
+                logger.debug("%s: %s", reply.url, reply.problem)
                 if delivery is Delivery.UNKNOWN and not failover:
-                    logger.warning("report %s: %s; its deltas are not sent again", path, problem)
+                    logger.warning(
+                        "report %s: %s; its deltas are not sent again", path, reply.problem
+                    )
                     return delivery
         logger.warning("report %s reached none of %d address(es)", path, len(self.addresses))
         return Delivery.NOT_DELIVERED
+
+
+def _delivery(reply: outbound.Reply) -> Delivery:
+    """A redirect is a report not delivered: whoever it points to never gets it."""
+    if reply.ok:
+        return Delivery.ACKNOWLEDGED
+    if not reply.connected or reply.redirected or reply.status in NOT_HANDLED:
+        return Delivery.NOT_DELIVERED
+    return Delivery.UNKNOWN
 
 
 def _has_news(interval: Interval) -> bool:

@@ -54,7 +54,10 @@ TRANSITIONS: Mapping[WorkerState, Mapping[WorkerState, str]] = MappingProxyType(
         WorkerState.BENCHMARKING: MappingProxyType(
             {
                 WorkerState.READY: "the benchmark, health check and public key are done",
-                WorkerState.ERRORED: f"the pass failed, a fatal log line, or {_CRASH}",
+                WorkerState.ERRORED: (
+                    "the pass failed (no public key from any REPORT_ADDR included), a fatal log "
+                    f"line, or {_CRASH}"
+                ),
                 WorkerState.DRAINING: _DRAIN,
             }
         ),
@@ -67,7 +70,9 @@ TRANSITIONS: Mapping[WorkerState, Mapping[WorkerState, str]] = MappingProxyType(
         ),
         WorkerState.ERRORED: MappingProxyType(
             {
-                WorkerState.LOADING: "recovery: a load line, health back, a retry, a restart",
+                WorkerState.LOADING: (
+                    "recovery: a load line, health back, a retry, the public key loaded, a restart"
+                ),
                 WorkerState.DRAINING: _DRAIN,
             }
         ),

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -33,6 +34,7 @@ from pydantic import (
 )
 
 from pyworker.backports import StrEnum
+from pyworker.protocol import outbound
 from pyworker.protocol.workload import MAX_WORKLOAD
 
 logger = logging.getLogger(__name__)
@@ -189,31 +191,67 @@ class SignatureVerifier:
         return True
 
 
+PUBKEY_PATH = "/pubkey/"
+KEY_ATTEMPT_TIMEOUT = 5.0
+KEY_FIRST_DELAY = 0.5
+KEY_MAX_DELAY = 30.0
+"""Rounds over REPORT_ADDR are 0.5 s apart at first, doubling up to 30 s."""
+MAX_KEY_PROBLEM = 500
+"""Characters of `KeyFetch.problem`: it becomes the report's `error_msg`."""
+
+
+class KeyFetch:
+    """How fetching the public key goes: readiness waits on it, and reports its problem."""
+
+    def __init__(self) -> None:
+        self.loaded = asyncio.Event()
+        self.failed = asyncio.Event()
+        """Set once a whole round over the addresses failed (and never cleared)."""
+        self.problem = ""
+        """What the last failed round met at each address."""
+
+
 async def fetch_public_key(
     session: aiohttp.ClientSession,
-    base_url: str,
+    addresses: Sequence[str],
     verifier: Verifier,
+    fetch: KeyFetch | None = None,
     *,
-    attempt_timeout: float = 5.0,
-    first_delay: float = 0.5,
-    max_delay: float = 30.0,
+    first_delay: float | None = None,
 ) -> None:
-    """Fetch `{base_url}/pubkey/` until it loads, backing off exponentially between tries."""
-    url = f"{base_url}/pubkey/"
-    delay = first_delay
-    attempt = 0
+    """Fetch `/pubkey/` from each address in turn until one loads, as reports fail over
+    (pyworker.protocol.outbound: no redirect, a bounded answer); after a round that found none,
+    say why in `fetch` and back off exponentially."""
+    fetch = fetch or KeyFetch()
+    delay = KEY_FIRST_DELAY if first_delay is None else first_delay
     while True:
-        attempt += 1
-        try:
-            timeout = aiohttp.ClientTimeout(total=attempt_timeout)
-            async with session.get(url, timeout=timeout) as response:
-                body = await response.read()
-                if response.status != 200:
-                    raise ValueError(f"HTTP {response.status}")
-            verifier.load_pem(body)
-            logger.info("public key loaded from %s", url)
-            return
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
-            logger.warning("public key from %s: attempt %d failed: %s", url, attempt, error)
+        problems: list[str] = []
+        replies = outbound.attempts(
+            session, addresses, PUBKEY_PATH, method="GET", timeout=KEY_ATTEMPT_TIMEOUT
+        )
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
+                problem = _load_key(reply, verifier)
+                if not problem:
+                    logger.info("public key loaded from %s", reply.url)
+                    fetch.loaded.set()
+                    return
+                logger.warning("public key from %s: %s", reply.url, problem)
+                problems.append(f"{reply.url}: {problem}")
+        fetch.problem = "; ".join(problems)[:MAX_KEY_PROBLEM]
+        fetch.failed.set()
         await asyncio.sleep(delay)
-        delay = min(delay * 2, max_delay)
+        delay = min(delay * 2, KEY_MAX_DELAY)
+
+
+def _load_key(reply: outbound.Reply, verifier: Verifier) -> str:
+    """Why `reply` gave no key; "" once the verifier loaded it."""
+    if reply.status != 200:
+        return reply.problem or f"HTTP {reply.status}"
+    if reply.truncated:
+        return f"the answer is over {outbound.MAX_ANSWER} bytes"
+    try:
+        verifier.load_pem(reply.body)
+    except ValueError as error:
+        return str(error)[:200]
+    return ""

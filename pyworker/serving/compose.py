@@ -9,12 +9,10 @@ the session routes and the worker's own routes each get their narrow collaborato
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from pyworker.config import WorkerConfig
@@ -26,7 +24,8 @@ from pyworker.lifecycle.readiness import Readiness
 from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from pyworker.lifecycle.supervision import Supervisor, describe
-from pyworker.protocol.auth import SignatureVerifier, Verifier, fetch_public_key
+from pyworker.protocol import outbound
+from pyworker.protocol.auth import KeyFetch, SignatureVerifier, Verifier, fetch_public_key
 from pyworker.protocol.strict import StrictVerifier
 from pyworker.serving.admin import UPDATE_PATH, update_handler
 from pyworker.serving.admission import RouteGate
@@ -73,7 +72,8 @@ class Worker:
     metrics: RequestMetrics
     ledger: Ledger
     verifier: Verifier
-    key_loaded: asyncio.Event
+    key: KeyFetch
+    """How the public key's fetch goes: readiness waits on it."""
     model: ModelClient
     gates: dict[str, RouteGate]
     sessions: SessionStore
@@ -108,7 +108,7 @@ def compose_worker(
     status = WorkerStatus()
     metrics = RequestMetrics(route.path for route in config.routes)
     ledger = Ledger(observer=metrics.observe)
-    key_loaded = asyncio.Event()
+    key = KeyFetch()
     model = ModelClient(config.model_server.base_url, config.model_server.connect_timeout)
     sessions = SessionStore(config.sessions, ledger, model)
     in_flight = InFlight()
@@ -128,7 +128,7 @@ def compose_worker(
         ),
         metrics=metrics,
         ledger=ledger,
-        key_loaded=key_loaded,
+        key=key,
         model=model,
         gates={
             route.path: RouteGate(route.concurrency_limit, route.max_queue, route.max_queue_time)
@@ -145,7 +145,7 @@ def compose_worker(
             status,
             model,
             gpu,
-            None if environment.unsecured else key_loaded,
+            None if environment.unsecured else key,
             load_deadline=environment.load_deadline,
         ),
         reporter=reporter,
@@ -224,10 +224,9 @@ def _on_startup(worker: Worker) -> AppSignal:
         )
 
     async def load_key() -> None:
-        async with aiohttp.ClientSession() as session:
-            await fetch_public_key(session, environment.report_addr[0], worker.verifier)
+        async with outbound.session() as session:
+            await fetch_public_key(session, environment.report_addr, worker.verifier, worker.key)
         worker.status.public_key_loaded = True
-        worker.key_loaded.set()
 
     async def start(app: web.Application) -> None:
         if environment.unsecured:

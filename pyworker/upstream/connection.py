@@ -6,12 +6,20 @@ the answer: its status and headers first, then its body handed over as the chunk
 streamed body is buffered up to a high-water mark, then the socket is paused. If the model
 server answers before it has the whole body, the rest is not sent and the connection is not
 reused. Connections are made, reused and closed by pyworker.upstream.pool.
+
+The answer's framing is enforced, so that what one answer's bytes say can never become another
+answer (RFC 9112 section 6): a byte past its end (after its Content-Length, its last chunk, or
+a 204 or 304 head) closes the connection and reaches no client, the answer itself kept whole;
+a Content-Length beside Transfer-Encoding, or a transfer coding other than one `chunked`, is
+refused (502) and the connection closed; 1xx answers before the real one are skipped; an
+answer with neither length nor chunking ends with the connection, which is not reused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +31,8 @@ import httptools
 from pyworker.config.encoded_body import BodyPart
 from pyworker.upstream.errors import BadAnswer, Disconnected, PoolError, ReadTimedOut
 
+logger = logging.getLogger(__name__)
+
 HIGH_WATER = 256 * 1024
 """Body bytes buffered from the model server before its socket is paused."""
 MAX_HEAD = 1024 * 1024
@@ -31,6 +41,14 @@ JOIN_LIMIT = 64 * 1024
 """Bodies up to this size are sent in one write with the head; larger ones are not copied."""
 WRITE_SLICE = 256 * 1024
 """Bytes of a body in parts handed to the transport at once, before waiting for it to drain."""
+
+
+NO_BODY_STATUSES = frozenset({204, 304})
+"""Answers that end with their head whatever their headers say (RFC 9112 section 6.3)."""
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp at once; `data_received` handles it."""
 
 
 class State(Enum):
@@ -63,6 +81,13 @@ class Answer:
     async def next_chunk(self) -> bytes:
         """The body bytes received since the last call; b"" once the body is complete."""
         return await self._connection.next_chunk()
+
+    async def discard(self, limit: int) -> None:
+        """Read the body and drop it, up to `limit` bytes: an answer only its status matters
+        for. Past `limit` it is not read on, and its connection is closed, not reused."""
+        read = 0
+        while read <= limit and (chunk := await self._connection.next_chunk()):
+            read += len(chunk)
 
     async def read(self) -> bytes:
         parts: list[bytes] = []
@@ -98,6 +123,9 @@ class Connection(asyncio.Protocol):
         self._body_unsent = False
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
+        self._refusal: PoolError | None = None
+        """Why a callback stopped the parser: the answer fails with it (None: bytes past the
+        answer's end, which is kept)."""
 
     # --- used by the pool ---------------------------------------------------------------
     def send(self, head: bytes, body: bytes, read_timeout: float | None) -> asyncio.Future[Answer]:
@@ -212,7 +240,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.state is not State.WAITING and self.state is not State.BODY:
-            self.close()  # bytes nobody asked for: this connection cannot be trusted
+            self._beyond_answer()  # bytes nobody asked for: this connection cannot be trusted
             return
         if self._read_timeout is not None:
             self._last_data = self._loop.time()
@@ -226,7 +254,11 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(BadAnswer("the model server switched protocols"))
         except httptools.HttpParserError as error:
-            self._fail(BadAnswer(f"the model server's answer is not HTTP: {error}"))
+            refusal, self._refusal = self._refusal, None
+            if refusal is None and self._complete:
+                self._beyond_answer()
+            else:
+                self._fail(refusal or BadAnswer(f"the model server's answer is not HTTP: {error}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is State.BODY and self._until_close():
@@ -234,8 +266,13 @@ class Connection(asyncio.Protocol):
         self._closed(Disconnected("the model server closed the connection"))
 
     # --- httptools callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _Stop  # a second answer after the whole first: never anyone's answer
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if self.state is State.WAITING:  # not a chunked body's trailers: those are dropped
+            self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -244,18 +281,21 @@ class Connection(asyncio.Protocol):
             self._headers = []
             return
         length: int | None = None
-        chunked = False
+        codings: list[str] = []
         content_type = ""
         for name, value in self._headers:
             lowered = name.lower()
             if lowered == "content-length":
-                length = int(value) if value.isdigit() else None
+                length = int(value) if value.isascii() and value.isdigit() else None
             elif lowered == "content-type":
                 content_type = value.partition(";")[0].strip().lower()
             elif lowered == "transfer-encoding":
-                chunked = True
-        if chunked:
+                codings.extend(coding.strip().lower() for coding in value.split(","))
+        if codings:
+            self._check_codings(codings)
             length = None
+        if status in NO_BODY_STATUSES:
+            length = 0
         self.state = State.BODY
         answer = self._answer
         if answer is not None and not answer.done():
@@ -277,6 +317,28 @@ class Connection(asyncio.Protocol):
         self._message_done(self._parser.should_keep_alive())
 
     # --- internals ----------------------------------------------------------------------
+    def _check_codings(self, codings: list[str]) -> None:
+        """Only a lone `chunked` is relayed: any other coding would reach the client
+        undecoded, and a length beside it is how responses are smuggled (llhttp refuses
+        that too; this holds whatever its leniency)."""
+        if any(name.lower() == "content-length" for name, _ in self._headers):
+            self._refusal = BadAnswer("the model server sent Content-Length with Transfer-Encoding")
+            raise _Stop
+        if codings != ["chunked"]:
+            shown = ", ".join(codings)[:100]
+            self._refusal = BadAnswer(
+                f"the model server's transfer coding {shown!r} is not chunked"
+            )
+            raise _Stop
+
+    def _beyond_answer(self) -> None:
+        """Bytes after the whole answer: dropped with the connection; the answer stays whole."""
+        if self.state is not State.CLOSED:
+            logger.warning(
+                "the model server sent bytes past the end of its answer: connection closed"
+            )
+            self.close()
+
     def _until_close(self) -> bool:
         """Whether the answer's body ends where the connection does (no length, not chunked)."""
         for name, _ in self._headers:

@@ -21,6 +21,10 @@ from pyworker.upstream.pool import IDLE_TIMEOUT, ConnectionPool, Exchange
 
 __all__ = ["Answer", "Exchange", "ModelClient"]
 
+DISCARDED_LIMIT = 64 * 1024
+"""Bytes of a health check's or a close route's answer read before its connection is dropped:
+only the status matters, and a model server must not make the worker read on for ever."""
+
 
 class ModelClient:
     """The worker's client of the model server.
@@ -57,16 +61,16 @@ class ModelClient:
         `UpstreamError` when there is none."""
         with model_errors():
             async with backports.timeout(timeout), self.get(path) as answer:
-                await answer.read()
+                await answer.discard(DISCARDED_LIMIT)
                 return answer.status
 
     async def notify(self, path: str, body: bytes, timeout: float | None) -> int:
         """POST `body` to `path` when only its arrival matters (a session's close route): the
-        answer is read, to free the connection, and dropped; its status is returned.
-        `UpstreamError` when no whole answer comes within `timeout`."""
+        answer is read (up to `DISCARDED_LIMIT` bytes), to free the connection, and dropped;
+        its status is returned. `UpstreamError` when no answer comes within `timeout`."""
         with model_errors():
             async with backports.timeout(timeout), self.post(path, body) as answer:
-                await answer.read()
+                await answer.discard(DISCARDED_LIMIT)
                 return answer.status
 
     async def call_handler(

@@ -93,7 +93,7 @@ async def test_fetch_retries_with_backoff_until_the_key_loads(keypair: KeyPair) 
         async with aiohttp.ClientSession() as session:
             base = str(server.make_url("")).rstrip("/")
             await asyncio.wait_for(
-                fetch_public_key(session, base, verifier, first_delay=0.01), timeout=10
+                fetch_public_key(session, [base], verifier, first_delay=0.01), timeout=10
             )
     finally:
         await server.close()
