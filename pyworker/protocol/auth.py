@@ -169,6 +169,10 @@ class SignatureVerifier:
         self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._cache_size = cache_size
 
+    def __len__(self) -> int:
+        """Verified (url, signature) pairs kept."""
+        return len(self._cache)
+
     @property
     def has_key(self) -> bool:
         return self._key is not None
