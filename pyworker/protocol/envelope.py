@@ -84,7 +84,8 @@ def parse_object(body: bytes) -> dict[str, Any]:
 def _depth_error(error: Exception) -> bool:
     """Whether a parser gave up on nesting (orjson past 1024 levels, the standard one at the
     recursion limit), not on bad JSON."""
-    return isinstance(error, RecursionError) or "depth limit" in str(error)
+    text = str(error)
+    return isinstance(error, RecursionError) or "depth limit" in text or "recursion" in text
 
 
 def parse_envelope(body: bytes) -> Envelope:
