@@ -7,8 +7,11 @@
 #      pyworker.startup.certificate`: reused when still good, else a new key signed by Vast);
 #   2. rotate the model server's log and start the model server, its output into that log;
 #   3. start `pyworker run <worker>`;
-#   4. on SIGTERM or SIGINT, send SIGTERM to both (SIGINT is ignored by the background
+#   4. on SIGTERM, SIGINT or SIGHUP, send SIGTERM to both (SIGINT is ignored by the background
 #      children of a script, so it is not forwarded as is) and exit with the worker's status;
+#      a second SIGTERM or SIGINT kills them now (a SIGHUP never does: it comes when the
+#      session the script runs in goes away, often beside a SIGTERM); SIGQUIT, SIGUSR1 and
+#      SIGUSR2 are logged and ignored (docs/supervision.md);
 #      when either child exits, stop the other and exit with the status of the one that exited.
 # Any failure before the worker runs, or a child that exits on its own, is posted as a minimal
 # /worker_status/ with error_msg to every REPORT_ADDR entry before the script exits.
@@ -75,6 +78,7 @@ readonly REPORT_ERROR_BYTES=2000
 model_pid=""
 worker_pid=""
 caught_signal=""
+urgent_signal=""
 child_status=0
 worker_command=()
 worker_error_file=""
@@ -269,9 +273,16 @@ children_left() {
 
 # shellcheck disable=SC2329 # called from a trap
 on_signal() {
+    if [[ $1 != HUP ]]; then
+        if [[ -n $urgent_signal ]]; then
+            log "second SIG$1: killing the children now"
+            signal_children KILL
+            return
+        fi
+        urgent_signal=$1
+    fi
     if [[ -n $caught_signal ]]; then
-        log "second SIG$1: killing the children now"
-        signal_children KILL
+        log "caught SIG$1: already stopping"
         return
     fi
     caught_signal=$1
@@ -292,6 +303,7 @@ supervise() {
     local status name
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
+    trap 'on_signal HUP' HUP
     while true; do
         status=0
         wait -n || status=$?
@@ -346,6 +358,12 @@ main() {
     trap 'on_unexpected_error "$LINENO" "$BASH_COMMAND"' ERR
     trap 'on_startup_signal TERM 143' TERM
     trap 'on_startup_signal INT 130' INT
+    trap 'on_startup_signal HUP 129' HUP
+    # Their default actions would end the script and orphan its children; a trap (not an
+    # empty one, which children would inherit) leaves the children their own defaults.
+    trap 'log "caught SIGQUIT: ignored"' QUIT
+    trap 'log "caught SIGUSR1: ignored"' USR1
+    trap 'log "caught SIGUSR2: ignored"' USR2
     check_settings
     choose_pyworker
     prepare_certificate

@@ -111,15 +111,26 @@ def reference_message(url: str) -> bytes:
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_URL = 2048
+"""Characters of a url that `worker_address` reads; a longer one names no worker. The url is
+read before its signature is checked: this bounds what the caches below keep of a client's."""
+ADDRESS_CACHE = 256
 
 
-@functools.lru_cache(maxsize=256)
 def worker_address(url: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) of an http(s) url, lower-cased, the port defaulted; None if unusable.
 
     A path, query or fragment after them is ignored: some clients sign a url with a path.
-    Cached: every request of a fleet carries the same few urls, and this is on the request path.
+    A url over MAX_URL characters is unusable, before any cache sees it.
     """
+    return None if len(url) > MAX_URL else _cached_address(url)
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
+def _cached_address(url: str) -> tuple[str, str, int] | None:
+    """Cached: every request of a fleet carries the same few urls, and this is on the request
+    path. It and the standard library's own cache of `urlsplit` keep at most a few hundred
+    urls of MAX_URL characters each (about 1 MB, whatever clients send)."""
     try:
         parts = urlsplit(url.strip())
         port = parts.port
@@ -138,8 +149,16 @@ def same_worker(given: str, own: str) -> bool:
     return address is not None and address == worker_address(own)
 
 
+MAX_CACHED_PAIR = 4096
+"""Characters of a verified (url, signature) pair the verifier keeps: its cache is bounded in
+bytes (4096 pairs of at most this), not only in entries. A 2048-bit signature is 344."""
+
+
 class SignatureVerifier:
     """RSA PKCS#1 v1.5 / SHA-256 checks of the reference message; successes kept in an LRU.
+
+    Only verified pairs are kept: nothing a client sends before its signature is checked
+    stays in memory.
 
     `audience` returns this worker's public url: a signature for another worker's url is
     refused (`Verdict.WRONG_WORKER`), so one worker's auth_data cannot be spent on another.
@@ -151,6 +170,10 @@ class SignatureVerifier:
         self._key: rsa.RSAPublicKey | None = None
         self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._cache_size = cache_size
+
+    def __len__(self) -> int:
+        """Verified (url, signature) pairs kept."""
+        return len(self._cache)
 
     @property
     def has_key(self) -> bool:
@@ -185,6 +208,8 @@ class SignatureVerifier:
             )
         except (InvalidSignature, binascii.Error, ValueError):
             return False
+        if len(auth.url) + len(auth.signature) > MAX_CACHED_PAIR:
+            return True  # signed, but too large to keep: checked again next time
         self._cache[pair] = None
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -5,8 +5,9 @@ Every problem is collected and named by field, in the reference's shape
 body with neither field (a model server's request sent straight to the worker) also gets a
 `hint` saying that requests go through the autoscaler's `/route/` first.
 Every number a client controls is checked here, where it enters (pyworker.protocol.auth, and the
-workload in pyworker.config), and so is how deeply the payload nests
-(pyworker.protocol.passthrough): nothing past this point can fail on what a client sent.
+workload in pyworker.config), and so is how deeply every member nests (`MAX_DEPTH`, in
+pyworker.protocol.passthrough): nothing past this point can fail on what a client sent, and a
+member too deep for any parser here is still named in the 422 (pyworker.protocol.depth).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 from pydantic import ValidationError
 
 from pyworker.protocol.auth import NUMBER_FIELDS, AuthData
+from pyworker.protocol.depth import TOO_DEEP, deep_members, member_past_depth
 from pyworker.protocol.passthrough import TooDeep, payload_bytes
 
 FieldErrors = dict[str, Any]
@@ -70,31 +72,46 @@ def parse_object(body: bytes) -> dict[str, Any]:
         UnicodeDecodeError,
         RecursionError,
     ) as error:
+        deep = member_past_depth(body) if _depth_error(error) else None
+        if deep is not None:
+            raise EnvelopeError("invalid request", deep) from None
         raise EnvelopeError(f"request body is not valid JSON: {error}") from None
     if not isinstance(document, dict):
         raise EnvelopeError("request body must be a JSON object")
     return document
 
 
+def _depth_error(error: Exception) -> bool:
+    """Whether a parser gave up on nesting (orjson past 1024 levels, the standard one at the
+    recursion limit), not on bad JSON."""
+    text = str(error)
+    return isinstance(error, RecursionError) or "depth limit" in text or "recursion" in text
+
+
 def parse_envelope(body: bytes) -> Envelope:
     document = parse_object(body)
-    fields: FieldErrors = {}
+    # Members other than the payload first: walking the body for the payload's bytes, or
+    # comparing a session's auth_data, must never meet a value nested past MAX_DEPTH.
+    deep = deep_members(document, skip="payload")
+    fields: FieldErrors = dict(deep)
     raw_auth = document.get("auth_data")
-    auth = _auth_data(raw_auth, fields)
+    auth = None if "auth_data" in deep else _auth_data(raw_auth, fields)
     payload = document.get("payload")
     forwarded = b""
     if payload is None:
         fields["payload"] = "missing parameter"
     elif not isinstance(payload, dict):
         fields["payload"] = "must be a JSON object"
-    else:
+    elif not deep:
         try:
             forwarded = payload_bytes(body, payload)
         except TooDeep as error:
             fields["payload"] = str(error)
+        except RecursionError:  # a deep duplicate key: the body's walk met the one not kept
+            fields.update(member_past_depth(body) or {"payload": TOO_DEEP})
     session_id = document.get("session_id")
     if session_id is not None and not isinstance(session_id, str):
-        fields["session_id"] = "must be a string or null"
+        fields.setdefault("session_id", "must be a string or null")
     if fields or auth is None or not isinstance(payload, dict) or not isinstance(raw_auth, dict):
         if "auth_data" not in document and "payload" not in document:
             fields["hint"] = ENVELOPE_HINT

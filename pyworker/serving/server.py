@@ -1,7 +1,8 @@
 """Running a worker process: the event loop, the listening sockets, and stopping on a signal.
 
-SIGTERM or SIGINT drains the worker (pyworker.serving.drain) and exits 0; a second signal during the
-drain exits at once with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+SIGTERM, SIGINT or SIGHUP drains the worker (pyworker.serving.drain) and exits 0; a second SIGTERM
+or SIGINT during the drain exits at once with 128 + the signal number (143 for SIGTERM, 130 for
+SIGINT). What each signal does: pyworker.serving.signals.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
-import signal
 import ssl
 import sys
 from typing import Any
@@ -31,6 +30,7 @@ from pyworker.serving.drain import drain
 from pyworker.serving.http_errors import JsonErrorRunner
 from pyworker.serving.limits import HTTP_LIMITS, body_deadline
 from pyworker.serving.memory import pin_mmap_threshold
+from pyworker.serving.signals import StopSignals
 from pyworker.serving.tls import TLSError, server_ssl_context
 from pyworker.startup.failure import fail
 
@@ -180,9 +180,7 @@ def run(config: WorkerConfig, environment: Environment) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, _on_signal, signum, stop)
+        StopSignals(stop).install(asyncio.get_running_loop())
         worker = compose_worker(config, environment)
         await serve(worker, environment.host, environment.worker_port, stop, ssl_context)
 
@@ -192,15 +190,3 @@ def run(config: WorkerConfig, environment: Environment) -> int:
         fail(f"cannot serve: {error}")
         return 1
     return 0
-
-
-def _on_signal(signum: int, stop: asyncio.Event) -> None:
-    """The first signal drains; a second one means now: exit without cleaning up."""
-    if not stop.is_set():
-        logger.info("%s: draining (send it again to exit at once)", signal.Signals(signum).name)
-        stop.set()
-        return
-    print(f"pyworker: {signal.Signals(signum).name} again: exiting now", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(128 + signum)

@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pyworker.lifecycle.accounting import Ledger
+from pyworker.protocol.depth import deep_members
 from pyworker.protocol.envelope import (
     Envelope,
     EnvelopeError,
@@ -192,11 +193,11 @@ def parse_create(body: bytes, max_lifetime: float) -> SessionRequest:
 def parse_query(body: bytes) -> SessionQuery:
     """The body of `/session/get`, `/health` and `/end`: EnvelopeError (422) when invalid."""
     document = parse_object(body)
+    deep = deep_members(document)
+    if deep:
+        raise EnvelopeError("invalid request", deep)
     try:
-        encodable(document)
         return SessionQuery.model_validate(document)
-    except TooDeep as error:
-        raise EnvelopeError(f"request body {error}") from None
     except ValidationError as error:
         raise _invalid(error) from None
 

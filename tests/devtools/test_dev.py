@@ -108,7 +108,10 @@ async def test_dev_once_answers_a_routed_request_and_leaves_no_process(tmp_path:
     assert not (tmp_path / ".has_benchmark").exists()  # kept in the state dir
 
 
-async def test_ctrl_c_stops_the_worker_and_the_model_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+async def test_ctrl_c_or_a_closed_terminal_stops_the_worker_and_the_model_server(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     process = await _start_dev(tmp_path, *FAST_DEMO)
     assert process.stdout is not None
     lines: list[str] = []
@@ -125,7 +128,7 @@ async def test_ctrl_c_stops_the_worker_and_the_model_server(tmp_path: Path) -> N
         # Each child leads its own process group, so a terminal's Ctrl-C reaches dev only.
         assert all(os.getpgid(pid) == pid for pid in children)
 
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         rest, _ = await asyncio.wait_for(process.communicate(), 30)
     finally:
         if process.returncode is None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from pyworker.protocol.depth import TOO_DEEP
 from pyworker.protocol.envelope import LARGE_BODY, EnvelopeError, parse_envelope
+from pyworker.protocol.passthrough import MAX_DEPTH
 
 AUTH = b'{"cost": 1, "endpoint": "e", "reqnum": 1, "request_idx": 1, "signature": "", "url": ""}'
 
@@ -41,3 +43,27 @@ def test_a_large_body_is_refused_where_a_small_one_is(value: bytes) -> None:
     for large in (False, True):
         with pytest.raises(EnvelopeError, match="not valid JSON"):
             parse_envelope(body(value, large))
+
+
+def deep(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 990, 2000])
+@pytest.mark.parametrize("member", ["session_id", "extra", "auth_data", "payload"])
+def test_a_deep_member_is_named_in_a_large_body_as_in_a_small_one(member: str, depth: int) -> None:
+    """Whichever parser read the body, and even when none could (orjson stops at 1024 levels,
+    the standard one at the recursion limit), the refusal names the member."""
+    for large in (False, True):
+        members = {"auth_data": AUTH, "payload": b'{"pad": "%s"}' % (b"A" * (LARGE_BODY + 1))}
+        if not large:
+            members["payload"] = b'{"x": 1}'
+        if member in members:  # deep inside it, as an extra key of its own
+            members[member] = members[member][:-1] + b', "deep": ' + deep(depth) + b"}"
+        else:
+            members = {member: deep(depth), **members}
+        written = (b'"%s": %s' % (name.encode(), value) for name, value in members.items())
+        body = b"{" + b", ".join(written) + b"}"
+        with pytest.raises(EnvelopeError) as refused:
+            parse_envelope(body)
+        assert refused.value.body() == {"error": "invalid request", member: TOO_DEEP}, large

@@ -13,7 +13,16 @@ import pytest
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
-from pyworker.protocol.auth import AuthData, SignatureVerifier, Verdict, same_worker
+from pyworker.protocol.auth import (
+    MAX_CACHED_PAIR,
+    MAX_URL,
+    AuthData,
+    SignatureVerifier,
+    Verdict,
+    _cached_address,
+    same_worker,
+    worker_address,
+)
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import announce_address
 from tests.conftest import KeyPair, ModelServer, WorkerFactory
@@ -74,6 +83,30 @@ def test_addresses_compare_by_scheme_host_and_port() -> None:
     assert not same_worker("ftp://h:1", "ftp://h:1")  # only http(s) names a worker
     assert not same_worker("http://h:x", "http://h:x")
     assert not same_worker("http://", "http://")
+
+
+def test_a_url_over_max_url_names_no_worker_and_is_never_cached() -> None:
+    """The url is read before its signature is checked: no cache may keep a client's long one."""
+    long_url = OWN + "/" + "a" * MAX_URL
+    before = _cached_address.cache_info()
+    assert worker_address(long_url) is None
+    assert not same_worker(long_url, OWN) and not same_worker(OWN.upper() + " " * MAX_URL, OWN)
+    assert _cached_address.cache_info() == before  # not even looked up
+    assert worker_address(OWN + "/" + "a" * (MAX_URL - len(OWN) - 1)) is not None
+
+
+def test_only_verified_pairs_of_a_bounded_size_are_kept(keypair: KeyPair) -> None:
+    verifier = SignatureVerifier()  # no audience: any url, of any length, is checked
+    verifier.load_pem(keypair.pem)
+    forged = AuthData.model_validate({**keypair.auth_data(OWN), "signature": "A" * 100_000})
+    assert verifier.check(forged) is Verdict.INVALID
+    long_url = OWN + "/" + "a" * MAX_CACHED_PAIR
+    signed_long = AuthData.model_validate(keypair.auth_data(long_url))
+    assert verifier.check(signed_long) is Verdict.ACCEPTED  # served, but too large to keep
+    assert verifier.check(signed_long) is Verdict.ACCEPTED
+    assert len(verifier) == 0
+    assert verifier.check(AuthData.model_validate(keypair.auth_data(OWN))) is Verdict.ACCEPTED
+    assert len(verifier) == 1
 
 
 def test_without_an_audience_any_address_is_accepted(keypair: KeyPair) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,14 @@ from aiohttp import web
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
-from pyworker.protocol.auth import MAX_INDEX
+from pyworker.protocol.auth import (
+    MAX_INDEX,
+    MAX_URL,
+    SignatureVerifier,
+    _cached_address,
+    worker_address,
+)
+from pyworker.protocol.depth import TOO_DEEP
 from pyworker.protocol.passthrough import MAX_DEPTH
 from pyworker.protocol.workload import MAX_WORKLOAD
 from pyworker.serving.compose import Worker, compose_worker
@@ -469,6 +477,109 @@ async def test_deep_session_fields_are_422_and_session_routes_keep_answering(
     await hostile.serves_a_valid_request()
 
 
+def deep_text(depth: int) -> bytes:
+    """A value `depth` levels deep, written directly: orjson cannot write past MAX_DEPTH."""
+    return b'{"a":' * (depth - 1) + b"1" + b"}" * (depth - 1)
+
+
+# Past MAX_DEPTH; near Python's recursion limit (what once made the body's walk and the
+# session fingerprint fail with 500); past what orjson parses at all (1024 levels).
+DEPTHS = [MAX_DEPTH + 2, 990, 2000]
+SIGNED_ROUTES = ["/echo", "/hooked", "/fifo", "/session/create"]
+QUERY_ROUTES = ["/session/get", "/session/health", "/session/end"]
+
+
+def deep_envelopes(auth: bytes, depth: int) -> list[tuple[str, bytes]]:
+    """(the member named in the 422, a body with that member nested `depth` levels deep)."""
+    deep = deep_text(depth)
+    spaced = b'"payload": {"x":  1}'  # not as orjson writes it: found by walking the body
+    envelopes = [
+        (b'{"session_id": ', b', "auth_data": ' + auth + b", " + spaced + b"}"),
+        (b'{"auth_data": ' + auth + b", " + spaced + b', "session_id": ', b"}"),
+        (b'{"auth_data": ' + auth[:-1] + b', "deep": ', b"}, " + spaced + b"}"),
+        (b'{"auth_data": ' + auth[:-1] + b', "deep": ', b"}, " + spaced + b', "session_id": "x"}'),
+        (b'{"extra": ', b', "auth_data": ' + auth + b", " + spaced + b', "k": 1}'),
+    ]
+    names = ["session_id", "session_id", "auth_data", "auth_data", "extra"]
+    return [
+        (name, before + deep + after)
+        for name, (before, after) in zip(names, envelopes, strict=True)
+    ]
+
+
+def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    logged = [record for record in caplog.records if record.exc_info or record.levelno >= 40]
+    assert logged == [], [record.getMessage() for record in logged]
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("path", SIGNED_ROUTES)
+async def test_a_deep_member_anywhere_in_the_envelope_is_422_naming_it(
+    hostile: Hostile, path: str, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A session, so that a deep auth_data or session_id meets a real one to compare with.
+    auth = hostile.auth()
+    status, created = await hostile.post("/session/create", {"auth_data": auth, "payload": {}})
+    assert status == 201
+    for name, body in deep_envelopes(orjson.dumps(hostile.auth()), depth):
+        status, answer = await hostile.post(path, body)
+        assert status == 422, (name, answer)
+        assert answer == {"error": "invalid request", name: TOO_DEEP}, name
+    assert_no_traceback(caplog)
+    assert hostile.model.received == []
+    assert hostile.state.ledger.in_progress == 1 and len(hostile.state.sessions) == 1
+    # The session still works, and so does a request outside it.
+    body = {"auth_data": auth, "payload": {"in": "session"}, "session_id": created["session_id"]}
+    assert await hostile.post("/echo", body) == (200, {"ok": True})
+    await hostile.serves_a_valid_request()
+
+
+@pytest.mark.parametrize("path", SIGNED_ROUTES)
+async def test_a_deep_payload_before_the_payload_kept_is_ignored_or_422(
+    hostile: Hostile, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the key twice, the last payload counts (docs/input.md); an earlier one too deep
+    for any parser here is a 422 naming it, never a 500."""
+    for depth, expected in ((MAX_DEPTH + 2, 200), (2000, 422)):
+        auth = orjson.dumps(hostile.auth())
+        body = b'{"payload": ' + deep_text(depth) + b', "payload": {"x":  1}, "auth_data": '
+        status, answer = await hostile.post(path, body + auth + b"}")
+        if expected == 422:
+            assert (status, answer) == (422, {"error": "invalid request", "payload": TOO_DEEP})
+        else:
+            assert status in (200, 201), answer
+    assert_no_traceback(caplog)
+    if path in ("/echo", "/fifo"):  # as sent (a hook's payload is written anew)
+        assert hostile.model.bodies(path) == [b'{"x":  1}']
+    await hostile.serves_a_valid_request()
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("path", QUERY_ROUTES)
+async def test_a_deep_member_of_a_session_query_is_422_naming_it(
+    hostile: Hostile, path: str, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    auth = hostile.auth()
+    status, created = await hostile.post("/session/create", {"auth_data": auth, "payload": {}})
+    assert status == 201
+    deep, session_id, session_auth = deep_text(depth), created["session_id"], orjson.dumps(auth)
+    query = b'"session_id": "%s", "session_auth": ' % session_id.encode()
+    bodies = [
+        ("session_id", b'{"session_id": ' + deep + b', "session_auth": ' + session_auth + b"}"),
+        ("session_auth", b"{" + query + deep + b"}"),
+        ("extra", b'{"extra": ' + deep + b", " + query + session_auth + b"}"),
+    ]
+    for name, body in bodies:
+        status, answer = await hostile.post(path, body)
+        assert (status, answer) == (422, {"error": "invalid request", name: TOO_DEEP}), name
+    assert_no_traceback(caplog)
+    assert len(hostile.state.sessions) == 1
+    query = {"session_id": session_id, "session_auth": auth}
+    status, _ = await hostile.post(path, query)
+    assert status == 200
+    await hostile.serves_a_valid_request()
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -567,6 +678,48 @@ async def test_expect_100_continue_within_the_limit_continues(hostile: Hostile) 
     finally:
         writer.close()
     assert hostile.model.bodies("/echo") == [b'{"x": 1}']
+
+
+# --- what a refused request leaves behind --------------------------------------------------
+def urlsplit_misses() -> int:
+    """How often the standard library's url cache took a new url (it keeps each one)."""
+    info = getattr(urllib.parse.urlsplit, "cache_info", None)
+    if info is not None:  # Python 3.11+: an lru_cache
+        return int(info().misses)
+    cache = urllib.parse._parse_cache  # type: ignore[attr-defined]  # Python 3.10: a dict
+    return sum(1 for key in cache if len(key[0]) > MAX_URL)
+
+
+async def test_nothing_a_refused_request_sent_stays_in_a_cache(hostile: Hostile) -> None:
+    """The fields read before the signature is checked (the url, for the worker's address,
+    above all) enter no cache: each such request is 401, and every cache is as it was."""
+    own, size = hostile.state.url, MAX_BODY // 8
+    refused: list[dict[str, Any]] = []
+    for index in range(4):
+        filler = f"{index}" + "a" * size
+        big = {"endpoint": filler, "signature": "A" * size, "extra": filler}
+        refused += [
+            hostile.auth(url=f"http://{filler}.example:1", **big),  # another worker
+            hostile.auth(url=f"{own}/{filler}", **big),  # this worker, but over MAX_URL
+            hostile.auth(**big),  # this worker, a forged signature
+        ]
+    verifier = hostile.state.verifier
+    assert isinstance(verifier, SignatureVerifier)
+    assert worker_address(own) is not None  # the worker's own address: in the cache now
+    addresses, splits, pairs = _cached_address.cache_info(), urlsplit_misses(), len(verifier)
+    for auth in refused:
+        status, answer = await hostile.post("/echo", {"auth_data": auth, "payload": {}})
+        assert status == 401 and answer["error"] in (
+            "auth_data was signed for another worker",
+            "invalid signature",
+        ), answer
+    assert _cached_address.cache_info().misses == addresses.misses
+    assert _cached_address.cache_info().currsize == addresses.currsize
+    assert urlsplit_misses() == splits
+    assert len(verifier) == pairs
+    assert hostile.model.received == []
+    assert hostile.state.ledger.totals == dict.fromkeys(hostile.state.ledger.totals, 0)
+    await hostile.serves_a_valid_request()
 
 
 # --- session_auth -----------------------------------------------------------------------------

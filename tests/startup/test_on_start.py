@@ -218,7 +218,7 @@ async def test_worker_target_comes_from_pyworker_worker_or_backend(
     assert worker["args"] == ["run", target]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_signal_reaches_both_children_and_script_exits(
     script: StartScript, signum: signal.Signals
 ) -> None:
@@ -231,6 +231,47 @@ async def test_signal_reaches_both_children_and_script_exits(
     assert await script.exit_status() == 7  # the worker's own status after a clean stop
     # SIGINT too becomes SIGTERM: background children of a script ignore SIGINT
     assert script.signals("model") == ["SIGTERM"]
+    assert script.signals("worker") == ["SIGTERM"]
+
+
+async def test_sighup_then_sigterm_stops_once_and_a_second_sigterm_kills(
+    script: StartScript,
+) -> None:
+    """A closed session's SIGHUP with its supervisor's SIGTERM is one stop, not an insistence."""
+    script.environ["PYWORKER_CMD"] = script.fake_command("worker", "--ignore-term")
+    script.environ["PYWORKER_GRACE"] = "60"
+    process = await script.start()
+    await script.started("model")
+    worker = await script.started("worker")
+    process.send_signal(signal.SIGHUP)
+    await wait_until(lambda: script.signals("worker") == ["SIGTERM"])
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGHUP)
+    await wait_until(lambda: script.text().count("already stopping") == 2)
+    assert running(worker["pid"]) and process.returncode is None
+    assert script.signals("worker") == ["SIGTERM"]
+
+    process.send_signal(signal.SIGTERM)  # the second SIGTERM: now
+    assert await script.exit_status() == 128 + signal.SIGKILL
+    assert not running(worker["pid"])
+
+
+async def test_sigquit_and_sigusr_are_ignored_by_the_script_and_not_forwarded(
+    script: StartScript,
+) -> None:
+    script.environ["PYWORKER_CMD"] = script.fake_command("worker", "--term-exit-code", "7")
+    process = await script.start()
+    await script.started("model")
+    worker = await script.started("worker")
+    for signum in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        process.send_signal(signum)
+        name = signum.name
+        await wait_until(lambda name=name: f"caught {name}: ignored" in script.text())
+    assert process.returncode is None and running(worker["pid"])
+    assert script.signals("model") == [] and script.signals("worker") == []
+
+    process.send_signal(signal.SIGTERM)  # and it still stops as it should
+    assert await script.exit_status() == 7
     assert script.signals("worker") == ["SIGTERM"]
 
 

@@ -99,8 +99,8 @@ WORKER_VARIABLES: tuple[Variable, ...] = (
     Variable(
         "PYWORKER_GRACE",
         "`30`",
-        "Seconds the requests in flight get to finish after SIGTERM (the start script also "
-        "waits this long before SIGKILL). 0: none.",
+        "Seconds the requests in flight get to finish after SIGTERM or SIGHUP (the start script "
+        "also waits this long before SIGKILL). 0: none.",
         Reader.WORKER,
     ),
     Variable(

@@ -82,6 +82,9 @@ class DevSession:
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, stop)
+        # A closed terminal: stop in order too, or the children (each in its own session)
+        # would outlive it.
+        loop.add_signal_handler(signal.SIGHUP, stop.set)
         work = asyncio.create_task(self.run())
         stopped = asyncio.create_task(stop.wait())
         ticker = asyncio.create_task(spin(self.spinner))
@@ -98,7 +101,7 @@ class DevSession:
             stopped.cancel()
             await self.shutdown()
             ticker.cancel()
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         return code
 
