@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from pyworker.protocol import messages
 from tests.protocol.test_messages import ENVIRON, MESSAGES
+from tests.support.fake_signer import write_certificate
 from tests.support.recording_host import Handler, RecordingHost, answer_ok, endless, redirect_to
 
 
@@ -105,6 +108,17 @@ async def trickle(head: bytes, writer: asyncio.StreamWriter) -> bool:
     return False
 
 
+def trust_only(cert_file: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """The server side of a TLS host whose self-signed certificate `post` is made to trust."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, cert_file.with_suffix(".key"))
+    client = ssl.create_default_context(cafile=str(cert_file))
+    client.check_hostname = False  # the certificate names pyworker.vast.ai, not 127.0.0.1
+    monkeypatch.setattr(messages.ssl, "create_default_context", lambda: client)
+    return server
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest.mark.parametrize(
     "head",
     [
@@ -114,7 +128,7 @@ async def trickle(head: bytes, writer: asyncio.StreamWriter) -> bool:
     ids=["headers", "body"],
 )
 async def test_post_gives_up_at_its_deadline_on_a_host_that_answers_a_byte_at_a_time(
-    head: bytes,
+    head: bytes, scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each read gets a byte well within the timeout: only a deadline for the call ends it."""
     reader_left: list[bool] = []
@@ -123,12 +137,13 @@ async def test_post_gives_up_at_its_deadline_on_a_host_that_answers_a_byte_at_a_
         await reader.readuntil(b"\r\n\r\n")
         reader_left.append(await trickle(head, writer))
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    tls = trust_only(write_certificate(tmp_path)[0], monkeypatch) if scheme == "https" else None
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
     try:
         with pytest.raises(TimeoutError, match=r"no whole answer within 0\.5 s"):
             await asyncio.to_thread(
-                messages.post, f"http://127.0.0.1:{port}/worker_status/", b"{}", {}, timeout=0.5
+                messages.post, f"{scheme}://127.0.0.1:{port}/worker_status/", b"{}", {}, timeout=0.5
             )
         for _ in range(100):
             if reader_left:
