@@ -8,16 +8,25 @@ standard library only, stays importable by Python 3.7, and `scripts/on_start.sh`
 file path, which never imports the `pyworker` package:
 
     python3 pyworker/protocol/messages.py "why the worker cannot start"
+
+Its `post` is the blocking call of start-up steps (this report, the certificate request). Like
+the worker's own calls (pyworker/protocol/outbound.py) it never follows a redirect, reads an
+answer up to a bound, and has a deadline for the whole call, not for each read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.client
 import json
 import logging
 import os
+import socket
+import ssl
 import sys
-import urllib.request
+import threading
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +40,8 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 MAX_ERROR_MESSAGE = 2000
 """Characters of `error_msg` a start report carries."""
 START_REPORT_TIMEOUT = 5.0
+MAX_ANSWER = 64 * 1024
+"""Bytes of an answer `post` reads by default; the rest is never read."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,8 @@ def start_report(message: str, environ: Mapping[str, str]) -> WorkerStatusReport
 def report_start_error(message: str, environ: Mapping[str, str]) -> None:
     """Post the start report to every `REPORT_ADDR` entry; nothing in local mode. Never raises.
 
-    Blocking: for start-up steps that run before the worker (and its reporter) does.
+    Blocking: for start-up steps that run before the worker (and its reporter) does. It carries
+    `MASTER_TOKEN`, so a 3xx is a report not delivered there: the token never goes elsewhere.
     """
     if not environ.get("REPORT_ADDR") and not environ.get("CONTAINER_ID"):
         return
@@ -150,17 +162,86 @@ def report_start_error(message: str, environ: Mapping[str, str]) -> None:
         base = base.strip().rstrip("/")
         if not base.startswith(("http://", "https://")):
             continue
-        request = urllib.request.Request(
-            base + STATUS_PATH,
-            data=body,
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
         try:
-            with urllib.request.urlopen(request, timeout=START_REPORT_TIMEOUT) as response:
-                response.read(4096)
-        except (OSError, ValueError) as error:
-            logger.warning("could not report to %s: %s", base, error)
+            status, _ = post(
+                base + STATUS_PATH,
+                body,
+                {"Content-Type": "application/json"},
+                timeout=START_REPORT_TIMEOUT,
+            )
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            logger.warning("could not report to %s: %s", base, str(error) or type(error).__name__)
+            continue
+        if not 200 <= status < 300:
+            logger.warning("could not report to %s: %s", base, status_problem(status))
+
+
+def status_problem(status: int) -> str:
+    """What a status other than 2xx says, for a log line or `error_msg`."""
+    return f"HTTP {status}" + (" (a redirect, not followed)" if 300 <= status < 400 else "")
+
+
+def post(
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout: float,
+    limit: int = MAX_ANSWER,
+) -> tuple[int, bytes]:
+    """POST `body`: the answer's status and at most `limit` + 1 bytes of it (one more says it
+    was longer; the rest is never read).
+
+    No redirect is followed (http.client follows none, and no proxy is taken from the
+    environment, as the worker's own calls take none); the caller treats a 3xx as a failure.
+    `timeout` bounds the whole call: a host that answers a byte at a time is cut off at it.
+    Raises OSError (TimeoutError past the deadline), http.client.HTTPException or ValueError.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    connection = _connection(parts, timeout)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    expired = threading.Event()
+    timer = threading.Timer(timeout, _cut, (connection, expired))
+    timer.daemon = True
+    timer.start()
+    try:
+        connection.connect()
+        if expired.is_set():  # the deadline passed while connecting, before there was a socket
+            raise TimeoutError
+        connection.request("POST", target, body=body, headers=dict(headers))
+        response = connection.getresponse()
+        answer = response.read(limit + 1)
+        if expired.is_set():  # cut off while reading: what came is not the whole answer
+            raise TimeoutError
+        return response.status, answer
+    except (OSError, ValueError, http.client.HTTPException):
+        if expired.is_set():
+            raise TimeoutError(f"no whole answer within {timeout:g} s") from None
+        raise
+    finally:
+        timer.cancel()
+        timer.join()  # the socket is closed only once the timer can no longer touch it
+        connection.close()
+
+
+def _connection(parts: urllib.parse.SplitResult, timeout: float) -> http.client.HTTPConnection:
+    host = parts.hostname or ""
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(
+            host, parts.port or 443, timeout=timeout, context=ssl.create_default_context()
+        )
+    return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+
+
+def _cut(connection: http.client.HTTPConnection, expired: threading.Event) -> None:
+    """At the deadline: end the call, waking a read that waits on the socket."""
+    expired.set()
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def main(arguments: Sequence[str]) -> int:

@@ -6,9 +6,10 @@ a certificate Vast signs for the instance. Vast's own start script makes them wi
 image needs neither. It keeps a certificate that is there, matches its key and has more than
 a day left; otherwise it makes a 2048-bit RSA key and a CSR (the subject and extensions Vast's
 script asks for), posts the CSR to Vast's signing endpoint and writes the key and the answer.
-A failed signing (endpoint down, an error status, an answer that is not a certificate for the
-key) is retried with doubling delays up to a bounded number of attempts, each failure posted
-to the autoscaler as `error_msg`; after the last one it exits 1 and writes nothing.
+A failed signing (endpoint down, an error status, a redirect, which is never followed, an
+answer that is not a certificate for the key or is over 64 KiB, no whole answer in 30 s) is
+retried with doubling delays up to a bounded number of attempts, each failure posted to the
+autoscaler as `error_msg`; after the last one it exits 1 and writes nothing.
 
 Environment: `CONTAINER_ID` (the instance the certificate is for), `TLS_CERT_FILE` and
 `TLS_KEY_FILE` (default `/etc/instance.crt`, `/etc/instance.key`), `PYWORKER_SIGN_CERT_URL`
@@ -20,15 +21,14 @@ Exit status: 0 certificate ready, 1 signing failed, 2 bad settings.
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
 import logging
 import os
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from pyworker.config.environment import InvalidEnvironment, Number, read_number
-from pyworker.protocol.messages import report_start_error
+from pyworker.protocol.messages import post, report_start_error, status_problem
 
 logger = logging.getLogger("pyworker.startup.certificate")
 
@@ -49,7 +49,8 @@ RENEW_BEFORE = datetime.timedelta(days=1)
 """A certificate with less than this left is replaced rather than reused."""
 MAX_DELAY = 60.0
 REQUEST_TIMEOUT = 30.0
-MAX_ANSWER = 1024 * 1024
+MAX_ANSWER = 64 * 1024
+"""Bytes of the signer's answer read: a chain of a dozen certificates; the rest is never read."""
 KEY_SIZE = 2048
 
 
@@ -158,17 +159,14 @@ def request_signature(
     url: str, csr: bytes, key: rsa.RSAPrivateKey, now: datetime.datetime
 ) -> bytes:
     """POST the CSR; the PEM answer when it is a current certificate for `key`."""
-    request = urllib.request.Request(
-        url, data=csr, headers={"Content-Type": "application/octet-stream"}, method="POST"
-    )
+    headers = {"Content-Type": "application/octet-stream"}
     try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            answer: bytes = response.read(MAX_ANSWER + 1)
-    except urllib.error.HTTPError as error:
-        raise SigningError(f"the signing endpoint answered HTTP {error.code}") from None
-    except (OSError, ValueError) as error:
-        reason = getattr(error, "reason", None) or error
+        status, answer = post(url, csr, headers, timeout=REQUEST_TIMEOUT, limit=MAX_ANSWER)
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        reason = str(error) or type(error).__name__
         raise SigningError(f"the signing endpoint cannot be reached: {reason}") from None
+    if not 200 <= status < 300:  # a 3xx too: a certificate only from the URL configured
+        raise SigningError(f"the signing endpoint answered {status_problem(status)}")
     if len(answer) > MAX_ANSWER:
         raise SigningError(f"the signing endpoint's answer is over {MAX_ANSWER} bytes")
     try:

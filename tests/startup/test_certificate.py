@@ -22,6 +22,7 @@ from pyworker.serving.tls import server_ssl_context
 from pyworker.startup.certificate import signing_request
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.fake_signer import Failure, FakeSigner
+from tests.support.recording_host import RecordingHost, endless, redirect_to
 
 CLEARED = ("CONTAINER_ID", "REPORT_ADDR", "USE_SSL", "TLS_CERT_FILE", "TLS_KEY_FILE")
 
@@ -221,6 +222,48 @@ async def test_signing_gives_up_after_its_attempts_and_writes_nothing(
         "TLS certificate not signed (attempt 2 of 3)",
     ]
     assert all(expected in report["error_msg"] for report in reports)
+
+
+@pytest.mark.parametrize("code", [302, 307])
+async def test_a_redirecting_signer_is_not_followed(instance: Instance, code: int) -> None:
+    """A certificate comes only from the URL configured: a 3xx is a failed attempt."""
+    signer = instance.signer
+    signer_host = signer.url.split("/api")[0]
+    redirecting = await RecordingHost(redirect_to(lambda: signer_host, code)).start()
+    try:
+        run = await instance.run(
+            PYWORKER_SIGN_CERT_URL=redirecting.url + "/api/v0/sign_cert/",
+            PYWORKER_SIGN_ATTEMPTS="2",
+        )
+    finally:
+        await redirecting.close()
+
+    assert run.status == 1
+    assert len(redirecting.requests) == 2
+    assert signer.requests == []  # the CSR never went where the 3xx pointed
+    expected = f"the signing endpoint answered HTTP {code} (a redirect, not followed)"
+    assert f"TLS certificate not signed (attempt 2 of 2): {expected}" in run.output
+    [report] = instance.autoscaler.worker_status
+    assert expected in report["error_msg"]
+    assert not instance.cert_file.exists() and not instance.key_file.exists()
+
+
+async def test_an_endless_signer_answer_is_cut_at_the_bound(instance: Instance) -> None:
+    sent: list[int] = []
+    flood = await RecordingHost(endless(sent)).start()
+    try:
+        run = await instance.run(PYWORKER_SIGN_CERT_URL=flood.url, PYWORKER_SIGN_ATTEMPTS="1")
+        for _ in range(100):  # the flood notes its total once it sees the reader gone
+            if sent:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await flood.close()
+
+    assert run.status == 1
+    assert "the signing endpoint's answer is over 65536 bytes" in run.output
+    assert sent and sent[0] < 16 * 1024 * 1024  # the reader left at the bound, not at the end
+    assert not instance.cert_file.exists()
 
 
 def _certificate_of_another_key(instance: Instance) -> bytes:
