@@ -1,0 +1,186 @@
+"""A model loaded in the worker's own process, in real worker processes.
+
+Each test writes a `worker.py` whose lifecycle appends what happens to it (entered, exited,
+cancelled) to a journal file, runs it as `python -m worker` against a recording autoscaler,
+and reads the journal after the process has exited: the lifecycle is entered once and exited
+once, after the request in flight, or never exited when its `__aenter__` failed or hung.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import KeyPair
+from tests.support.fake_autoscaler import FakeAutoscaler
+from tests.support.processes import spawn, stop
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+WORKER = """
+import asyncio
+import contextlib
+from pathlib import Path
+
+from pyworker.config import BenchmarkConfig, RouteConfig, WorkerConfig
+from pyworker.entry import serve
+
+JOURNAL = Path("journal.txt")
+
+
+def note(line):
+    with JOURNAL.open("a") as journal:
+        journal.write(line + "\\n")
+
+
+@contextlib.asynccontextmanager
+async def model():
+    note("enter")
+    try:
+        {enter}
+    except asyncio.CancelledError:
+        note("cancelled")
+        raise
+    note("entered")
+    try:
+        yield
+    finally:
+        note("exit")
+
+
+async def generate(payload):
+    return {{"text": payload.get("prompt", "")[::-1]}}
+
+
+async def slow(payload):
+    note("started")
+    await asyncio.sleep(0.5)
+    note("finished")
+    return {{"done": True}}
+
+
+worker = WorkerConfig(
+    name="in-process-test",
+    lifecycle=model,
+    routes=[
+        RouteConfig(path="/generate", function=generate),
+        RouteConfig(path="/slow", function=slow),
+    ],
+    benchmark=BenchmarkConfig(route="/generate", dataset=[{{"prompt": "abc"}}], rounds=2),
+)
+
+if __name__ == "__main__":
+    serve(worker)
+"""
+
+LOADS = "await asyncio.sleep(0)"
+FAILS = 'raise RuntimeError("no weights at /models/x")'
+HANGS = "await asyncio.Event().wait()"
+
+
+@pytest.fixture
+async def autoscaler(keypair: KeyPair) -> AsyncIterator[FakeAutoscaler]:
+    async with FakeAutoscaler(keypair.pem) as recording:
+        yield recording
+
+
+def environ(autoscaler: FakeAutoscaler, **more: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        REPORT_ADDR=autoscaler.url,
+        CONTAINER_ID="11",
+        MASTER_TOKEN="token",
+        UNSECURED="false",
+        PYWORKER_CACHE_DIR=str(Path.cwd() / "cache"),
+        PYTHONPATH=str(REPOSITORY),
+        WORKER_PORT="0",
+        WORKER_HTTP_PORT="0",
+        WORKER_HOST="127.0.0.1",
+        **more,
+    )
+    return env
+
+
+def journal() -> list[str]:
+    path = Path("journal.txt")
+    return path.read_text().split() if path.exists() else []
+
+
+async def wait_for_journal(line: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in journal():
+        assert time.monotonic() < deadline, f"{line!r} never written: {journal()}"
+        await asyncio.sleep(0.02)
+
+
+def write_worker(enter: str) -> None:
+    Path("worker.py").write_text(WORKER.format(enter=enter))
+
+
+async def start(autoscaler: FakeAutoscaler, enter: str, **more: str) -> tuple[Any, str]:
+    write_worker(enter)
+    return await spawn("-m", "worker", env=environ(autoscaler, **more))
+
+
+async def test_entered_once_before_the_benchmark_and_exited_once_after_the_request_in_flight(
+    autoscaler: FakeAutoscaler, keypair: KeyPair
+) -> None:
+    process, url = await start(autoscaler, LOADS)
+    try:
+        ready = await autoscaler.wait_report(lambda report: report["max_perf"] > 0, timeout=30)
+        assert ready["error_msg"] == "" and journal() == ["enter", "entered"]
+        body = {"auth_data": keypair.auth_data(url, request_idx=9), "payload": {"prompt": "abc"}}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/generate", json=body) as answer:
+                assert (answer.status, await answer.json()) == (200, {"text": "cba"})
+            request = asyncio.ensure_future(session.post(url + "/slow", json=body))
+            await wait_for_journal("started")
+            process.send_signal(signal.SIGTERM)  # mid-request: the drain lets it finish
+            answer = await request
+            assert (answer.status, await answer.json()) == (200, {"done": True})
+            answer.release()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert journal() == ["enter", "entered", "started", "finished", "exit"]
+
+
+async def test_a_failing_aenter_is_the_error_msg_and_health_keeps_answering(
+    autoscaler: FakeAutoscaler,
+) -> None:
+    process, url = await start(autoscaler, FAILS)
+    try:
+        errored = await autoscaler.wait_report(lambda report: report["error_msg"] != "")
+        message = errored["error_msg"]
+        assert "model lifecycle model failed to load" in message
+        assert "RuntimeError: no weights at /models/x" in message
+        async with aiohttp.ClientSession() as session, session.get(url + "/health") as health:
+            assert health.status == 200 and (await health.json())["state"] == "errored"
+    finally:
+        assert await stop(process) == 0
+    assert journal() == ["enter"]  # as with `async with`: a failed enter is never exited
+
+
+async def test_a_hang_past_the_load_deadline_is_the_error_msg_and_is_stopped_at_shutdown(
+    autoscaler: FakeAutoscaler,
+) -> None:
+    process, url = await start(autoscaler, HANGS, PYWORKER_LOAD_TIMEOUT="1")
+    try:
+        errored = await autoscaler.wait_report(lambda report: report["error_msg"] != "")
+        assert "model lifecycle model was not entered" in errored["error_msg"]
+        assert "PYWORKER_LOAD_TIMEOUT=1" in errored["error_msg"]
+        async with aiohttp.ClientSession() as session, session.get(url + "/health") as health:
+            assert health.status == 200
+    finally:
+        assert await stop(process) == 0
+    assert journal() == ["enter", "cancelled"]
