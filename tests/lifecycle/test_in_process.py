@@ -67,12 +67,23 @@ async def slow(payload):
     return {{"done": True}}
 
 
+def spin(payload):
+    note("spinning")
+    count = 0
+    while not Path("stop").exists():
+        for _ in range(100_000):  # pure Python: holds the GIL as much as it can
+            count += 1
+    note("spun")
+    return {{"count": count}}
+
+
 worker = WorkerConfig(
     name="in-process-test",
     lifecycle=model,
     routes=[
         RouteConfig(path="/generate", function=generate),
         RouteConfig(path="/slow", function=slow),
+        RouteConfig(path="/spin", function=spin),
     ],
     benchmark=BenchmarkConfig(route="/generate", dataset=[{{"prompt": "abc"}}], rounds=2),
 )
@@ -153,6 +164,33 @@ async def test_entered_once_before_the_benchmark_and_exited_once_after_the_reque
             process.kill()
             await process.wait()
     assert journal() == ["enter", "entered", "started", "finished", "exit"]
+
+
+async def test_a_cpu_bound_sync_function_leaves_health_reports_and_routes_answering(
+    autoscaler: FakeAutoscaler, keypair: KeyPair
+) -> None:
+    process, url = await start(autoscaler, LOADS)
+    try:
+        await autoscaler.wait_report(lambda report: report["max_perf"] > 0, timeout=30)
+        before = len(autoscaler.worker_status)
+        body = {"auth_data": keypair.auth_data(url, request_idx=5), "payload": {"prompt": "ab"}}
+        async with aiohttp.ClientSession() as session:
+            spinning = asyncio.ensure_future(session.post(url + "/spin", json=body))
+            await wait_for_journal("spinning")
+            async with session.get(url + "/health") as health:
+                assert health.status == 200
+            async with session.post(url + "/generate", json=body) as answer:
+                assert (answer.status, await answer.json()) == (200, {"text": "ba"})
+            # The report of the request received, sent while the function still runs.
+            await autoscaler.wait_report(lambda report: report["new_load"] > 0, after=before)
+            assert "spun" not in journal()  # all of it answered while the function ran
+            await asyncio.to_thread(Path("stop").touch)
+            answer = await spinning
+            assert answer.status == 200 and (await answer.json())["count"] > 0
+            answer.release()
+    finally:
+        assert await stop(process) == 0
+    assert journal() == ["enter", "entered", "spinning", "spun", "exit"]
 
 
 async def test_a_failing_aenter_is_the_error_msg_and_health_keeps_answering(
