@@ -91,10 +91,8 @@ async def _run(step: Setup) -> None:
 
 
 def lifecycle_name(lifecycle: object) -> str:
-    """How error messages name the lifecycle: its function's or class's name."""
-    if inspect.isfunction(lifecycle) or inspect.isclass(lifecycle):
-        return describe_callable(lifecycle)
-    return type(lifecycle).__qualname__
+    """How error messages name the lifecycle: its function's, method's or class's name."""
+    return describe_callable(lifecycle)
 
 
 def describe_callable(value: object) -> str:
