@@ -9,8 +9,11 @@ once, after the request in flight, or never exited when its `__aenter__` failed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +21,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
+from pyworker.config import RouteConfig, WorkerConfig
+from pyworker.lifecycle.in_process import InProcessModel, LoadFailed
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.processes import spawn, stop
@@ -222,3 +228,118 @@ async def test_a_hang_past_the_load_deadline_is_the_error_msg_and_is_stopped_at_
     finally:
         assert await stop(process) == 0
     assert journal() == ["enter", "cancelled"]
+
+
+# --- the lifecycle object itself -------------------------------------------------------------
+class Recorded:
+    """An async context manager that records each enter and exit."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    async def __aenter__(self) -> Recorded:
+        self.events.append("enter")
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.events.append("exit")
+
+
+async def test_any_number_of_loads_and_unloads_enter_once_and_exit_once() -> None:
+    manager = Recorded()
+    model = InProcessModel(manager, "Recorded")
+    await asyncio.gather(model.load(), model.load(), model.load())
+    assert model.entered and manager.events == ["enter"]
+    await asyncio.gather(model.unload(), model.unload())
+    await model.unload()
+    assert manager.events == ["enter", "exit"]
+
+
+async def test_a_cancelled_waiter_leaves_the_load_running() -> None:
+    release = asyncio.Event()
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def slow() -> AsyncIterator[None]:
+        await release.wait()
+        events.append("entered")
+        yield
+        events.append("exited")
+
+    model = InProcessModel(slow, "slow")
+    waiter = asyncio.ensure_future(model.load())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    release.set()
+    await model.load()  # the same load, not a second one
+    await model.unload()
+    assert events == ["entered", "exited"]
+
+
+async def test_a_setup_and_teardown_pair_runs_a_sync_setup_in_a_thread() -> None:
+    threads: list[str] = []
+
+    def setup() -> None:
+        threads.append(threading.current_thread().name)
+
+    async def teardown() -> None:
+        threads.append("teardown")
+
+    config = WorkerConfig(
+        routes=[RouteConfig(path="/x", function=lambda payload: payload)],
+        setup=setup,
+        teardown=teardown,
+    )
+    model = InProcessModel.from_config(config)
+    assert model is not None and model.name.endswith("setup")
+    await model.load()
+    assert threads[0] != threading.current_thread().name
+    await model.unload()
+    assert threads[1:] == ["teardown"]
+
+
+async def test_a_factory_that_makes_no_context_manager_fails_the_load_naming_it() -> None:
+    def factory() -> object:
+        return object()
+
+    model = InProcessModel(factory, "factory")  # type: ignore[arg-type]
+    with pytest.raises(LoadFailed, match="factory returned object, not an async context"):
+        await model.load()
+    await model.unload()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"lifecycle": contextlib.redirect_stdout(None)}, "is a plain (sync) context manager"),
+        ({"lifecycle": 3}, "must be an async context manager"),
+        ({"teardown": contextlib.nullcontext}, "teardown is given without setup"),
+        (
+            {"lifecycle": contextlib.nullcontext(), "setup": contextlib.nullcontext},
+            "either lifecycle or setup",
+        ),
+        (
+            {
+                "lifecycle": contextlib.nullcontext(),
+                "model_server": {"load_patterns": ["loaded"]},
+            },
+            "the model is loaded when it is entered",
+        ),
+    ],
+)
+def test_a_loader_the_worker_cannot_use_is_refused_saying_why(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        WorkerConfig.model_validate({"routes": [{"path": "/x"}], **fields})
+
+
+def test_a_function_route_refuses_what_is_for_a_model_server() -> None:
+    with pytest.raises(ValidationError, match="remove upstream_path, body_encoder"):
+        RouteConfig(
+            path="/x",
+            function=lambda payload: payload,
+            upstream_path="/y",
+            body_encoder=lambda payload: payload,
+        )
