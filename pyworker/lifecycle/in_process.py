@@ -21,6 +21,7 @@ from pyworker.config.in_process import (
     make_manager,
     pair_manager,
 )
+from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +36,26 @@ class LoadFailed(Exception):
 class InProcessModel:
     """Enters the template's lifecycle once (`load`) and exits it once (`unload`)."""
 
-    def __init__(self, lifecycle: ModelLifecycle, name: str) -> None:
+    def __init__(
+        self, lifecycle: ModelLifecycle, name: str, model: ModelClient | None = None
+    ) -> None:
         self.lifecycle = lifecycle
         self.name = name
+        self.model = model
+        """Whose route functions may still run in threads when the lifecycle is exited."""
         self._task: asyncio.Task[None] | None = None
         self._entered = asyncio.Event()
         self._release = asyncio.Event()
 
     @classmethod
-    def from_config(cls, config: WorkerConfig) -> InProcessModel | None:
+    def from_config(
+        cls, config: WorkerConfig, model: ModelClient | None = None
+    ) -> InProcessModel | None:
         if config.lifecycle is not None:
-            return cls(config.lifecycle, lifecycle_name(config.lifecycle))
+            return cls(config.lifecycle, lifecycle_name(config.lifecycle), model)
         if config.setup is not None:
-            return cls(pair_manager(config.setup, config.teardown), lifecycle_name(config.setup))
+            manager = pair_manager(config.setup, config.teardown)
+            return cls(manager, lifecycle_name(config.setup), model)
         return None
 
     @property
@@ -77,12 +85,19 @@ class InProcessModel:
             return
         if not self._entered.is_set():
             task.cancel()  # still loading: nothing to free
+        elif self.model is not None and not self._release.is_set():
+            await self._functions_done(self.model, timeout)
         self._release.set()
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
             logger.error("model lifecycle %s did not exit in %g s: abandoned", self.name, timeout)
             task.cancel()
             await asyncio.wait({task})
+
+    async def _functions_done(self, model: ModelClient, timeout: float) -> None:
+        """A sync function whose client timed out may still use the model: let it end."""
+        if not await model.functions_idle(timeout):
+            logger.warning("exiting %s while a route function still runs", self.name)
 
     async def _hold(self) -> None:
         manager = make_manager(self.lifecycle)

@@ -114,7 +114,7 @@ def compose_worker(
     key_loaded = asyncio.Event()
     server = config.model_server
     model = ModelClient(server.base_url, server.connect_timeout, config.function_threads)
-    in_process = InProcessModel.from_config(config)
+    in_process = InProcessModel.from_config(config, model)
     unload = in_process.unload if in_process is not None else None
     sessions = SessionStore(config.sessions, ledger, model)
     in_flight = InFlight()

@@ -3,8 +3,10 @@
 An async function runs on the event loop, in the request's task, so a client that hangs up
 cancels it. A sync one runs in a bounded thread pool of its own (not asyncio's default one,
 which DNS lookups and file reads share), so that a CPU-bound function never stalls health,
-reports or the other routes; it cannot be interrupted, but its answer is dropped. What the
-function returns becomes a `FunctionAnswer`: a whole body, or chunks to stream.
+reports or the other routes. A thread cannot be interrupted: a request cut while its function
+runs waits for it (its route's slot stays taken), one past its timeout is answered at once
+and the function runs on, counted until it ends (`wait_idle`, before the model is freed).
+What the function returns becomes a `FunctionAnswer`: a whole body, or chunks to stream.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Generator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,8 @@ class FunctionRunner:
     def __init__(self, threads: int) -> None:
         self._threads = threads
         self._executor: ThreadPoolExecutor | None = None
+        self._busy = 0
+        self._idle: asyncio.Event | None = None
 
     async def run(
         self,
@@ -65,10 +69,10 @@ class FunctionRunner:
         Raises `FunctionFailed`: 504 past `timeout`, 422 for a ValueError it raises (as a
         request hook's), 500 for another exception or a result that is not JSON-able."""
         try:
-            async with backports.timeout(timeout):
-                result = await self._call(function, payload)
+            result = await self._call(function, payload, timeout)
         except asyncio.TimeoutError:
-            raise FunctionFailed(504, f"the route's function took over {timeout:g} s") from None
+            limit = f"took over {timeout:g} s" if timeout is not None else "timed out"
+            raise FunctionFailed(504, f"the route's function {limit}") from None
         except ValueError as error:
             raise FunctionFailed(422, f"invalid payload: {error}") from error
         except Exception as error:
@@ -102,21 +106,64 @@ class FunctionRunner:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-    async def _call(self, function: RouteFunction, payload: JSONObject) -> Any:
-        if is_async(function):
-            result = function(payload)
+    async def _call(
+        self, function: RouteFunction, payload: JSONObject, timeout: float | None
+    ) -> Any:
+        if not is_async(function):
+            result = await self._in_thread(timeout, function, payload)
+            if not inspect.isawaitable(result):
+                return result
         else:
-            result = await self._in_thread(function, payload)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+            result = function(payload)
+            if not inspect.isawaitable(result):
+                return result  # an async generator: streamed
+        async with backports.timeout(timeout):
+            return await result
 
-    async def _in_thread(self, function: Any, *arguments: Any) -> Any:
+    async def _in_thread(self, timeout: float | None, function: Any, *arguments: Any) -> Any:
+        """`function(*arguments)` in the pool. Past `timeout` the caller gets TimeoutError at
+        once and the thread runs on; a caller cancelled (its client gone, the drain's cut)
+        waits for the thread, so that its route's slot (one at a time on a fifo route) and
+        the drain account for the work still running."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="function")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, function, *arguments
-        )
+        running = self._executor.submit(function, *arguments)
+        self._track(running)
+        waited = asyncio.wrap_future(running)
+        try:
+            done, _ = await asyncio.wait({waited}, timeout=timeout)
+        except asyncio.CancelledError:
+            if not running.cancel():
+                await asyncio.wait({waited})
+            raise
+        if not done:
+            raise asyncio.TimeoutError
+        return waited.result()
+
+    def _track(self, running: Future[Any]) -> None:
+        """Count the calls in the pool (queued or running) until each ends."""
+        loop = asyncio.get_running_loop()
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        self._busy += 1
+        self._idle.clear()
+
+        def ended() -> None:
+            self._busy -= 1
+            if not self._busy and self._idle is not None:
+                self._idle.set()
+
+        running.add_done_callback(lambda _: loop.call_soon_threadsafe(ended))
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until no sync function runs; True if none does."""
+        if self._idle is None or not self._busy:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _answer(self, result: Any, timeout: float | None, stream_type: str) -> FunctionAnswer:
         if isinstance(result, HandlerResult):
@@ -140,7 +187,7 @@ class FunctionRunner:
         """A sync generator's items, each made in the pool."""
         done = object()
         try:
-            while (item := await self._in_thread(next, generator, done)) is not done:
+            while (item := await self._in_thread(None, next, generator, done)) is not done:
                 yield item
         finally:
             with contextlib.suppress(ValueError):  # still running in its thread: it ends there

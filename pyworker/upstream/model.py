@@ -97,6 +97,11 @@ class ModelClient:
         """A route's function's whole answer, a stream read to its end, within `timeout`."""
         return await self._functions.collect(function, payload, timeout)
 
+    async def functions_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until no sync route function runs in the pool (one
+        whose client left or timed out runs to its end); True if none does."""
+        return await self._functions.wait_idle(timeout)
+
     async def close(self) -> None:
         """Close every connection (a request still running fails) and the handlers' session."""
         self._functions.close()

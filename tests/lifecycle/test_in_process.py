@@ -25,6 +25,8 @@ from pydantic import ValidationError
 
 from pyworker.config import RouteConfig, WorkerConfig
 from pyworker.lifecycle.in_process import InProcessModel, LoadFailed
+from pyworker.upstream.functions import FunctionFailed
+from pyworker.upstream.model import ModelClient
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.processes import spawn, stop
@@ -343,3 +345,26 @@ def test_a_function_route_refuses_what_is_for_a_model_server() -> None:
             upstream_path="/y",
             body_encoder=lambda payload: payload,
         )
+
+
+async def test_the_lifecycle_is_exited_after_a_timed_out_sync_function_ends() -> None:
+    manager = Recorded()
+    release = threading.Event()
+
+    def hold(payload: dict[str, Any]) -> dict[str, Any]:
+        release.wait(30)
+        manager.events.append("function ended")
+        return {}
+
+    client = ModelClient("http://127.0.0.1:9", 1.0)
+    model = InProcessModel(manager, "Recorded", client)
+    await model.load()
+    with pytest.raises(FunctionFailed, match="took over"):
+        await client.call_function(hold, {}, 0.01)  # 504; its thread runs on
+    unloading = asyncio.ensure_future(model.unload())
+    done, _ = await asyncio.wait({unloading}, timeout=0.2)
+    assert not done
+    release.set()
+    await unloading
+    assert manager.events == ["enter", "function ended", "exit"]
+    await client.close()

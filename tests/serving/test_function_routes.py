@@ -11,6 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -219,3 +220,53 @@ async def test_a_client_hang_up_cancels_an_async_function(
         ledger = worker.worker.ledger
         await wait_until(lambda: ledger.in_progress == 0)  # noqa: B023 (awaited here)
         assert [item.outcome for item in ledger.take_finished()] == [Outcome.CANCELLED]
+
+
+async def test_a_cut_sync_function_keeps_its_fifo_slot_until_its_thread_ends(
+    start_worker: WorkerFactory, keypair: KeyPair
+) -> None:
+    running = threading.Event()
+    release = threading.Event()
+
+    def hold(payload: dict[str, Any]) -> dict[str, Any]:
+        running.set()
+        release.wait(30)
+        return {}
+
+    route = {"path": "/hold", "function": hold, "fifo": True, "max_queue": 0}
+    worker = await start_worker(routes=[route])
+    first = asyncio.create_task(post(worker, "/hold", signed(keypair, {}, request_idx=1)))
+    try:
+        assert await asyncio.to_thread(running.wait, 10)
+        assert worker.worker.in_flight.cancel_all() == 1  # cut, as a drain's grace ends
+        # The thread cannot stop: one at a time still holds, so the next is refused.
+        second = post(worker, "/hold", signed(keypair, {}, request_idx=2))
+        assert (await asyncio.wait_for(second, 10))[0] == 429
+    finally:
+        release.set()
+    with pytest.raises(aiohttp.ClientError):
+        await first
+    ledger = worker.worker.ledger
+    await wait_until(lambda: ledger.in_progress == 0)
+    outcomes = {item.request_idx: item.outcome for item in ledger.take_finished()}
+    assert outcomes == {1: Outcome.CANCELLED, 2: Outcome.REJECTED}
+
+
+async def test_a_sync_function_past_read_timeout_is_a_504_at_once(
+    start_worker: WorkerFactory, keypair: KeyPair
+) -> None:
+    release = threading.Event()
+    ended = threading.Event()
+
+    def hold(payload: dict[str, Any]) -> dict[str, Any]:
+        release.wait(30)
+        ended.set()
+        return {}
+
+    worker = await start_worker(routes=[{"path": "/hold", "function": hold, "read_timeout": 0.2}])
+    try:
+        status, _, body = await post(worker, "/hold", signed(keypair, {}))
+        assert status == 504 and b"took over 0.2 s" in body
+        assert not ended.is_set()  # answered while the function still ran
+    finally:
+        release.set()
