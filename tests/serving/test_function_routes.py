@@ -270,3 +270,40 @@ async def test_a_sync_function_past_read_timeout_is_a_504_at_once(
         assert not ended.is_set()  # answered while the function still ran
     finally:
         release.set()
+
+
+async def test_ending_a_session_cancels_its_function_in_flight(
+    start_worker: WorkerFactory, keypair: KeyPair
+) -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def words(payload: dict[str, Any]) -> AsyncIterator[bytes]:
+        yield b"first\n"
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        yield b"never\n"
+
+    worker = await start_worker(routes=[{"path": "/words", "function": words}])
+    create = {"auth_data": keypair.auth_data(request_idx=1), "payload": {}}
+    async with worker.post("/session/create", create) as created:
+        assert created.status == 201
+        session = await created.json()
+    body = {**signed(keypair, {}, request_idx=2), "session_id": session["session_id"]}
+    async with worker.post("/words", body) as answer:
+        assert answer.status == 200
+        assert await answer.content.readline() == b"first\n"
+        await started.wait()
+        end = {"session_id": session["session_id"], "session_auth": create["auth_data"]}
+        async with worker.post("/session/end", end) as ended:
+            assert ended.status == 200
+        await asyncio.wait_for(cancelled.wait(), 10)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(answer.read(), 5)
+    await wait_until(lambda: worker.worker.ledger.in_progress == 0)
+    outcomes = {(r.route, r.outcome) for r in worker.worker.ledger.take_finished()}
+    assert outcomes == {("/session", Outcome.SUCCESS), ("/words", Outcome.CANCELLED)}
