@@ -75,6 +75,16 @@ async def slow(payload):
     return {{"done": True}}
 
 
+async def forever(payload):
+    note("waiting")
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        note("hung-up")
+        raise
+    return {{}}
+
+
 def spin(payload):
     note("spinning")
     count = 0
@@ -92,6 +102,7 @@ worker = WorkerConfig(
         RouteConfig(path="/generate", function=generate),
         RouteConfig(path="/slow", function=slow),
         RouteConfig(path="/spin", function=spin),
+        RouteConfig(path="/forever", function=forever),
     ],
     benchmark=BenchmarkConfig(route="/generate", dataset=[{{"prompt": "abc"}}], rounds=2),
 )
@@ -199,6 +210,23 @@ async def test_a_cpu_bound_sync_function_leaves_health_reports_and_routes_answer
     finally:
         assert await stop(process) == 0
     assert journal() == ["enter", "entered", "spinning", "spun", "exit"]
+
+
+async def test_a_client_hang_up_cancels_its_async_function(
+    autoscaler: FakeAutoscaler, keypair: KeyPair
+) -> None:
+    process, url = await start(autoscaler, LOADS)
+    try:
+        await autoscaler.wait_report(lambda report: report["max_perf"] > 0, timeout=30)
+        body = {"auth_data": keypair.auth_data(url, request_idx=6), "payload": {}}
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.ensure_future(session.post(url + "/forever", json=body))
+            await wait_for_journal("waiting")
+            request.cancel()  # the client hangs up
+        await wait_for_journal("hung-up")
+    finally:
+        assert await stop(process) == 0
+    assert journal() == ["enter", "entered", "waiting", "hung-up", "exit"]
 
 
 async def test_a_failing_aenter_is_the_error_msg_and_health_keeps_answering(
