@@ -83,22 +83,26 @@ class FunctionRunner:
     async def collect(
         self, function: RouteFunction, payload: JSONObject, timeout: float | None
     ) -> HandlerResult:
-        """The whole answer, a stream read to its end: what the benchmark times."""
-        async with backports.timeout(timeout):
+        """The whole answer, a stream read to its end: what the benchmark times. The answer
+        and then its stream each within `timeout`; a failure is an answer too (its status
+        says so), as from a model server."""
+        try:
+            answer = await self.run(function, payload, timeout)
+            if answer.chunks is None:
+                return HandlerResult(answer.status, answer.body, answer.content_type)
             try:
-                answer = await self.run(function, payload, None)
-                if answer.chunks is None:
-                    return HandlerResult(answer.status, answer.body, answer.content_type)
-                try:
+                async with backports.timeout(timeout):
                     body = b"".join([chunk async for chunk in answer.chunks])
-                finally:
-                    await answer.chunks.aclose()
-            except FunctionFailed as error:
-                return HandlerResult(error.status, orjson.dumps({"error": error.message}))
-            except Exception as error:  # raised by the function's stream
-                message = f"the route's function's stream raised {type(error).__name__}"
-                return HandlerResult(500, orjson.dumps({"error": message}))
-            return HandlerResult(answer.status, body, answer.content_type)
+            finally:
+                await answer.chunks.aclose()
+        except FunctionFailed as error:
+            return HandlerResult(error.status, orjson.dumps({"error": error.message}))
+        except asyncio.TimeoutError:
+            raise
+        except Exception as error:  # raised by the function's stream
+            message = f"the route's function's stream raised {type(error).__name__}"
+            return HandlerResult(500, orjson.dumps({"error": message}))
+        return HandlerResult(answer.status, body, answer.content_type)
 
     def close(self) -> None:
         """Stop taking work; threads still running finish on their own."""

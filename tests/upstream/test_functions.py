@@ -80,3 +80,19 @@ def test_chunks_are_sent_as_they_are_or_as_json_lines_or_events() -> None:
     assert encode_chunk({"a": 1}, "text/event-stream") == b'data: {"a":1}\n\n'
     with pytest.raises(FunctionFailed, match="not JSON"):
         encode_chunk(object(), "application/x-ndjson")
+
+
+async def test_a_sync_function_past_the_benchmark_timeout_fails_at_once() -> None:
+    release = threading.Event()
+
+    def hold(payload: dict[str, Any]) -> dict[str, Any]:
+        release.wait(30)
+        return {}
+
+    runner = FunctionRunner(1)
+    try:
+        result = await asyncio.wait_for(runner.collect(hold, {}, 0.05), 10)
+        assert result.status == 504
+    finally:
+        release.set()
+        runner.close()
