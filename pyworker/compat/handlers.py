@@ -1,30 +1,50 @@
-"""Reference hooks that change how the model server is called, run as pyworker route handlers.
+"""Reference hooks that change how a route answers, as pyworker route handlers and functions.
 
 A route's `handler` (pyworker.config.ModelHandler) replaces the plain forward, on the request
-path and in the benchmark alike: the reference's `remote_function` and `response_generator`
-both fit that shape.
+path and in the benchmark alike: the reference's `response_generator` fits that shape. Its
+`remote_function`, a model in the worker's own process, is a route `function`
+(pyworker.config.RouteFunction).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import ClientResponse, ClientSession, web
 
 from pyworker.compat.reference import ClientResponseGenerator
-from pyworker.config import HandlerResult, JSONObject, ModelHandler
+from pyworker.config import HandlerResult, JSONObject, ModelHandler, RouteFunction
+from pyworker.upstream.functions import is_async
 
 
-def remote_function_handler(function: Any) -> ModelHandler:
-    """The reference's remote dispatch: `await function(**payload)`, answered as
-    `{"result": ...}`; a failure is a 500, as in the reference."""
+class RemoteFunctionFailed(RuntimeError):
+    """The remote function raised: a 500, whatever it raised, as in the reference."""
 
-    async def call(session: ClientSession, base_url: str, payload: JSONObject) -> HandlerResult:
-        result = await function(**payload)
-        return HandlerResult(200, orjson.dumps({"result": result}))
 
-    return call
+def remote_function_route(route: str, function: Any) -> RouteFunction:
+    """The reference's remote dispatch: `function(**payload)`, answered as `{"result": ...}`.
+
+    An async function runs on the loop (a client hang-up cancels it); a sync one, which the
+    reference would fail on, runs in the worker's thread pool."""
+    if is_async(function):
+
+        async def call(payload: JSONObject) -> JSONObject:
+            try:
+                result = await function(**payload)
+            except Exception as error:
+                raise RemoteFunctionFailed(f"remote function of {route} raised") from error
+            return {"result": result}
+
+        return call
+
+    def call_sync(payload: JSONObject) -> JSONObject:
+        try:
+            result = function(**payload)
+        except Exception as error:
+            raise RemoteFunctionFailed(f"remote function of {route} raised") from error
+        return {"result": result}
+
+    return call_sync
 
 
 class StreamingGeneratorError(RuntimeError):

@@ -12,7 +12,7 @@ import math
 from typing import Any
 from urllib.parse import urlsplit
 
-from pyworker.compat.handlers import remote_function_handler, response_generator_handler
+from pyworker.compat.handlers import remote_function_route, response_generator_handler
 from pyworker.compat.reference import (
     DEFAULT_WORKLOAD,
     BenchmarkConfig,
@@ -21,7 +21,7 @@ from pyworker.compat.reference import (
     WorkerConfig,
     WorkloadCalculator,
 )
-from pyworker.config import JSONObject, ModelHandler, WorkloadFunction
+from pyworker.config import JSONObject, RouteFunction, WorkloadFunction
 from pyworker.config import WorkerConfig as NativeConfig
 from pyworker.config.dataset import BenchmarkError
 from pyworker.config.loader import ConfigError, validate_config
@@ -54,29 +54,27 @@ def translate(config: WorkerConfig) -> NativeConfig:
 
 def raw_native(config: WorkerConfig) -> dict[str, Any]:
     """The native config as a dict, before pyworker's own validation."""
-    if config.lifecycle is not None:
-        raise UnsupportedField(
-            "WorkerConfig.lifecycle",
-            "pyworker does not start or stop the model server. Start it from the template's "
-            "start script (or scripts/on_start.sh) and let the worker follow its log "
-            "(model_log_file and LogActionConfig.on_load) or its health URL "
-            "(model_healthcheck_url), as docs/migrating.md says.",
-        )
     handlers = list(config.handlers) or [HandlerConfig(route="/")]
     base_url = _base_url(config.model_server_url, config.model_server_port)
     routes = [_route(index, handler) for index, handler in enumerate(handlers)]
     _check_unique(handlers)
-    return {
+    native: dict[str, Any] = {
         "model_server": {
             "base_url": base_url,
-            "log_file": config.model_log_file or None,
             "health_path": _health_path(config, handlers, base_url),
-            **_log_patterns(config.log_action_config),
         },
         "routes": routes,
         "benchmark": _benchmark(config, handlers),
         "sessions": {"max_sessions": _max_sessions(config.max_sessions)},
     }
+    if config.lifecycle is not None:
+        # Loaded in the worker's process: entered means loaded, and, as in the reference,
+        # the model log is not followed (model_log_file and LogActionConfig are not read).
+        native["lifecycle"] = config.lifecycle
+    else:
+        native["model_server"]["log_file"] = config.model_log_file or None
+        native["model_server"].update(_log_patterns(config.log_action_config))
+    return native
 
 
 # --- the model server ---------------------------------------------------------------------
@@ -185,9 +183,10 @@ def _route(index: int, handler: HandlerConfig) -> dict[str, Any]:
     }
     if handler.request_parser is not None:
         native["request_hook"] = handler.request_parser
-    custom = _custom_handler(where, handler)
-    if custom is not None:
-        native["handler"] = custom
+    if handler.remote_function is not None:
+        native["function"] = _remote_function(where, handler)
+    elif handler.response_generator is not None:
+        native["handler"] = response_generator_handler(handler.route, handler.response_generator)
     return native
 
 
@@ -227,18 +226,16 @@ def _workload(calculator: WorkloadCalculator | None) -> float | WorkloadFunction
     return workload
 
 
-def _custom_handler(where: str, handler: HandlerConfig) -> ModelHandler | None:
-    if handler.remote_function is not None:
-        if handler.response_generator is not None:
-            raise UnsupportedField(
-                f"{where}.response_generator",
-                "is never called on a handler with a remote_function (its result is "
-                'answered as {"result": ...}): remove one of the two',
-            )
-        return remote_function_handler(handler.remote_function)
+def _remote_function(where: str, handler: HandlerConfig) -> RouteFunction:
     if handler.response_generator is not None:
-        return response_generator_handler(handler.route, handler.response_generator)
-    return None
+        raise UnsupportedField(
+            f"{where}.response_generator",
+            "is never called on a handler with a remote_function (its result is "
+            'answered as {"result": ...}): remove one of the two',
+        )
+    if not callable(handler.remote_function):
+        raise UnsupportedField(f"{where}.remote_function", "must be a function")
+    return remote_function_route(handler.route, handler.remote_function)
 
 
 def _check_unique(handlers: list[HandlerConfig]) -> None:

@@ -6,6 +6,7 @@ returns (pyworker.config.encoded_body).
 """
 
 from pyworker.config.encoded_body import BodyEncoder, BodyPart, EncodedBody, PayloadRefused
+from pyworker.config.in_process import ModelLifecycle, RouteFunction, Setup
 from pyworker.config.worker import (
     BenchmarkConfig,
     HandlerResult,
@@ -33,6 +34,7 @@ __all__ = [
     "JSONObject",
     "MiB",
     "ModelHandler",
+    "ModelLifecycle",
     "ModelServerConfig",
     "Pattern",
     "PatternConfig",
@@ -41,7 +43,9 @@ __all__ = [
     "RequestHook",
     "ResponseHook",
     "RouteConfig",
+    "RouteFunction",
     "SessionConfig",
+    "Setup",
     "WorkerConfig",
     "WorkloadFunction",
 ]

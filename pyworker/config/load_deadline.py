@@ -46,6 +46,17 @@ def never_loaded_message(seconds: float, loaded_here_before: bool) -> str:
     )
 
 
+def never_entered_message(name: str, seconds: float, loaded_here_before: bool) -> str:
+    """The `error_msg` of a model loaded in the worker's process whose lifecycle hangs."""
+    occasion = "restart of a model that loaded here before" if loaded_here_before else "first start"
+    return (
+        f"model never loaded: the model lifecycle {name} was not entered (its __aenter__ or "
+        f"setup still running) after waiting {_duration(seconds)} ({occasion}; "
+        f"{LoadDeadline.variable(loaded_here_before)}={seconds:g}). Still waiting: the worker "
+        "becomes ready if it finishes."
+    )
+
+
 def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:g} h"

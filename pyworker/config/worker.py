@@ -16,6 +16,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pyworker.config.encoded_body import BodyEncoder
+from pyworker.config.in_process import ModelLifecycle, RouteFunction, Setup, check_lifecycle
 from pyworker.protocol.workload import MAX_WORKLOAD, WorkloadError, check_workload
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,14 @@ class RouteConfig(_Model):
     """For model servers with no single request/answer endpoint (ComfyUI: submit, then poll):
     called with the worker's pooled session instead of forwarding the payload to `model_path`,
     here and in the benchmark. `read_timeout` bounds the whole call."""
+    function: RouteFunction | None = None
+    """Python only: the route is this function, run in the worker's own process instead of
+    forwarding to a model server: `function(payload)` (async, or sync in a bounded thread
+    pool) returns a JSON-able result, `bytes`, a `HandlerResult`, or an iterator of chunks to
+    stream (docs/in-process.md). `read_timeout` bounds the answer, or each chunk's wait."""
+    stream_type: str = "application/x-ndjson"
+    """The content type of a function's streamed answer: an object chunk is sent as one JSON
+    line, or as an SSE `data:` event with `text/event-stream`; bytes and text go as they are."""
 
     @field_validator("path", "upstream_path")
     @classmethod
@@ -190,6 +199,15 @@ class RouteConfig(_Model):
             value = getattr(self, name)
             if isinstance(value, float) and value > self.max_workload:
                 raise ValueError(f"{name} {value:g} is over max_workload {self.max_workload:g}")
+        if self.function is not None:
+            forwarding = [
+                name for name in ("upstream_path", "handler", "body_encoder") if getattr(self, name)
+            ]
+            if forwarding:
+                raise ValueError(
+                    f"a route with a function runs in the worker and forwards nothing: remove "
+                    f"{', '.join(forwarding)} (they are for a model server)"
+                )
         return self
 
     @property
@@ -320,6 +338,44 @@ class WorkerConfig(_Model):
     """A known throughput: the benchmark is skipped."""
     gpu_ram: float | None = Field(default=None, gt=0)
     """GB of free VRAM the model needs at start; less is reported as an error."""
+    lifecycle: ModelLifecycle | None = None
+    """Python only: loads the model in the worker's own process. An async context manager (or
+    a function making one), entered once at start: entered means loaded, then the benchmark
+    runs; exited once on drain or shutdown, after the requests in flight finish. Its failure,
+    or a hang past the load deadline, is the worker's error_msg (docs/in-process.md)."""
+    setup: Setup | None = None
+    """Python only: the model's loader, instead of `lifecycle`: `setup()` (async, or sync run
+    in a thread) at start, `teardown()` at the end."""
+    teardown: Setup | None = None
+    """Python only: frees what `setup` loaded, once, on drain or shutdown."""
+    function_threads: int = Field(default=4, ge=1, le=256)
+    """Threads that run the routes' sync functions (the pool is shared by every route); a
+    request beyond waits for a thread."""
+
+    @field_validator("lifecycle", mode="plain")
+    @classmethod
+    def _lifecycle(cls, value: object) -> object:
+        return None if value is None else check_lifecycle(value)
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the worker loads its model itself (lifecycle or setup)."""
+        return self.lifecycle is not None or self.setup is not None
+
+    @model_validator(mode="after")
+    def _loader(self) -> WorkerConfig:
+        if self.lifecycle is not None and (self.setup or self.teardown):
+            raise ValueError("give either lifecycle or setup (and teardown), not both")
+        if self.teardown is not None and self.setup is None:
+            raise ValueError("teardown is given without setup: give setup= too")
+        server = self.model_server
+        if self.in_process and (server.ready_on == "log" or server.load_patterns):
+            raise ValueError(
+                "model_server.load_patterns and ready_on='log' say when a model server has "
+                "loaded; with lifecycle or setup the model is loaded when it is entered: "
+                "remove them (a log_file may still give error_patterns)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_paths(self) -> WorkerConfig:

@@ -262,6 +262,10 @@ class Benchmark:
         return requested if produced is None else float(produced)
 
     async def _call(self, payload: JSONObject) -> tuple[int, bytes, str]:
+        function = self.route.function
+        if function is not None:  # a model in the worker's own process
+            result = await self.model.collect_function(function, payload, self.config.timeout)
+            return result.status, result.body, result.content_type.split(";")[0].strip()
         handler = self.route.handler
         if handler is not None:
             result = await self.model.call_handler(handler, payload, self.config.timeout)

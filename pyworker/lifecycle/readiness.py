@@ -9,7 +9,9 @@ it arrives). A fatal error line or a failing health check makes the worker ERROR
 line again, or its health recovering) the worker goes through readiness again. A pass that
 failed (the benchmark, say) is also tried again after a backoff, the worker errored meanwhile.
 A model that gives no load signal within its load deadline (pyworker.config.load_deadline) makes the
-worker ERRORED too, until it loads.
+worker ERRORED too, until it loads. A model loaded in the worker's own process
+(pyworker.lifecycle.in_process) is loaded when its lifecycle is entered; its failure to load
+is the worker's error.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from pyworker.config import Pattern, PatternConfig, RouteConfig, WorkerConfig
 from pyworker.config.dataset import BenchmarkError, load_dataset
-from pyworker.config.load_deadline import LoadDeadline, never_loaded_message
+from pyworker.config.load_deadline import LoadDeadline, never_entered_message, never_loaded_message
 from pyworker.lifecycle.benchmark import (
     Benchmark,
     BenchmarkResult,
@@ -34,6 +36,7 @@ from pyworker.lifecycle.benchmark import (
     write_marker,
 )
 from pyworker.lifecycle.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
+from pyworker.lifecycle.in_process import InProcessModel, LoadFailed
 from pyworker.lifecycle.logfollow import LineKind, LogFollower, LogPattern
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from pyworker.lifecycle.supervision import Backoff, describe, run_all
@@ -99,8 +102,10 @@ class Readiness:
         *,
         poll_interval: float = 0.2,
         load_deadline: LoadDeadline | None = None,
+        in_process: InProcessModel | None = None,
     ) -> None:
         self.config = config
+        self.in_process = in_process
         self.status = status
         self.model = model
         self.benchmark: BenchmarkResult | None = None
@@ -145,7 +150,9 @@ class Readiness:
                 server.log_file, log_patterns(self.config), poll_interval=self.poll_interval
             )
             watchers.append(self._watch_log(self.follower))
-        if server.readiness_source == "health":
+        if self.in_process is not None:
+            watchers.append(self._load_in_process(self.in_process))
+        elif server.readiness_source == "health":
             watchers.append(self._wait_for_health_then_load())
         if self.load_deadline is not None:
             watchers.append(self._enforce_load_deadline(self.load_deadline))
@@ -169,8 +176,13 @@ class Readiness:
             done, _ = await asyncio.wait({seen}, timeout=seconds)
         finally:
             seen.cancel()
-        if not done:
-            self._fail(never_loaded_message(seconds, before), cause="load deadline")
+        if done:
+            return
+        if self.in_process is not None:
+            message = never_entered_message(self.in_process.name, seconds, before)
+        else:
+            message = never_loaded_message(seconds, before)
+        self._fail(message, cause="load deadline")
 
     def loaded_here_before(self) -> bool:
         """Whether the benchmark cache holds a result for these GPUs and this model."""
@@ -204,6 +216,19 @@ class Readiness:
         if self.status.state is WorkerState.ERRORED and self.error_cause == KEY_CAUSE:
             logger.info("public key loaded: readiness again")
             self._loaded.set()
+
+    async def _load_in_process(self, model: InProcessModel) -> None:
+        """Loaded means the lifecycle is entered; its failure is the worker's error."""
+        try:
+            await model.load()
+        except LoadFailed as error:
+            message = str(error)[:MAX_ERROR_LINE]
+            logger.error("%s", message)
+            self.error_cause = "lifecycle"
+            # Said even over the load deadline's error: this one is the cause.
+            self.status.set_state(WorkerState.ERRORED, message)
+            return
+        self._loaded.set()
 
     def _fail(self, message: str, cause: str) -> None:
         logger.error("%s", message)

@@ -46,8 +46,14 @@ TRANSITIONS: Mapping[WorkerState, Mapping[WorkerState, str]] = MappingProxyType(
         ),
         WorkerState.LOADING: MappingProxyType(
             {
-                WorkerState.BENCHMARKING: "the model loaded: a readiness pass begins",
-                WorkerState.ERRORED: f"a fatal log line, the load deadline passed, or {_CRASH}",
+                WorkerState.BENCHMARKING: (
+                    "the model loaded (its load line, its health, or its in-process lifecycle "
+                    "entered): a readiness pass begins"
+                ),
+                WorkerState.ERRORED: (
+                    "a fatal log line, the load deadline passed, the in-process lifecycle "
+                    f"failed to load, or {_CRASH}"
+                ),
                 WorkerState.DRAINING: _DRAIN,
             }
         ),
@@ -71,7 +77,8 @@ TRANSITIONS: Mapping[WorkerState, Mapping[WorkerState, str]] = MappingProxyType(
         WorkerState.ERRORED: MappingProxyType(
             {
                 WorkerState.LOADING: (
-                    "recovery: a load line, health back, a retry, the public key loaded, a restart"
+                    "recovery: a load line, health back, a retry, the public key loaded, a restart,"
+                    " or the in-process lifecycle entered after its load deadline"
                 ),
                 WorkerState.DRAINING: _DRAIN,
             }

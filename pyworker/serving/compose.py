@@ -19,6 +19,7 @@ from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.lifecycle.accounting import Ledger
 from pyworker.lifecycle.gpu import GpuMonitor
+from pyworker.lifecycle.in_process import InProcessModel
 from pyworker.lifecycle.metrics import RequestMetrics
 from pyworker.lifecycle.readiness import Readiness
 from pyworker.lifecycle.reporter import Reporter
@@ -81,6 +82,8 @@ class Worker:
     unverified: UnverifiedBytes
     """Bytes of request bodies not yet verified, all clients together (serving.unverified)."""
     gpu: GpuMonitor
+    in_process: InProcessModel | None
+    """The model loaded in the worker's own process (config.lifecycle or setup), if any."""
     readiness: Readiness
     reporter: Reporter
     supervisor: Supervisor
@@ -109,7 +112,10 @@ def compose_worker(
     metrics = RequestMetrics(route.path for route in config.routes)
     ledger = Ledger(observer=metrics.observe)
     key = KeyFetch()
-    model = ModelClient(config.model_server.base_url, config.model_server.connect_timeout)
+    server = config.model_server
+    model = ModelClient(server.base_url, server.connect_timeout, config.function_threads)
+    in_process = InProcessModel.from_config(config, model)
+    unload = in_process.unload if in_process is not None else None
     sessions = SessionStore(config.sessions, ledger, model)
     in_flight = InFlight()
     gpu = gpu or GpuMonitor()
@@ -140,6 +146,7 @@ def compose_worker(
             environment.max_unverified_bytes or max(UNVERIFIED_FLOOR, 2 * config.max_body_size)
         ),
         gpu=gpu,
+        in_process=in_process,
         readiness=Readiness(
             config,
             status,
@@ -147,10 +154,11 @@ def compose_worker(
             gpu,
             None if environment.unsecured else key,
             load_deadline=environment.load_deadline,
+            in_process=in_process,
         ),
         reporter=reporter,
         supervisor=Supervisor(),
-        drainable=Drainable(status, in_flight, sessions, [reporter.final_report]),
+        drainable=Drainable(status, in_flight, sessions, [reporter.final_report], unload),
     )
 
 
@@ -246,6 +254,8 @@ def _on_cleanup(worker: Worker) -> AppSignal:
     async def stop(app: web.Application) -> None:
         await worker.sessions.close_all()
         await worker.supervisor.aclose()
+        if worker.in_process is not None:
+            await worker.in_process.unload()  # once: a drained worker's is unloaded already
         await worker.model.close()
         await worker.gpu.aclose()
 

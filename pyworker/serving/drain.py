@@ -5,6 +5,7 @@
 2. Requests in flight, streams included, finish, up to the grace period; then they are cut
    (accounted Cancelled).
 3. Open sessions are closed: their close routes are called, their request_idx reported done.
+   A model loaded in the worker's own process is unloaded (its lifecycle exited) then.
 4. The drain hooks run, each bounded by HOOK_TIMEOUT: this is where the reporter sends its
    last status report (the composition root, pyworker.serving.compose, registers them).
 """
@@ -38,6 +39,8 @@ class Drainable:
     sessions: SessionStore
     hooks: list[DrainHook]
     """Appended to until the drain starts (`hooks.append(coroutine_function)`)."""
+    unload: DrainHook | None = None
+    """Frees a model loaded in the worker's own process, once nothing uses it any more."""
 
 
 async def drain(parts: Drainable, grace: float) -> None:
@@ -48,6 +51,8 @@ async def drain(parts: Drainable, grace: float) -> None:
         logger.warning("grace period over: cutting %d request(s)", in_flight.cancel_all())
         await in_flight.wait_idle(CUT_TIMEOUT)
     await parts.sessions.close_all()
+    if parts.unload is not None:
+        await parts.unload()
     await run_hooks(parts.hooks)
     logger.info("drained")
 

@@ -16,9 +16,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from pyworker.config import JSONObject, ModelHandler, ResponseHook
+from pyworker.config import JSONObject, ModelHandler, ResponseHook, RouteConfig
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.upstream.errors import PoolError, model_errors
+from pyworker.upstream.functions import FunctionAnswer
 from pyworker.upstream.model import Answer, ModelClient
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,51 @@ async def relay_handler(
         status=result.status, body=answer, headers={"Content-Type": result.content_type}
     )
     return Relayed(response, result.status)
+
+
+async def relay_function(
+    model: ModelClient, request: web.Request, route: RouteConfig, payload: JSONObject
+) -> Relayed:
+    """The answer of a route's function, in the worker's own process: whole, through the
+    response hook, or streamed chunk by chunk. Raises `FunctionFailed` when there is none,
+    `ClientGone` when the client leaves while a stream is written."""
+    assert route.function is not None
+    answer = await model.call_function(
+        route.function, payload, route.read_timeout, route.stream_type
+    )
+    if answer.chunks is not None:
+        return await _relay_chunks(request, answer)
+    body = await _apply_hook(route.response_hook, answer.status, answer.body)
+    response = web.Response(
+        status=answer.status, body=body, headers={"Content-Type": answer.content_type}
+    )
+    return Relayed(response, answer.status)
+
+
+async def _relay_chunks(request: web.Request, answer: FunctionAnswer) -> Relayed:
+    assert answer.chunks is not None
+    response = web.StreamResponse(status=answer.status)
+    response.content_type = answer.content_type
+    try:
+        await response.prepare(request)
+        async for chunk in answer.chunks:
+            await response.write(chunk)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise ClientGone from None
+    except Exception as error:
+        # Headers are gone already: the only honest signal left is to cut the connection.
+        logger.warning("function's stream broke after headers: %s", describe(error))
+        if request.transport is not None:
+            request.transport.close()
+        return Relayed(response, 500)
+    finally:
+        await answer.chunks.aclose()  # the function's own generator ends now, not at GC
+    return Relayed(response, answer.status)
+
+
+def describe(error: BaseException) -> str:
+    return getattr(error, "message", None) or error.__class__.__name__
 
 
 async def _apply_hook(hook: ResponseHook | None, status: int, answer: bytes) -> bytes:

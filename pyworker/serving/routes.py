@@ -4,7 +4,7 @@ A request passes admission first (pyworker.serving.pipeline: body, envelope, sig
 session, readiness), then its route's request hook and body encoder (422 for a payload they
 refuse), its workload (422), and its gate (429). Only then is it accounted (received,
 started, finished) and relayed to the model server (pyworker.serving.relay over
-pyworker.upstream.model).
+pyworker.upstream.model), or answered by the route's function in the worker's own process.
 A request whose client hangs up is accounted Cancelled with 499.
 """
 
@@ -29,9 +29,10 @@ from pyworker.protocol.workload import WorkloadError
 from pyworker.serving.admission import Refusal, RouteGate
 from pyworker.serving.inflight import InFlight
 from pyworker.serving.pipeline import Pipeline
-from pyworker.serving.relay import ClientGone, relay, relay_handler
+from pyworker.serving.relay import ClientGone, relay, relay_function, relay_handler
 from pyworker.serving.responses import error_response, json_response
 from pyworker.upstream.errors import UpstreamError
+from pyworker.upstream.functions import FunctionFailed
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -80,14 +81,16 @@ def route_handler(route: RouteConfig, gate: RouteGate, parts: RouteParts) -> Han
         try:
             async with gate.slot(workload):
                 ledger.start(record)
-                if route.handler is not None:
+                if route.function is not None:
+                    relayed = await relay_function(model, request, route, payload)
+                elif route.handler is not None:
                     relayed = await relay_handler(model, route.handler, payload, read_timeout, hook)
                 else:
                     relayed = await relay(model, request, model_path, forwarded, read_timeout, hook)
             code = relayed.status
             outcome = Outcome.SUCCESS if code < 400 else Outcome.ERROR
             return relayed.response
-        except UpstreamError as error:
+        except (UpstreamError, FunctionFailed) as error:
             code = error.status
             return error_response(error.status, error.message)
         except ClientGone:

@@ -6,6 +6,8 @@ concurrent generations. Answers come back as the model server sent them (no deco
 bodies chunk by chunk as they arrive; relaying them to the client is the serving layer's work
 (pyworker.serving.relay). A route's custom handler gets an aiohttp session to the same server,
 made only when first needed. Nothing outside this package sees the pool or that session.
+A model in the worker's own process is called the same way, through `call_function`
+(pyworker.upstream.functions), with no model server at all.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import aiohttp
 
 from pyworker import backports
-from pyworker.config import HandlerResult, JSONObject, ModelHandler
+from pyworker.config import HandlerResult, JSONObject, ModelHandler, RouteFunction
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.upstream.connection import Answer
 from pyworker.upstream.errors import model_errors
+from pyworker.upstream.functions import FunctionAnswer, FunctionRunner
 from pyworker.upstream.pool import IDLE_TIMEOUT, ConnectionPool, Exchange
 
-__all__ = ["Answer", "Exchange", "ModelClient"]
+__all__ = ["Answer", "Exchange", "FunctionAnswer", "ModelClient"]
 
 DISCARDED_LIMIT = 64 * 1024
 """Bytes of a health check's or a close route's answer read before its connection is dropped:
@@ -35,13 +38,14 @@ class ModelClient:
     client gets. `probe` and `notify`, whole calls, raise that `UpstreamError` themselves.
     """
 
-    __slots__ = ("_base_url", "_connect_timeout", "_pool", "_session")
+    __slots__ = ("_base_url", "_connect_timeout", "_functions", "_pool", "_session")
 
-    def __init__(self, base_url: str, connect_timeout: float) -> None:
+    def __init__(self, base_url: str, connect_timeout: float, function_threads: int = 4) -> None:
         self._base_url = base_url
         self._connect_timeout = connect_timeout
         self._pool = ConnectionPool(base_url, connect_timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._functions = FunctionRunner(function_threads)
 
     def post(
         self, path: str, body: bytes | EncodedBody, read_timeout: float | None = None
@@ -80,8 +84,31 @@ class ModelClient:
         async with backports.timeout(timeout):
             return await handler(self._client_session(), self._base_url, payload)
 
+    async def call_function(
+        self,
+        function: RouteFunction,
+        payload: JSONObject,
+        timeout: float | None,
+        stream_type: str = "application/x-ndjson",
+    ) -> FunctionAnswer:
+        """A route's function's answer (`FunctionFailed` when it has none): a stream's chunks
+        are each bounded by `timeout`, a whole answer by it in all."""
+        return await self._functions.run(function, payload, timeout, stream_type)
+
+    async def collect_function(
+        self, function: RouteFunction, payload: JSONObject, timeout: float | None
+    ) -> HandlerResult:
+        """A route's function's whole answer, a stream read to its end, within `timeout`."""
+        return await self._functions.collect(function, payload, timeout)
+
+    async def functions_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until no sync route function runs in the pool (one
+        whose client left or timed out runs to its end); True if none does."""
+        return await self._functions.wait_idle(timeout)
+
     async def close(self) -> None:
         """Close every connection (a request still running fails) and the handlers' session."""
+        self._functions.close()
         self._pool.close()
         if self._session is not None:
             await self._session.close()

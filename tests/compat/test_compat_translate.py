@@ -213,6 +213,21 @@ def test_native_config_is_what_worker_serves() -> None:
     )
 
 
+def test_a_lifecycle_loads_the_model_in_process_and_the_log_is_not_followed() -> None:
+    """As in the reference: with a lifecycle, entered means loaded; the log is not read."""
+    manager = contextlib.nullcontext()
+    native = translate(
+        reference(
+            lifecycle=manager,
+            model_log_file="/var/log/model.log",
+            log_action_config=LogActionConfig(on_load=["loaded"], on_error=["Traceback"]),
+        )
+    )
+    assert native.lifecycle is manager
+    assert native.model_server.log_file is None
+    assert native.model_server.load_patterns == native.model_server.error_patterns == []
+
+
 # --- what pyworker refuses, naming the field ---------------------------------------------
 def _handler(**fields: Any) -> list[HandlerConfig]:
     return [HandlerConfig(route="/x", benchmark_config=SAMPLE, **fields)]
@@ -229,7 +244,6 @@ async def _generate(request: web.Request, response: Any) -> web.Response:
 REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
     "handler_class": ({"handlers": _handler(handler_class=object)}, "handlers[0].handler_class"),
     "payload_class": ({"handlers": _handler(payload_class=dict)}, "handlers[0].payload_class"),
-    "lifecycle": ({"lifecycle": contextlib.nullcontext()}, "WorkerConfig.lifecycle"),
     "remote dispatch without function": (
         {"handlers": _handler(is_remote_dispatch=True)},
         "handlers[0].is_remote_dispatch",
@@ -397,6 +411,23 @@ async def test_remote_function_answers_its_result(
     async with worker.post("/add", envelope(keypair, {"a": 2})) as response:
         assert response.status == 500
     assert model_server.recorder.payloads == []
+
+
+async def test_a_sync_remote_function_runs_in_the_pool_and_a_value_error_is_a_500(
+    start_worker: WorkerFactory, keypair: KeyPair
+) -> None:
+    def divide(a: int, b: int) -> float:
+        if b == 0:
+            raise ValueError("b is 0")
+        return a / b
+
+    worker = await start_worker(
+        routes=_routes(HandlerConfig(route="/div", remote_function=divide, benchmark_config=SAMPLE))
+    )
+    async with worker.post("/div", envelope(keypair, {"a": 3, "b": 2})) as response:
+        assert (response.status, await response.json()) == (200, {"result": 1.5})
+    async with worker.post("/div", envelope(keypair, {"a": 3, "b": 0})) as response:
+        assert response.status == 500  # the reference answers any failure with a 500
 
 
 # --- log actions in a running worker ----------------------------------------------------------

@@ -529,20 +529,104 @@ async def test_a_field_pyworker_cannot_honour_stops_the_start_naming_it(
     await _assert_refused(scene, source, named, advice)
 
 
-async def test_a_lifecycle_stops_the_start_naming_it(scene: Scene) -> None:
-    source = f"""
-import contextlib
+IN_PROCESS = """
+import asyncio
+from pathlib import Path
 
-{IMPORT_LINE}
+{import_line}
+
+JOURNAL = Path("journal.txt")
+
+
+def note(line):
+    with JOURNAL.open("a") as journal:
+        journal.write(line + "\\n")
+
+
+class Model:
+    # What a deployment loads in the worker's own process: here, a table of word scores.
+    async def __aenter__(self):
+        note("enter")
+        {enter}
+        self.scores = {{"good": 1.0, "bad": -1.0}}
+        return self
+
+    async def __aexit__(self, *exc_info):
+        note("exit")
+
+
+model = Model()
+
+
+async def score(text, weight=1.0):
+    await asyncio.sleep(0)
+    return weight * sum(model.scores.get(word, 0.0) for word in text.split())
+
 
 worker_config = WorkerConfig(
-    model_server_port=18000,
-    handlers=[HandlerConfig(route="/x", benchmark_config=BenchmarkConfig(dataset=[{{}}]))],
-    lifecycle=contextlib.nullcontext(),
+    handlers=[
+        HandlerConfig(
+            route="/score",
+            allow_parallel_requests=True,
+            is_remote_dispatch=True,
+            remote_function=score,
+            workload_calculator=lambda payload: len(payload["text"].split()),
+            benchmark_config=BenchmarkConfig(dataset=[{{"text": "good good bad"}}], runs=2),
+        )
+    ],
+    lifecycle=model,
 )
+
 Worker(worker_config).run()
 """
-    await _assert_refused(scene, source, "WorkerConfig.lifecycle", "on_load")
+
+
+def journal(scene: Scene) -> list[str]:
+    path = scene.folder / "journal.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+async def test_a_reference_lifecycle_and_remote_function_serve_in_process(scene: Scene) -> None:
+    source = IN_PROCESS.format(import_line=IMPORT_LINE, enter="await asyncio.sleep(0)")
+    (scene.folder / "worker.py").write_text(source)
+    worker, url = await spawn("-m", "worker", env=scene.env())
+    try:
+        ready = await scene.wait_report(lambda report: report["max_perf"] > 0)
+        assert ready["error_msg"] == "" and journal(scene) == ["enter"]
+        # The benchmark drove the function: 3 words a request, so the perf counts words.
+        auth = scene.keypair.auth_data(url, request_idx=77, cost=1)
+        body = {"auth_data": auth, "payload": {"text": "good good bad good", "weight": 2}}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + "/score", json=body) as answer,
+        ):
+            assert (answer.status, await answer.json()) == (200, {"result": 4.0})
+        loads = await scene.wait_report(lambda report: report["new_load"] > 0)
+        assert loads["new_load"] == pytest.approx(4.0)  # the workload calculator's
+        unsigned = {**body, "auth_data": {**auth, "signature": "bm90IGEgc2lnbmF0dXJl"}}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + "/score", json=unsigned) as answer,
+        ):
+            assert answer.status == 401
+    finally:
+        assert await stop(worker) == 0
+    assert journal(scene) == ["enter", "exit"]
+
+
+async def test_a_reference_lifecycle_that_fails_is_the_error_msg(scene: Scene) -> None:
+    source = IN_PROCESS.format(import_line=IMPORT_LINE, enter='raise OSError("CUDA out of memory")')
+    (scene.folder / "worker.py").write_text(source)
+    worker, url = await spawn("-m", "worker", env=scene.env())
+    try:
+        errored = await scene.wait_report(lambda report: report["error_msg"] != "")
+        assert "model lifecycle Model failed to load" in errored["error_msg"]
+        assert "CUDA out of memory" in errored["error_msg"]
+        async with aiohttp.ClientSession() as session, session.get(url + "/health") as health:
+            assert health.status == 200
+    finally:
+        assert await stop(worker) == 0
+    assert journal(scene) == ["enter"]
 
 
 async def _assert_refused(scene: Scene, source: str, named: str, advice: str) -> None:

@@ -51,7 +51,9 @@ async def test_an_unknown_worker_lists_the_workers_and_the_closest_name(tmp_path
     assert status == 2
     assert "worker 'hello-world' not found" in text
     assert "did you mean 'hello_world'?  pyworker run hello_world" in text
-    listed = "comfyui, comfyui-json, hello_world, llama, openai, sglang, tgi, vllm, vllm-score"
+    listed = (
+        "comfyui, comfyui-json, hello_world, llama, openai, sglang, textgen, tgi, vllm, vllm-score"
+    )
     assert f"workers there: {listed}\n" in text
     assert "listening" not in text
 

@@ -21,7 +21,7 @@ from tests.support.wheelhouse import build_wheel, copy_working_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ["vllm", "sglang", "llama", "openai", "tgi", "comfyui-json", "vllm-score"]
-OWN_WORKERS = ["hello_world", "comfyui"]
+OWN_WORKERS = ["hello_world", "comfyui", "textgen"]
 
 RESOLVE = """
 import json, sys
@@ -79,6 +79,7 @@ def test_the_wheel_holds_only_pyworker_with_its_workers_and_their_data(wheel: Pa
         "pyworker/workers/comfyui/benchmark.json",
         "pyworker/workers/comfyui_json/prompts.json",
         "pyworker/workers/openai/README.md",
+        "pyworker/workers/textgen/corpus.txt",
     ]:
         assert data in names
 
@@ -106,5 +107,7 @@ def test_an_unknown_name_lists_the_installed_workers_by_their_backend_names(
     done = run_installed(site, tmp_path, "-m", "pyworker", "run", "hello-world", "--port", "0")
     assert done.returncode == 2
     assert "did you mean 'hello_world'?" in done.stderr
-    listed = "comfyui, comfyui-json, hello_world, llama, openai, sglang, tgi, vllm, vllm-score"
+    listed = (
+        "comfyui, comfyui-json, hello_world, llama, openai, sglang, textgen, tgi, vllm, vllm-score"
+    )
     assert f"workers there: {listed}\n" in done.stderr
