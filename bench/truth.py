@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +174,12 @@ async def measure(slots: int, model: Path, binary: Path, folder: Path, options: 
             worker_url = await worker.wait_listening(60)
             readiness = await wait_ready(worker_url, worker, options.ready_timeout)
             reported = float(reports.last_status.get("max_perf") or 0.0)
-            readiness = Readiness(
-                readiness.max_perf, reported, readiness.benchmark_seconds, readiness.benchmark
+            readiness = replace(readiness, reported_perf=reported)
+            print(
+                f"{slots} slots: READY, max_perf {readiness.max_perf:,.0f} in /status,"
+                f" {reported:,.0f} in the last report",
+                flush=True,
             )
-            print(f"{slots} slots: READY, max_perf {readiness.max_perf:,.0f}", flush=True)
             sweep = await closed_loop(worker_url, signer, slots, options)
         finally:
             await fleet.stop()
@@ -204,18 +206,19 @@ async def closed_loop(
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| slots | reported max_perf | sustained through the worker (produced) | ratio |"
-        " requested units/s at that N | benchmark duration |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| slots | reported max_perf | sustained through the worker (usage tokens) | ratio |"
+        " requested tokens/s at that N | ratio to requested | benchmark duration |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         best = row.sweep.best
         seconds = row.readiness.benchmark_seconds
         duration = f"{seconds:.1f} s" if seconds is not None else "< 0.05 s"
+        to_requested = row.readiness.max_perf / best.requested if best.requested > 0 else 0.0
         lines.append(
             f"| {row.slots} | {row.readiness.max_perf:,.0f} tok/s |"
             f" {best.produced:,.0f} tok/s (at {best.in_flight} in flight) | {row.ratio:.2f} |"
-            f" {best.requested:,.0f} | {duration} |"
+            f" {best.requested:,.0f} | {to_requested:.2f} | {duration} |"
         )
     return "\n".join(lines)
 
