@@ -204,6 +204,17 @@ async def closed_loop(
         return await loop.sweep(levels, options.warmup, options.window, options.windows, show)
 
 
+def benchmark_duration(readiness: Readiness) -> str:
+    """As /status was seen, and as the worker says where its benchmark document tells."""
+    seconds = readiness.benchmark_seconds
+    seen = f"{seconds:.1f} s" if seconds is not None else "< 0.05 s"
+    for name in ("seconds", "duration", "elapsed"):
+        value = readiness.benchmark.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{seen} (worker: {value:.1f} s)"
+    return seen
+
+
 def table(rows: Sequence[Row]) -> str:
     lines = [
         "| slots | reported max_perf | sustained through the worker (usage tokens) | ratio |"
@@ -212,8 +223,7 @@ def table(rows: Sequence[Row]) -> str:
     ]
     for row in rows:
         best = row.sweep.best
-        seconds = row.readiness.benchmark_seconds
-        duration = f"{seconds:.1f} s" if seconds is not None else "< 0.05 s"
+        duration = benchmark_duration(row.readiness)
         to_requested = row.readiness.max_perf / best.requested if best.requested > 0 else 0.0
         lines.append(
             f"| {row.slots} | {row.readiness.max_perf:,.0f} tok/s |"
