@@ -3,7 +3,9 @@
 The independent measurement that a worker's `max_perf` is held to (docs: issue 19, item 7).
 N lanes each send a request, wait for its answer and send the next, so N requests are always
 in flight and no barrier idles the server. For each N (1, 2, 4, ... up to a ceiling) the load
-runs a warm-up, then `windows` consecutive measured windows of `window` seconds. A request
+runs a warm-up, then `windows` consecutive measured windows of `window` seconds, and its
+figure is the median of the windows' (one window disturbed by another process on the machine
+does not set it). A request
 counts in a window in proportion to the part of its lifetime that lies inside it (pro rata),
 so a request spanning an edge is split, never dropped or counted twice. Lanes keep sending
 until every request that started inside the windows has ended, so the server sees N in flight
@@ -57,9 +59,9 @@ class Step:
 
     in_flight: int
     produced: float
-    """Produced units per second over all the windows together."""
+    """Produced units per second: the median of the windows' figures."""
     requested: float
-    """Requested (charged) units per second."""
+    """Requested (charged) units per second, likewise."""
     requests: float
     """Requests per second, pro rata like the units."""
     windows: list[float]
@@ -253,20 +255,24 @@ def summarize(
     window: float,
     windows: int,
 ) -> Step:
+    """Each figure is the median of the windows' (with two windows, their mean), so that one
+    window disturbed by something else on the machine does not set the step's figure."""
     end = start + window * windows
-    per_window = []
+    produced, requested, requests = [], [], []
     for number in range(windows):
         low = start + number * window
-        per_window.append(sum(r.produced * r.share(low, low + window) for r in records) / window)
-    seconds = end - start
+        shares = [(record, record.share(low, low + window)) for record in records]
+        produced.append(sum(r.produced * share for r, share in shares) / window)
+        requested.append(sum(r.requested * share for r, share in shares) / window)
+        requests.append(sum(share for _, share in shares) / window)
     inside = [r for r in records if start <= r.ended < end]
     latencies = sorted(r.ended - r.started for r in inside)
     return Step(
         in_flight=in_flight,
-        produced=sum(r.produced * r.share(start, end) for r in records) / seconds,
-        requested=sum(r.requested * r.share(start, end) for r in records) / seconds,
-        requests=sum(r.share(start, end) for r in records) / seconds,
-        windows=per_window,
+        produced=statistics.median(produced),
+        requested=statistics.median(requested),
+        requests=statistics.median(requests),
+        windows=produced,
         latency_p50=percentile(latencies, 0.5),
         latency_p90=percentile(latencies, 0.9),
         failures=sum(1 for moment in failures if start <= moment < end),

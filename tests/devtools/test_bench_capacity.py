@@ -107,10 +107,15 @@ def test_requests_spanning_window_edges_count_pro_rata() -> None:
         Completed(started=3.0, ended=4.0, produced=100.0, requested=100.0),  # after
     ]
     step = summarize(2, records, [], [], start=1.0, window=1.0, windows=2)
-    assert step.produced == pytest.approx((5 + 4 + 2) / 2)
-    assert step.requested == pytest.approx((5 + 8 + 2) / 2)
     assert step.windows == pytest.approx([5 + 2, 2 + 2])  # [1, 2) and [2, 3)
-    assert step.latency_p50 == pytest.approx(1.0)  # only the request that ended inside
+    assert step.produced == pytest.approx((5 + 4 + 2) / 2)  # the two windows' mean
+    assert step.requested == pytest.approx((5 + 8 + 2) / 2)
+    assert step.requests == pytest.approx((0.5 + 1 + 0.25) / 2)
+    assert step.latency_p50 == pytest.approx(1.0)  # of the requests that ended inside
+
+    three = summarize(2, records, [], [], start=0.0, window=2.0, windows=3)
+    assert three.windows == pytest.approx([(10 + 2) / 2, (2 + 4 + 100) / 2, 4 / 2])
+    assert three.produced == pytest.approx(6.0)  # the median: one busy window does not count
 
 
 def test_levels_double_up_to_the_ceiling() -> None:

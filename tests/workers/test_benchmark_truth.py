@@ -41,7 +41,7 @@ READY_TIMEOUT = 150.0
 WARMUP = 1.0
 """Seconds at each N before its windows: enough for the lanes to fall out of step."""
 WINDOW = 1.5
-WINDOWS = 2
+WINDOWS = 3
 
 
 @pytest.fixture(scope="module")
