@@ -1,14 +1,16 @@
 """A stand-in autoscaler: it signs requests, serves its public key and swallows reports.
 
 The worker under test fetches `/pubkey/` at start-up and so verifies every request's
-signature (`UNSECURED=false`); its status reports land here and are only counted.
+signature (`UNSECURED=false`); its status reports land here, counted, the latest kept.
 """
 
 from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -33,6 +35,8 @@ class Signer:
 @dataclass
 class Reports:
     counts: dict[str, int] = field(default_factory=dict)
+    last_status: dict[str, Any] = field(default_factory=dict)
+    """The latest `/worker_status/` body (its `max_perf` is what the autoscaler would use)."""
 
 
 def create_app(signer: Signer, reports: Reports) -> web.Application:
@@ -40,8 +44,15 @@ def create_app(signer: Signer, reports: Reports) -> web.Application:
         return web.Response(body=signer.pem, content_type="text/plain")
 
     async def report(request: web.Request) -> web.Response:
-        await request.read()
+        body = await request.read()
         reports.counts[request.path] = reports.counts.get(request.path, 0) + 1
+        if request.path == "/worker_status/":
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                document = None
+            if isinstance(document, dict):
+                reports.last_status = document
         return web.json_response({})
 
     app = web.Application()

@@ -198,27 +198,29 @@ def start_llama_server(
     return server
 
 
-def spawn_worker(log: Path, environ: dict[str, str], *arguments: str) -> Process:
-    """Start `python -m pyworker run openai --port 0` from the repository; wait until it listens.
+def spawn_worker(
+    log: Path, environ: dict[str, str], *arguments: str, worker: str = "openai"
+) -> Process:
+    """Start `python -m pyworker run WORKER --port 0` from the repository; wait until it listens.
 
     Its log (stderr) goes to `log`, what it prints (stdout: where it listens) beside it in
     `<log>.out`, so that no log line can land in the middle of the address.
     """
     env = dict(os.environ)
     env.update(PYTHONPATH=str(REPOSITORY), WORKER_HOST="127.0.0.1", **environ)
-    command = [sys.executable, "-m", "pyworker", "run", "openai", "--port", "0", *arguments]
+    command = [sys.executable, "-m", "pyworker", "run", worker, "--port", "0", *arguments]
     printed = log.with_name(log.name + ".out")
     with log.open("ab") as errors, printed.open("ab") as output:
         process = subprocess.Popen(
             command, stdout=output, stderr=errors, stdin=subprocess.DEVNULL, env=env, cwd=log.parent
         )
-    worker = Process(process, log)
+    running = Process(process, log)
     try:
-        worker.url = wait_for_line(printed, LISTENING, process, START_TIMEOUT).group(1)
+        running.url = wait_for_line(printed, LISTENING, process, START_TIMEOUT).group(1)
     except BaseException:
-        worker.stop()
+        running.stop()
         raise
-    return worker
+    return running
 
 
 def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

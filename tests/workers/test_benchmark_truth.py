@@ -1,0 +1,119 @@
+"""The `llama` worker's `max_perf` against the capacity it really sustains, on a real llama-server.
+
+`max_perf` is what the autoscaler scales and routes on (issue 19): the worker's own benchmark
+must find what the engine completes in steady state through the worker. Here a real
+llama-server (the tiny random-weight model at 256x4, one thread) runs with 4 and with 16
+slots; once the worker is READY, bench/capacity.py keeps 1, 2, 4, ... 2 x slots signed requests
+in flight through it, the worker's own benchmark payloads, and counts the tokens the answers'
+`usage` reports (the unit of the worker's benchmark) in time windows after a warm-up. The best
+of that curve is the truth the worker's figure must meet, within 10 % (CI machines are noisy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bench.capacity import ClosedLoop, Sweep, Target, concurrency_levels
+from pyworker.protocol.usage import processed_tokens
+from pyworker.workers.openai.worker import BENCHMARK_FILE, benchmark_payloads, workload
+from tests.conftest import KeyPair
+from tests.support.fake_autoscaler import FakeAutoscaler
+from tests.support.llama import (
+    Process,
+    find_or_build_binary,
+    spawn_worker,
+    start_llama_server,
+    wait_until_ready,
+)
+from tests.support.tiny_gguf import ModelShape, write_model
+
+# The build, when CI must do it here, takes minutes; every wait below has its own deadline.
+pytestmark = pytest.mark.timeout(1800)
+
+SHAPE = ModelShape(n_embd=256, n_layer=4, n_ff=1024, n_ctx=512)
+TOLERANCE = 0.10
+READY_TIMEOUT = 150.0
+WARMUP = 1.0
+"""Seconds at each N before its windows: enough for the lanes to fall out of step."""
+WINDOW = 1.5
+WINDOWS = 3
+
+
+@pytest.fixture(scope="module")
+def llama_binary() -> Path:
+    return find_or_build_binary()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("models") / "tiny-256x4.gguf", SHAPE)
+
+
+@pytest.fixture(params=[4, 16], ids=lambda slots: f"{slots}-slots")
+def server(
+    request: pytest.FixtureRequest, llama_binary: Path, model: Path, tmp_path: Path
+) -> Iterator[tuple[Process, int]]:
+    slots: int = request.param
+    log = tmp_path / "llama-server.log"
+    running = start_llama_server(
+        llama_binary, model, log, slots=slots, context_per_slot=SHAPE.n_ctx
+    )
+    yield running, slots
+    running.stop()  # its exit status is not what this test is about
+
+
+async def test_max_perf_is_the_capacity_sustained_through_the_worker(
+    server: tuple[Process, int], tmp_path: Path, keypair: KeyPair
+) -> None:
+    llama, slots = server
+    async with FakeAutoscaler(keypair.pem) as autoscaler:
+        environ = {
+            "MODEL_SERVER_URL": llama.url,
+            "MODEL_LOG": str(llama.log),
+            "REPORT_ADDR": autoscaler.url,
+            "CONTAINER_ID": "7",
+            "MASTER_TOKEN": "token",
+            "UNSECURED": "false",
+            "PYWORKER_CACHE_DIR": str(tmp_path / "cache"),
+        }
+        worker = await asyncio.to_thread(
+            spawn_worker, tmp_path / "worker.log", environ, worker="llama"
+        )
+        try:
+            await asyncio.to_thread(wait_until_ready, worker.url, worker.process, READY_TIMEOUT)
+            ready = await autoscaler.wait_report(lambda report: report["max_perf"] > 0)
+            sweep = await closed_loop(worker.url, keypair, slots)
+        finally:
+            assert await asyncio.to_thread(worker.stop) == 0, worker.log_text()[-3000:]
+
+    curve = f"\n{sweep.table()}"
+    assert all(step.failures == 0 and step.missing_usage == 0 for step in sweep.steps), curve
+    best = sweep.best
+    ratio = ready["max_perf"] / best.produced
+    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (
+        f"{slots} slots: max_perf {ready['max_perf']:.0f} tokens/s, sustained"
+        f" {best.produced:.0f} at {best.in_flight} in flight (ratio {ratio:.2f}; to the"
+        f" requested tokens, {ready['max_perf'] / best.requested:.2f}){curve}"
+    )
+
+
+async def closed_loop(url: str, keypair: KeyPair, slots: int) -> Sweep:
+    """The worker's benchmark payloads, signed as the autoscaler signs them for a client."""
+    signed = keypair.auth_data(url=url)
+    target = Target(
+        url=url + "/v1/completions",
+        payloads=benchmark_payloads(BENCHMARK_FILE, None),
+        envelope=lambda payload: {"auth_data": signed, "payload": payload},
+        produced=processed_tokens,
+        requested=workload,
+        timeout=60.0,
+    )
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        loop = ClosedLoop(target, session)
+        return await loop.sweep(concurrency_levels(2 * slots), WARMUP, WINDOW, WINDOWS)
