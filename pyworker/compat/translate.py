@@ -12,7 +12,11 @@ import math
 from typing import Any
 from urllib.parse import urlsplit
 
-from pyworker.compat.handlers import remote_function_handler, response_generator_handler
+from pyworker.compat.handlers import (
+    remote_function_handler,
+    response_generator_handler,
+    streams,
+)
 from pyworker.compat.reference import (
     DEFAULT_WORKLOAD,
     BenchmarkConfig,
@@ -237,6 +241,15 @@ def _custom_handler(where: str, handler: HandlerConfig) -> ModelHandler | None:
             )
         return remote_function_handler(handler.remote_function)
     if handler.response_generator is not None:
+        if streams(handler.response_generator):
+            raise UnsupportedField(
+                f"{where}.response_generator",
+                "streams its answer itself (prepare() on the client's connection), which "
+                "pyworker does for it: remove the response_generator from this handler and "
+                "pyworker relays the model server's stream as it comes, as the reference does "
+                "with no generator; keep a generator only to return a web.Response built from "
+                "the model's answer (docs/migrating.md)",
+            )
         return response_generator_handler(handler.route, handler.response_generator)
     return None
 
