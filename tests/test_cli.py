@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -83,6 +84,41 @@ async def test_bad_environment_exits_2(tmp_path: Path) -> None:
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2 and b"WORKER_PORT" in stderr
+
+
+async def test_a_port_in_use_says_how_to_choose_another(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[model_server]\nbase_url = "http://127.0.0.1:9"\n[[routes]]\npath = "/e"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pyworker", "run", str(config), "--port", port,
+            stderr=asyncio.subprocess.PIPE, env=_environ(),
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    text = stderr.decode()
+    assert process.returncode == 1, text
+    assert f"another program listens on port {port}" in text
+    assert "--port or WORKER_PORT" in text
+    # A local run on loopback warns about no `docker run -p` (in a container: an INFO note).
+    assert not [line for line in text.splitlines() if "WARNING" in line and "docker" in line]
+    assert "Traceback" not in text
+
+
+async def test_an_unknown_config_field_gets_a_did_you_mean(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[[routes]]\npath = "/echo"\nworklaod = "max_tokens"\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pyworker", "run", str(config),
+        stderr=asyncio.subprocess.PIPE, env=_environ(),
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert "routes.0.worklaod: Extra inputs are not permitted; did you mean 'workload'?" in (
+        stderr.decode()
+    )
 
 
 PROBE = """

@@ -12,12 +12,13 @@ import importlib.util
 import json
 import os
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pyworker.config import WorkerConfig
 from pyworker.config.dataset import BenchmarkError, load_dataset
@@ -129,8 +130,35 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     lines = [f"invalid worker config {source}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}")
+        hint = _close_field(item["loc"]) if item["type"] == "extra_forbidden" else ""
+        lines.append(f"  {where}: {item['msg']}{hint}")
     return "\n".join(lines)
+
+
+def _close_field(location: tuple[int | str, ...]) -> str:
+    """`; did you mean 'workload'?` for a misspelt field, as a misspelt worker name gets."""
+    model: type[BaseModel] | None = WorkerConfig
+    for part in location[:-1]:
+        if isinstance(part, int) or model is None:
+            continue  # a list index: the same model's items
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+    if model is None or not isinstance(location[-1], str):
+        return ""
+    names = [name for name, field in model.model_fields.items() if not field.exclude]
+    close = difflib.get_close_matches(location[-1], names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds: itself, or inside `list[...]`, `X | None`..."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
 
 
 def _read_target(target: str) -> dict[str, Any]:
@@ -201,17 +229,29 @@ def available_workers() -> list[str]:
     return sorted(name for name in names if name.replace("_", "-") not in names - {name})
 
 
-def not_found_message(name: str) -> str:
-    """Why `name` names no worker, what the workers are, and the closest one."""
+class WorkerNotFound(ConfigError):
+    """`pyworker run NAME` found no worker NAME; `for_command` says it for another command."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(not_found_message(name))
+        self.name = name
+
+    def for_command(self, command: str) -> ConfigError:
+        return ConfigError(not_found_message(self.name, command))
+
+
+def not_found_message(name: str, command: str = "run") -> str:
+    """Why `name` names no worker, what the workers are, and the closest one, as a
+    `pyworker COMMAND` to paste."""
     searched = ", ".join(str(d) for d in workers_dirs())
     lines = [f"worker {name!r} not found: not a file, not a folder in {searched}, not a module"]
     names = available_workers()
     close = difflib.get_close_matches(name.replace("-", "_"), names, n=1, cutoff=0.6)
     if close:
-        lines.append(f"did you mean {close[0]!r}?  pyworker run {close[0]}")
+        lines.append(f"did you mean {close[0]!r}?  pyworker {command} {close[0]}")
     if names:
         lines.append(f"workers there: {', '.join(names)}")
-    lines.append("or give a worker config file: pyworker run path/to/worker.toml (or .py)")
+    lines.append(f"or give a worker config file: pyworker {command} path/to/worker.toml (or .py)")
     return "\n".join(lines)
 
 
@@ -222,7 +262,7 @@ def _import_module(name: str) -> ModuleType:
         missing = error.name or ""
         if missing and missing != name and not name.startswith(missing + "."):
             raise ConfigError(f"worker module {name!r}: import failed: {error}") from None
-        raise ConfigError(not_found_message(name)) from None
+        raise WorkerNotFound(name) from None
     if not hasattr(module, "worker") and module.__file__:
         # A package such as `pyworker.workers.tgi`: its config lives in worker.py beside it.
         folder = Path(module.__file__).parent
