@@ -59,7 +59,8 @@ def load_config(
     overrides: Sequence[str] = (),
     environ: Environment | Mapping[str, str] | None = None,
 ) -> WorkerConfig:
-    return apply_overrides(_read_target(target), overrides, environ, source=target)
+    raw, origin = _read_target(target)
+    return apply_overrides(raw, overrides, environ, source=target, origin=origin)
 
 
 def apply_overrides(
@@ -67,10 +68,12 @@ def apply_overrides(
     overrides: Sequence[str] = (),
     environ: Environment | Mapping[str, str] | None = None,
     source: str = "config",
+    origin: Path | None = None,
 ) -> WorkerConfig:
     """The environment's overrides, then `--set` ones, on a raw config; then validation.
 
     `environ`: the parsed Environment, or variables (None: the process's) parsed here.
+    `origin`: the file the config was read from, when there is one (for hints).
     """
     if isinstance(environ, Environment):
         environment_overrides = environ.config_overrides
@@ -83,19 +86,21 @@ def apply_overrides(
         if not separator or not key.strip():
             raise ConfigError(f"--set {item!r}: expected dotted.key=value")
         _assign(raw, key.strip(), _parse_value(text))
-    return validate_config(raw, source=source)
+    return validate_config(raw, source=source, origin=origin)
 
 
-def validate_config(raw: Mapping[str, Any], source: str = "config") -> WorkerConfig:
+def validate_config(
+    raw: Mapping[str, Any], source: str = "config", origin: Path | None = None
+) -> WorkerConfig:
     try:
         config = WorkerConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(format_validation_error(source, error)) from None
-    check_dataset(config)
+    check_dataset(config, origin or Path(source))
     return config
 
 
-def check_dataset(config: WorkerConfig) -> None:
+def check_dataset(config: WorkerConfig, origin: Path | None = None) -> None:
     """Read the benchmark's dataset file now, so a missing or broken one stops the start.
 
     Found only once the model has loaded, it would cost a model load to learn of a typo.
@@ -109,11 +114,26 @@ def check_dataset(config: WorkerConfig) -> None:
     except BenchmarkError as error:
         hint = ""
         if not Path(benchmark.dataset_file).exists():
-            hint = (
-                "; a relative path in a TOML config is read from the TOML file's folder, "
-                "one given with --set from the current folder"
-            )
+            hint = _dataset_hint(origin, Path(benchmark.dataset_file))
         raise ConfigError(f"benchmark.dataset_file: {error}{hint}") from None
+
+
+def _dataset_hint(origin: Path | None, dataset_file: Path) -> str:
+    """Where a relative `dataset_file` is read from, for the kind of config it is in."""
+    if origin is not None and origin.suffix == ".toml":  # made absolute by `_beside`
+        return (
+            "; a relative path in a TOML config is read from the TOML file's folder, "
+            "one given with --set from the current folder"
+        )
+    if dataset_file.is_absolute():
+        return ""
+    if origin is not None and origin.suffix == ".py":
+        return (
+            f"; a relative path in {origin.name} (or given with --set) is read from the current "
+            f"folder, {Path.cwd()}: to read it from beside {origin.name}, write "
+            'dataset_file=str(Path(__file__).parent / "benchmark.jsonl")'
+        )
+    return "; a relative path is read from the current folder"
 
 
 def _beside(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -161,7 +181,8 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _read_target(target: str) -> dict[str, Any]:
+def _read_target(target: str) -> tuple[dict[str, Any], Path | None]:
+    """The raw config, and the file it was read from (None: a module without a file)."""
     path = Path(target)
     if path.is_dir():
         path = _config_in(path)
@@ -173,7 +194,9 @@ def _read_target(target: str) -> dict[str, Any]:
                 path = _config_in(found[0])
                 break
         else:
-            return _from_module(_import_module(target), target)
+            module = _import_module(target)
+            origin = Path(module.__file__) if module.__file__ else None
+            return _from_module(module, target), origin
     if not path.exists():
         raise ConfigError(f"worker config {target!r} not found")
     if path.suffix == ".toml":
@@ -181,9 +204,9 @@ def _read_target(target: str) -> dict[str, Any]:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
-        return _beside(raw, path.parent)
+        return _beside(raw, path.parent), path
     if path.suffix == ".py":
-        return _from_module(_import_path(path), str(path))
+        return _from_module(_import_path(path), str(path)), path
     raise ConfigError(f"{path}: expected a .toml or .py worker config")
 
 
