@@ -143,8 +143,12 @@ async def test_ctrl_c_stops_the_worker_and_the_model_server(tmp_path: Path) -> N
         process.send_signal(signal.SIGINT)
         rest, _ = await asyncio.wait_for(process.communicate(), 30)
     finally:
-        if process.returncode is None:
-            process.kill()
+        if process.returncode is None:  # a failed check: stop dev so that it stops its children
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except asyncio.TimeoutError:
+                process.kill()
     assert process.returncode == 0, rest.decode()
     assert "stopped every process started" in rest.decode()
     await _assert_all_gone(children)
