@@ -115,7 +115,9 @@ class StartScript:
             )
         return self.process
 
-    async def exit_status(self, timeout: float = 20.0) -> int:
+    async def exit_status(self, timeout: float = 60.0) -> int:
+        # Deadlines, never delays: generous, since each step of the script starts a Python
+        # process, which takes seconds on a loaded 2-core machine.
         assert self.process is not None
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
@@ -128,12 +130,12 @@ class StartScript:
     async def supervising(self) -> None:
         """Wait until both children run and the script's signal traps are in place."""
         marker = "on_start: supervising"
-        await wait_until(lambda: self.text().count(marker) > self.supervised_before, 10.0)
+        await wait_until(lambda: self.text().count(marker) > self.supervised_before, 30.0)
 
     def started_file(self, name: str) -> Path:
         return self.root / name / "started.json"
 
-    async def started(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def started(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         path = self.started_file(name)
         await wait_until(path.exists, timeout)
         started: dict[str, Any] = json.loads(path.read_text())
