@@ -13,6 +13,9 @@
 #      session the script runs in goes away, often beside a SIGTERM); SIGQUIT, SIGUSR1 and
 #      SIGUSR2 are logged and ignored (docs/supervision.md);
 #      when either child exits, stop the other and exit with the status of the one that exited.
+#      A SIGINT ignored by whoever started the script (`nohup`, a `&` job of a script) stays
+#      ignored, as bash must (a non-interactive shell cannot trap a signal ignored on entry):
+#      the script says so at start, and SIGTERM, which `docker stop` sends, still stops it.
 # Any failure before the worker runs, or a child that exits on its own, is posted as a minimal
 # /worker_status/ with error_msg to every REPORT_ADDR entry before the script exits.
 # A restarted container (a cold worker starting again) reuses the installed venv and every
@@ -304,6 +307,7 @@ supervise() {
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
     trap 'on_signal HUP' HUP
+    log "supervising the model server (pid ${model_pid:-none}) and pyworker (pid $worker_pid)"
     while true; do
         status=0
         wait -n || status=$?
@@ -345,6 +349,14 @@ on_startup_signal() {
     exit "$2"
 }
 
+# bash keeps a signal ignored on entry ignored, traps or not: say so rather than seem deaf.
+warn_if_sigint_ignored() {
+    if [[ $(trap -p INT) == "trap -- '' SIGINT" ]]; then
+        log "SIGINT was ignored when this script started (nohup, a background job):" \
+            "it stays ignored; stop the worker with SIGTERM"
+    fi
+}
+
 check_settings() {
     if [[ -z $WORKER ]]; then
         fail "no worker chosen: set PYWORKER_WORKER (or BACKEND) to a workers/ name or a config file"
@@ -356,6 +368,7 @@ check_settings() {
 
 main() {
     trap 'on_unexpected_error "$LINENO" "$BASH_COMMAND"' ERR
+    warn_if_sigint_ignored
     trap 'on_startup_signal TERM 143' TERM
     trap 'on_startup_signal INT 130' INT
     trap 'on_startup_signal HUP 129' HUP

@@ -6,7 +6,9 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -46,10 +48,13 @@ async def test_run_serves_a_toml_worker_and_stops_on_sigterm(
     process, url = await _start(config)
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(500):
+            deadline = time.monotonic() + 60  # the benchmark first: slow beside a CPU hog
+            while True:
                 async with session.get(url + "/health") as response:
-                    if (await response.json())["state"] == "ready":
-                        break
+                    state = (await response.json())["state"]
+                if state == "ready":
+                    break
+                assert time.monotonic() < deadline, f"never ready: {state}"
                 await asyncio.sleep(0.02)
             body = {"auth_data": keypair.auth_data(), "payload": {"prompt": "hi"}}
             async with session.post(url + "/echo", json=body) as response:
@@ -83,6 +88,41 @@ async def test_bad_environment_exits_2(tmp_path: Path) -> None:
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2 and b"WORKER_PORT" in stderr
+
+
+async def test_a_port_in_use_says_how_to_choose_another(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[model_server]\nbase_url = "http://127.0.0.1:9"\n[[routes]]\npath = "/e"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pyworker", "run", str(config), "--port", port,
+            stderr=asyncio.subprocess.PIPE, env=_environ(),
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    text = stderr.decode()
+    assert process.returncode == 1, text
+    assert f"another program listens on port {port}" in text
+    assert "--port or WORKER_PORT" in text
+    # A local run on loopback warns about no `docker run -p` (in a container: an INFO note).
+    assert not [line for line in text.splitlines() if "WARNING" in line and "docker" in line]
+    assert "Traceback" not in text
+
+
+async def test_an_unknown_config_field_gets_a_did_you_mean(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[[routes]]\npath = "/echo"\nworklaod = "max_tokens"\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pyworker", "run", str(config),
+        stderr=asyncio.subprocess.PIPE, env=_environ(),
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert "routes.0.worklaod: Extra inputs are not permitted; did you mean 'workload'?" in (
+        stderr.decode()
+    )
 
 
 PROBE = """

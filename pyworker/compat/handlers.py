@@ -8,6 +8,9 @@ path and in the benchmark alike: the reference's `response_generator` fits that 
 
 from __future__ import annotations
 
+import functools
+import inspect
+from types import CodeType
 from typing import Any
 
 from aiohttp import ClientResponse, ClientSession, web
@@ -45,6 +48,43 @@ def remote_function_route(route: str, function: Any) -> RouteFunction:
         return {"result": result}
 
     return call_sync
+
+
+STREAMING_NAMES = frozenset({"prepare", "StreamResponse", "FileResponse"})
+"""Names a generator's code uses only to stream on the client's connection itself."""
+
+
+def streams(generator: Any) -> bool:
+    """Whether a `response_generator` streams its answer itself, read from its code: an async
+    generator, or code (its own or a nested function's) naming `prepare` or `StreamResponse`.
+
+    Found at start, the worker is refused (exit 2) instead of failing every benchmark; a
+    generator that streams through a helper defined elsewhere still gets a 500 at request
+    time (`StreamingGeneratorError`)."""
+    function = _function(generator)
+    if inspect.isasyncgenfunction(function):
+        return True
+    code = getattr(function, "__code__", None)
+    return isinstance(code, CodeType) and not STREAMING_NAMES.isdisjoint(_names(code))
+
+
+def _function(generator: Any) -> Any:
+    while isinstance(generator, functools.partial):
+        generator = generator.func
+    generator = inspect.unwrap(generator)
+    if inspect.ismethod(generator):
+        return generator.__func__
+    if not inspect.isfunction(generator) and callable(generator):
+        return type(generator).__call__
+    return generator
+
+
+def _names(code: CodeType) -> set[str]:
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            names |= _names(constant)
+    return names
 
 
 class StreamingGeneratorError(RuntimeError):

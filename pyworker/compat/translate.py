@@ -12,7 +12,11 @@ import math
 from typing import Any
 from urllib.parse import urlsplit
 
-from pyworker.compat.handlers import remote_function_route, response_generator_handler
+from pyworker.compat.handlers import (
+    remote_function_route,
+    response_generator_handler,
+    streams,
+)
 from pyworker.compat.reference import (
     DEFAULT_WORKLOAD,
     BenchmarkConfig,
@@ -21,7 +25,7 @@ from pyworker.compat.reference import (
     WorkerConfig,
     WorkloadCalculator,
 )
-from pyworker.config import JSONObject, RouteFunction, WorkloadFunction
+from pyworker.config import JSONObject, ModelHandler, RouteFunction, WorkloadFunction
 from pyworker.config import WorkerConfig as NativeConfig
 from pyworker.config.dataset import BenchmarkError
 from pyworker.config.loader import ConfigError, validate_config
@@ -186,7 +190,7 @@ def _route(index: int, handler: HandlerConfig) -> dict[str, Any]:
     if handler.remote_function is not None:
         native["function"] = _remote_function(where, handler)
     elif handler.response_generator is not None:
-        native["handler"] = response_generator_handler(handler.route, handler.response_generator)
+        native["handler"] = _response_generator(where, handler)
     return native
 
 
@@ -236,6 +240,19 @@ def _remote_function(where: str, handler: HandlerConfig) -> RouteFunction:
     if not callable(handler.remote_function):
         raise UnsupportedField(f"{where}.remote_function", "must be a function")
     return remote_function_route(handler.route, handler.remote_function)
+
+
+def _response_generator(where: str, handler: HandlerConfig) -> ModelHandler:
+    if streams(handler.response_generator):
+        raise UnsupportedField(
+            f"{where}.response_generator",
+            "streams its answer itself (prepare() on the client's connection), which "
+            "pyworker does for it: remove the response_generator from this handler and "
+            "pyworker relays the model server's stream as it comes, as the reference does "
+            "with no generator; keep a generator only to return a web.Response built from "
+            "the model's answer (docs/migrating.md)",
+        )
+    return response_generator_handler(handler.route, handler.response_generator)
 
 
 def _check_unique(handlers: list[HandlerConfig]) -> None:

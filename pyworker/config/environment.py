@@ -123,6 +123,8 @@ class Environment(BaseModel):
     worker_http_host: str = "127.0.0.1"
     """Where the side port listens (WORKER_HTTP_HOST): loopback unless told otherwise."""
     host: str = "127.0.0.1"
+    host_chosen: bool = False
+    """WORKER_HOST (or `--host`) was given: the listen address is someone's choice."""
     public_ipaddr: str | None = None
     public_port: int | None = None
     use_ssl: bool = False
@@ -194,6 +196,7 @@ class Environment(BaseModel):
             "worker_http_port": http_port,
             "worker_http_host": env.get("WORKER_HTTP_HOST"),
             "host": env.get("WORKER_HOST") or (None if local else "0.0.0.0"),
+            "host_chosen": bool(env.get("WORKER_HOST")),
             "public_ipaddr": env.get("PUBLIC_IPADDR"),
             "public_port": _port(env, f"VAST_TCP_PORT_{port}"),
             "use_ssl": bool(_flag(env, "USE_SSL")),

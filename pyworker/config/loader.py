@@ -12,12 +12,13 @@ import importlib.util
 import json
 import os
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pyworker.config import WorkerConfig
 from pyworker.config.dataset import BenchmarkError, load_dataset
@@ -58,7 +59,8 @@ def load_config(
     overrides: Sequence[str] = (),
     environ: Environment | Mapping[str, str] | None = None,
 ) -> WorkerConfig:
-    return apply_overrides(_read_target(target), overrides, environ, source=target)
+    raw, origin = _read_target(target)
+    return apply_overrides(raw, overrides, environ, source=target, origin=origin)
 
 
 def apply_overrides(
@@ -66,10 +68,12 @@ def apply_overrides(
     overrides: Sequence[str] = (),
     environ: Environment | Mapping[str, str] | None = None,
     source: str = "config",
+    origin: Path | None = None,
 ) -> WorkerConfig:
     """The environment's overrides, then `--set` ones, on a raw config; then validation.
 
     `environ`: the parsed Environment, or variables (None: the process's) parsed here.
+    `origin`: the file the config was read from, when there is one (for hints).
     """
     if isinstance(environ, Environment):
         environment_overrides = environ.config_overrides
@@ -82,19 +86,21 @@ def apply_overrides(
         if not separator or not key.strip():
             raise ConfigError(f"--set {item!r}: expected dotted.key=value")
         _assign(raw, key.strip(), _parse_value(text))
-    return validate_config(raw, source=source)
+    return validate_config(raw, source=source, origin=origin)
 
 
-def validate_config(raw: Mapping[str, Any], source: str = "config") -> WorkerConfig:
+def validate_config(
+    raw: Mapping[str, Any], source: str = "config", origin: Path | None = None
+) -> WorkerConfig:
     try:
         config = WorkerConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(format_validation_error(source, error)) from None
-    check_dataset(config)
+    check_dataset(config, origin or Path(source))
     return config
 
 
-def check_dataset(config: WorkerConfig) -> None:
+def check_dataset(config: WorkerConfig, origin: Path | None = None) -> None:
     """Read the benchmark's dataset file now, so a missing or broken one stops the start.
 
     Found only once the model has loaded, it would cost a model load to learn of a typo.
@@ -108,11 +114,26 @@ def check_dataset(config: WorkerConfig) -> None:
     except BenchmarkError as error:
         hint = ""
         if not Path(benchmark.dataset_file).exists():
-            hint = (
-                "; a relative path in a TOML config is read from the TOML file's folder, "
-                "one given with --set from the current folder"
-            )
+            hint = _dataset_hint(origin, Path(benchmark.dataset_file))
         raise ConfigError(f"benchmark.dataset_file: {error}{hint}") from None
+
+
+def _dataset_hint(origin: Path | None, dataset_file: Path) -> str:
+    """Where a relative `dataset_file` is read from, for the kind of config it is in."""
+    if origin is not None and origin.suffix == ".toml":  # made absolute by `_beside`
+        return (
+            "; a relative path in a TOML config is read from the TOML file's folder, "
+            "one given with --set from the current folder"
+        )
+    if dataset_file.is_absolute():
+        return ""
+    if origin is not None and origin.suffix == ".py":
+        return (
+            f"; a relative path in {origin.name} (or given with --set) is read from the current "
+            f"folder, {Path.cwd()}: to read it from beside {origin.name}, write "
+            'dataset_file=str(Path(__file__).parent / "benchmark.jsonl")'
+        )
+    return "; a relative path is read from the current folder"
 
 
 def _beside(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -129,11 +150,39 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     lines = [f"invalid worker config {source}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}")
+        hint = _close_field(item["loc"]) if item["type"] == "extra_forbidden" else ""
+        lines.append(f"  {where}: {item['msg']}{hint}")
     return "\n".join(lines)
 
 
-def _read_target(target: str) -> dict[str, Any]:
+def _close_field(location: tuple[int | str, ...]) -> str:
+    """`; did you mean 'workload'?` for a misspelt field, as a misspelt worker name gets."""
+    model: type[BaseModel] | None = WorkerConfig
+    for part in location[:-1]:
+        if isinstance(part, int) or model is None:
+            continue  # a list index: the same model's items
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+    if model is None or not isinstance(location[-1], str):
+        return ""
+    names = [name for name, field in model.model_fields.items() if not field.exclude]
+    close = difflib.get_close_matches(location[-1], names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds: itself, or inside `list[...]`, `X | None`..."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _read_target(target: str) -> tuple[dict[str, Any], Path | None]:
+    """The raw config, and the file it was read from (None: a module without a file)."""
     path = Path(target)
     if path.is_dir():
         path = _config_in(path)
@@ -145,7 +194,9 @@ def _read_target(target: str) -> dict[str, Any]:
                 path = _config_in(found[0])
                 break
         else:
-            return _from_module(_import_module(target), target)
+            module = _import_module(target)
+            origin = Path(module.__file__) if module.__file__ else None
+            return _from_module(module, target), origin
     if not path.exists():
         raise ConfigError(f"worker config {target!r} not found")
     if path.suffix == ".toml":
@@ -153,9 +204,9 @@ def _read_target(target: str) -> dict[str, Any]:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
-        return _beside(raw, path.parent)
+        return _beside(raw, path.parent), path
     if path.suffix == ".py":
-        return _from_module(_import_path(path), str(path))
+        return _from_module(_import_path(path), str(path)), path
     raise ConfigError(f"{path}: expected a .toml or .py worker config")
 
 
@@ -201,17 +252,29 @@ def available_workers() -> list[str]:
     return sorted(name for name in names if name.replace("_", "-") not in names - {name})
 
 
-def not_found_message(name: str) -> str:
-    """Why `name` names no worker, what the workers are, and the closest one."""
+class WorkerNotFound(ConfigError):
+    """`pyworker run NAME` found no worker NAME; `for_command` says it for another command."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(not_found_message(name))
+        self.name = name
+
+    def for_command(self, command: str) -> ConfigError:
+        return ConfigError(not_found_message(self.name, command))
+
+
+def not_found_message(name: str, command: str = "run") -> str:
+    """Why `name` names no worker, what the workers are, and the closest one, as a
+    `pyworker COMMAND` to paste."""
     searched = ", ".join(str(d) for d in workers_dirs())
     lines = [f"worker {name!r} not found: not a file, not a folder in {searched}, not a module"]
     names = available_workers()
     close = difflib.get_close_matches(name.replace("-", "_"), names, n=1, cutoff=0.6)
     if close:
-        lines.append(f"did you mean {close[0]!r}?  pyworker run {close[0]}")
+        lines.append(f"did you mean {close[0]!r}?  pyworker {command} {close[0]}")
     if names:
         lines.append(f"workers there: {', '.join(names)}")
-    lines.append("or give a worker config file: pyworker run path/to/worker.toml (or .py)")
+    lines.append(f"or give a worker config file: pyworker {command} path/to/worker.toml (or .py)")
     return "\n".join(lines)
 
 
@@ -222,7 +285,7 @@ def _import_module(name: str) -> ModuleType:
         missing = error.name or ""
         if missing and missing != name and not name.startswith(missing + "."):
             raise ConfigError(f"worker module {name!r}: import failed: {error}") from None
-        raise ConfigError(not_found_message(name)) from None
+        raise WorkerNotFound(name) from None
     if not hasattr(module, "worker") and module.__file__:
         # A package such as `pyworker.workers.tgi`: its config lives in worker.py beside it.
         folder = Path(module.__file__).parent

@@ -4,12 +4,16 @@ The address comes from the environment (pyworker.config.environment): `WORKER_HO
 `0.0.0.0` on the platform (`CONTAINER_ID` or `REPORT_ADDR` set) and `127.0.0.1` in local mode,
 where signatures are not checked, so that an unsigned worker is never exposed by accident.
 
-Two cases deserve a warning at start, since both fail silently otherwise:
+Two cases are worth a line at start, since both fail silently otherwise:
 
-- loopback inside a container in local mode: `docker run -p` forwards to the container's own
-  interface, not its loopback, so nothing outside reaches the worker (the pyworker image sets
-  `WORKER_HOST=0.0.0.0` for this reason);
-- every interface without signature checks: whoever reaches the port can use the model.
+- loopback, by default, inside a container in local mode: `docker run -p` forwards to the
+  container's own interface, not its loopback, so nothing outside would reach the worker (the
+  pyworker image sets `WORKER_HOST=0.0.0.0` for this reason). Only a note (INFO): working
+  inside a container (a dev container, a sandbox) reaches loopback fine, and the worker cannot
+  tell which is meant. Nothing at all when `WORKER_HOST` chose the address, or outside a
+  container;
+- every interface without signature checks (a warning): whoever reaches the port can use the
+  model.
 """
 
 from __future__ import annotations
@@ -37,17 +41,25 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
+def bind_notes(environment: Environment, in_container: bool) -> list[str]:
+    """What to say (INFO) about the listen address at start; empty when nothing is worth it."""
+    host, port = environment.host, environment.worker_port
+    if not (in_container and environment.local and is_loopback(host)):
+        return []
+    if environment.host_chosen:
+        return []
+    return [
+        f"listening on {host} inside a container (local mode, no WORKER_HOST): reachable "
+        "from inside it only; to publish the port with `docker run -p`, set "
+        f"WORKER_HOST=0.0.0.0 (the pyworker image does) and publish it on the host's "
+        f"loopback: docker run -p 127.0.0.1:{port}:{port} ..."
+    ]
+
+
 def bind_warnings(environment: Environment, in_container: bool) -> list[str]:
     """What to warn about the listen address at start; empty when nothing is amiss."""
     host, port = environment.host, environment.worker_port
     warnings: list[str] = []
-    if in_container and environment.local and is_loopback(host):
-        warnings.append(
-            f"listening on {host} inside a container (local mode: no CONTAINER_ID, no "
-            "REPORT_ADDR, no WORKER_HOST): `docker run -p` cannot reach "
-            f"it; set WORKER_HOST=0.0.0.0 (the pyworker image does) and publish the port on "
-            f"the host's loopback: docker run -p 127.0.0.1:{port}:{port} ..."
-        )
     if environment.unsecured and not is_loopback(host):
         warnings.append(
             f"signatures are not checked (UNSECURED) and the worker listens on {host}: whoever "

@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
+from pyworker.serving.limits import BodyAbandoned
 from pyworker.serving.responses import error_response, json_response
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             if name in error.headers:
                 response.headers[name] = error.headers[name]
         return response
-    except (HttpProcessingError, RequestPayloadError):  # e.g. a Content-Encoding that fails
+    except (HttpProcessingError, RequestPayloadError) as error:  # e.g. bad gzip
+        problem = error.__cause__ if isinstance(error.__cause__, HttpProcessingError) else error
+        logger.info(
+            "malformed request body from %s: %s (400)", request.remote, type(problem).__name__
+        )
+        request.content.set_exception(BodyAbandoned())
         response = error_response(400, "malformed request body")
         response.force_close()
         return response

@@ -66,6 +66,15 @@ class BodyTimeout(asyncio.TimeoutError):
     """
 
 
+class BodyAbandoned(asyncio.TimeoutError):
+    """The rest of a body the worker gave up on, one that did not decode (bad gzip, say).
+
+    Set on the body after its 400 is answered: aiohttp, draining the rest, would read the
+    decoding error again and log it as an unhandled exception with three tracebacks; an
+    asyncio.TimeoutError makes it stop there quietly, as `BodyTimeout` does.
+    """
+
+
 def body_deadline(seconds: float) -> Middleware:
     """A middleware that answers 408 when a request's body is not received in `seconds`."""
 

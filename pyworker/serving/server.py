@@ -8,6 +8,7 @@ SIGINT). What each signal does: pyworker.serving.signals.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import ssl
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
-from pyworker.serving.bind import bind_warnings, running_in_container
+from pyworker.serving.bind import bind_notes, bind_warnings, running_in_container
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.connections import (
     CappedAppRunner,
@@ -141,7 +142,13 @@ async def _start_side_port(side: web.AppRunner, worker: Worker) -> None:
     try:
         await web.TCPSite(side, host, port, reuse_address=True).start()
     except OSError as error:
-        logger.error("session side port %s:%d not served: %s", host, port, error.strerror)
+        logger.error(
+            "session side port %s:%d not served: %s%s",
+            host,
+            port,
+            error.strerror,
+            " (choose another with WORKER_HTTP_PORT)" if error.errno == errno.EADDRINUSE else "",
+        )
         return
     announce(f"pyworker /session/end also on http://{host}:{_bound_port(side, port)}")
 
@@ -188,7 +195,10 @@ def run(config: WorkerConfig, environment: Environment) -> int:
             fail(str(error))
             return 2
     install_fast_loop()
-    for warning in bind_warnings(environment, running_in_container()):
+    in_container = running_in_container()
+    for note in bind_notes(environment, in_container):
+        logger.info(note)
+    for warning in bind_warnings(environment, in_container):
         logger.warning(warning)
 
     async def main() -> None:
@@ -200,6 +210,15 @@ def run(config: WorkerConfig, environment: Environment) -> int:
     try:
         asyncio.run(main())
     except OSError as error:
-        fail(f"cannot serve: {error}")
+        fail(f"cannot serve: {error}{_port_hint(error, environment.worker_port)}")
         return 1
     return 0
+
+
+def _port_hint(error: OSError, port: int) -> str:
+    if error.errno != errno.EADDRINUSE:
+        return ""
+    return (
+        f" (another program listens on port {port}: stop it, or choose another port with "
+        "--port or WORKER_PORT)"
+    )

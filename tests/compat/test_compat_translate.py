@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -378,9 +379,7 @@ async def test_response_generator_shapes_the_answer(
         return web.json_response({"echoed": answer["received"]}, status=201)
 
     async def stream(request: web.Request, response: Any) -> web.StreamResponse:
-        streamed = web.StreamResponse()
-        await streamed.prepare(request)
-        return streamed
+        return await _prepared(request)  # streams out of sight: not found at start
 
     worker = await start_worker(
         routes=_routes(
@@ -394,6 +393,75 @@ async def test_response_generator_shapes_the_answer(
     # A generator that streams on the client's connection cannot run here: a clear 500.
     async with worker.post("/stream", envelope(keypair, {"a": 1})) as response:
         assert response.status == 500
+
+
+async def _prepared(request: web.Request) -> web.StreamResponse:
+    streamed = web.StreamResponse()
+    await streamed.prepare(request)
+    return streamed
+
+
+async def _streams_itself(request: web.Request, response: Any) -> web.StreamResponse:
+    streamed = web.StreamResponse()
+    await streamed.prepare(request)
+    async for chunk in response.content.iter_any():
+        await streamed.write(chunk)
+    return streamed
+
+
+async def _yields_chunks(request: web.Request, response: Any) -> Any:
+    async for chunk in response.content.iter_any():
+        yield chunk
+
+
+def _streams_in_a_closure() -> Any:
+    async def inner(request: web.Request, response: Any) -> web.StreamResponse:
+        async def start() -> web.StreamResponse:
+            streamed = web.StreamResponse()
+            await streamed.prepare(request)
+            return streamed
+
+        return await start()
+
+    return inner
+
+
+class _Streamer:
+    async def __call__(self, request: web.Request, response: Any) -> web.StreamResponse:
+        return await _streams_itself(request, response)
+
+    async def method(self, request: web.Request, response: Any) -> web.StreamResponse:
+        streamed = web.StreamResponse()
+        await streamed.prepare(request)
+        return streamed
+
+
+@pytest.mark.parametrize(
+    "generator",
+    [
+        _streams_itself,
+        _yields_chunks,
+        _streams_in_a_closure(),
+        functools.partial(_streams_itself),
+        _Streamer().method,
+    ],
+    ids=["prepare", "async generator", "closure", "partial", "method"],
+)
+def test_a_streaming_response_generator_is_refused_saying_what_to_do(generator: Any) -> None:
+    with pytest.raises(UnsupportedField) as raised:
+        translate(reference(handlers=_handler(response_generator=generator)))
+    assert raised.value.field == "handlers[0].response_generator"
+    assert "remove the response_generator from this handler" in str(raised.value)
+    assert "relays the model server's stream" in str(raised.value)
+
+
+def test_a_generator_returning_a_response_is_kept() -> None:
+    async def shape(request: web.Request, response: Any) -> web.Response:
+        return web.json_response(await response.json())
+
+    for generator in (shape, _generate, functools.partial(shape)):
+        native = translate(reference(handlers=_handler(response_generator=generator)))
+        assert native.routes[0].handler is not None
 
 
 async def test_remote_function_answers_its_result(

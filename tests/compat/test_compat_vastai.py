@@ -629,6 +629,43 @@ async def test_a_reference_lifecycle_that_fails_is_the_error_msg(scene: Scene) -
     assert journal(scene) == ["enter"]
 
 
+STREAMING_WORKER = """
+from aiohttp import web
+
+{import_line}
+
+
+async def relay(client_request, model_response):
+    streamed = web.StreamResponse()
+    await streamed.prepare(client_request)
+    async for chunk in model_response.content.iter_any():
+        await streamed.write(chunk)
+    await streamed.write_eof()
+    return streamed
+
+
+worker_config = WorkerConfig(
+    model_server_port=18000,
+    handlers=[
+        HandlerConfig(
+            route="/generate_stream",
+            response_generator=relay,
+            benchmark_config=BenchmarkConfig(dataset=[{{"inputs": "x"}}]),
+        )
+    ],
+)
+Worker(worker_config).run()
+"""
+
+
+async def test_a_streaming_response_generator_stops_the_start_saying_what_to_do(
+    scene: Scene,
+) -> None:
+    source = STREAMING_WORKER.format(import_line=IMPORT_LINE)
+    advice = "remove the response_generator from this handler"
+    await _assert_refused(scene, source, "handlers[0].response_generator", advice)
+
+
 async def _assert_refused(scene: Scene, source: str, named: str, advice: str) -> None:
     (scene.folder / "worker.py").write_text(source)
     process = await asyncio.create_subprocess_exec(

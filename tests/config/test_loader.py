@@ -110,6 +110,48 @@ async def test_a_missing_dataset_file_stops_the_start_with_exit_2(tmp_path: Path
     assert "listening" not in text
 
 
+PY_CONFIG = """
+from pyworker.config import WorkerConfig
+from pyworker.entry import serve
+
+worker = WorkerConfig.model_validate({
+    "model_server": {"base_url": "http://127.0.0.1:9"},
+    "routes": [{"path": "/echo"}],
+    "benchmark": {"dataset_file": "bench.jsonl"},
+})
+
+if __name__ == "__main__":
+    serve(worker)
+"""
+
+
+@pytest.mark.parametrize("how", ["pyworker run worker.py", "pyworker run <folder>", "python"])
+async def test_a_missing_dataset_file_of_a_worker_py_gets_a_worker_py_hint(
+    tmp_path: Path, how: str
+) -> None:
+    folder = tmp_path / "workers" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "worker.py").write_text(PY_CONFIG)
+    (folder / "bench.jsonl").write_text('{"prompt": "beside the worker.py"}\n')
+    if how == "python":
+        environ = {k: v for k, v in os.environ.items() if k not in ("CONTAINER_ID", "REPORT_ADDR")}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(folder / "worker.py"), stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path, env=environ,
+        )  # fmt: skip
+        _, errors = await asyncio.wait_for(process.communicate(), 30)
+        status, text = process.returncode, errors.decode()
+    else:
+        target = str(folder / "worker.py") if how.endswith("worker.py") else "mine"
+        status, text = await run(target, cwd=tmp_path)
+    assert status == 2, text
+    assert "benchmark dataset bench.jsonl: No such file" in text
+    current = f"is read from the current folder, {tmp_path}"
+    assert f"a relative path in worker.py (or given with --set) {current}" in text
+    assert "Path(__file__).parent" in text
+    assert "TOML" not in text
+
+
 async def test_a_dataset_line_that_is_not_json_stops_the_start_naming_file_and_line(
     tmp_path: Path,
 ) -> None:

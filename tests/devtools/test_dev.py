@@ -13,12 +13,15 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import orjson
 import psutil
 import pytest
 
 from pyworker.config.loader import load_config
 from pyworker.devtools.commands.children import Children
+from pyworker.devtools.commands.devplan import DevOptions
+from pyworker.devtools.commands.devsession import DevSession
 from pyworker.devtools.commands.devstate import STATE_FILE, read_state
 from pyworker.devtools.commands.progress import ProgressBar, Spinner
 from pyworker.devtools.demo.model_server import LOADED_LINE
@@ -30,7 +33,8 @@ def _environ(tmp_path: Path) -> dict[str, str]:
     environ = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("REPORT_ADDR", "CONTAINER_ID", "MODEL_SERVER_URL", "MODEL_LOG")
+        if key
+        not in ("REPORT_ADDR", "CONTAINER_ID", "MODEL_SERVER_URL", "MODEL_LOG", "MASTER_TOKEN")
     }
     environ["XDG_RUNTIME_DIR"] = str(tmp_path / "runtime")
     return environ
@@ -93,6 +97,7 @@ async def test_dev_once_answers_a_routed_request_and_leaves_no_process(tmp_path:
     # The answer to the first payload of the benchmark dataset, printed on screen.
     assert '"completion_tokens": 24' in text and '"text_completion"' in text
     assert "stopped every process started" in text
+    assert "MASTER_TOKEN for this run (made up: none was set)" in text
 
     commands = [command for lines in seen.values() for command in lines]
     assert any("pyworker.devtools.demo.model_server" in command for command in commands), commands
@@ -127,12 +132,26 @@ async def test_ctrl_c_or_a_closed_terminal_stops_the_worker_and_the_model_server
         assert len(children) == 2 and all(_running(pid) for pid in children)
         # Each child leads its own process group, so a terminal's Ctrl-C reaches dev only.
         assert all(os.getpgid(pid) == pid for pid in children)
+        # The MASTER_TOKEN made up for the run is printed, and opens /metrics.
+        (token,) = [
+            line.rsplit(": ", 1)[1].strip() for line in lines if "MASTER_TOKEN for this run" in line
+        ]
+        async with aiohttp.ClientSession() as client:
+            async with client.get(state.worker_url + "/metrics") as response:
+                assert response.status in (401, 403)
+            bearer = {"Authorization": f"Bearer {token}"}
+            async with client.get(state.worker_url + "/metrics", headers=bearer) as response:
+                assert response.status == 200
 
         process.send_signal(signum)
         rest, _ = await asyncio.wait_for(process.communicate(), 30)
     finally:
-        if process.returncode is None:
-            process.kill()
+        if process.returncode is None:  # a failed check: stop dev so that it stops its children
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except asyncio.TimeoutError:
+                process.kill()
     assert process.returncode == 0, rest.decode()
     assert "stopped every process started" in rest.decode()
     await _assert_all_gone(children)
@@ -164,6 +183,15 @@ async def test_an_unknown_worker_exits_2_before_starting_anything(tmp_path: Path
     output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     assert b"no_such_worker" in output and b"not found" in output
+
+
+async def test_a_misspelt_worker_gets_the_dev_command_to_paste(tmp_path: Path) -> None:
+    process = await _start_dev(tmp_path, "hello_wrold", "--once")
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    text = output.decode()
+    assert process.returncode == 2, text
+    assert "did you mean 'hello_world'?  pyworker dev hello_world" in text
+    assert "pyworker run" not in text
 
 
 async def test_a_second_session_in_the_same_state_dir_is_refused(tmp_path: Path) -> None:
@@ -280,3 +308,16 @@ def test_progress_bar_prints_each_tenth_once_off_a_terminal() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 11
     assert lines[-1].endswith("20/20") and lines[-1].startswith("[")
+
+
+def test_a_master_token_of_the_users_is_used_and_never_printed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MASTER_TOKEN", "the-users-own-secret")
+    session = DevSession(DevOptions(), out=io.StringIO())
+    assert session.master_token == "the-users-own-secret"
+    assert not session.token_made_up  # start_worker prints the token only when made up
+    assert session.worker_environment()["MASTER_TOKEN"] == "the-users-own-secret"
+    monkeypatch.delenv("MASTER_TOKEN")
+    made_up = DevSession(DevOptions(), out=io.StringIO())
+    assert made_up.token_made_up and len(made_up.master_token) >= 24

@@ -430,13 +430,14 @@ async def test_read_timeout_is_504_but_a_slow_stream_is_not(
     start_worker: WorkerFactory, keypair: KeyPair
 ) -> None:
     worker = await start_worker(
-        routes=[{"path": "/slow", "read_timeout": 0.3}, {"path": "/stream", "read_timeout": 0.3}]
+        routes=[{"path": "/slow", "read_timeout": 1.0}, {"path": "/stream", "read_timeout": 1.0}]
     )
     async with worker.post("/slow", envelope(keypair, {"seconds": 5})) as response:
         assert response.status == 504
         assert await response.json() == {"error": "model server timed out"}
-    # Six chunks 0.15 s apart: 0.9 s in all, but never 0.3 s of silence.
-    async with worker.post("/stream", envelope(keypair, {"chunks": 6, "interval": 0.15})) as r:
+    # Six chunks 0.25 s apart: 1.5 s in all, but never 1 s of silence (a margin that a loaded
+    # machine's scheduling does not eat, as it did 0.15 s against 0.3 s).
+    async with worker.post("/stream", envelope(keypair, {"chunks": 6, "interval": 0.25})) as r:
         assert r.status == 200
         assert (await r.read()).endswith(b"data: [DONE]\n\n")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pyworker.config.environment import Environment
-from pyworker.serving.bind import bind_warnings, running_in_container
+from pyworker.serving.bind import bind_notes, bind_warnings, running_in_container
 
 DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
 
@@ -58,13 +58,24 @@ def test_the_documented_docker_run_reaches_the_worker_on_the_hosts_loopback_only
     assert "signatures are not checked" in warning and "-p 127.0.0.1:3000:3000" in warning
 
 
-def test_loopback_in_a_container_in_local_mode_is_warned_about() -> None:
+def test_loopback_by_default_in_a_container_in_local_mode_is_a_note() -> None:
     environment = Environment.from_env({})
     assert environment.host == "127.0.0.1"  # local mode, outside the image: loopback
+    assert bind_notes(environment, in_container=False) == []
     assert bind_warnings(environment, in_container=False) == []
-    (warning,) = bind_warnings(environment, in_container=True)
-    assert "`docker run -p` cannot reach it" in warning
-    assert "WORKER_HOST=0.0.0.0" in warning
+    # Inside a container it may be meant (a dev container) or not (`docker run -p`): a note.
+    (note,) = bind_notes(environment, in_container=True)
+    assert "to publish the port with `docker run -p`" in note
+    assert "WORKER_HOST=0.0.0.0" in note
+    assert bind_warnings(environment, in_container=True) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_loopback_chosen_with_worker_host_gets_no_note(host: str) -> None:
+    environment = Environment.from_env({"WORKER_HOST": host})
+    assert environment.local and environment.host_chosen
+    assert bind_notes(environment, in_container=True) == []
+    assert bind_warnings(environment, in_container=True) == []
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,13 @@ CLEARED_NAMES = frozenset(
     {"BACKEND", "CONTAINER_ID", "MASTER_TOKEN", "PUBLIC_IPADDR", "REPORT_ADDR", "USE_SSL"}
     | {"WORKER_PORT", "WORKSPACE"}
 )
+# Starts a program with SIGINT as argv[1] says, whatever the test run inherited: pytest started by
+# `nohup` or as a `&` job ignores SIGINT, and an ignored signal is inherited across exec.
+WITH_SIGINT = (
+    "import os, signal, sys; "
+    "signal.signal(signal.SIGINT, getattr(signal, sys.argv[1])); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 # Characters that break JSON pasted by hand: quotes, a backslash, a tab, a control character.
 AWKWARD_LINE = 'he said "stop" \\ at\ttab \x01 end'
 
@@ -60,6 +67,7 @@ class StartScript:
         self.model_log = root / "logs" / "server.log"
         self.output = root / "script.out"
         self.process: asyncio.subprocess.Process | None = None
+        self.supervised_before = 0
         # USE_SSL=true: a good certificate is already there, so the script reuses it
         cert_file, key_file = write_certificate(root / "etc")
         self.environ = clean_environ() | {
@@ -85,11 +93,19 @@ class StartScript:
     def fake_command(self, name: str, *options: str) -> str:
         return shlex.join([PYTHON, str(FAKE_PROCESS), "--record", str(self.root / name), *options])
 
-    async def start(self, **environ: str | None) -> asyncio.subprocess.Process:
+    async def start(
+        self, sigint: str = "SIG_DFL", **environ: str | None
+    ) -> asyncio.subprocess.Process:
+        """Start the script, SIGINT at its default unless `sigint="SIG_IGN"`."""
         merged = self.environ | environ
         final = {name: value for name, value in merged.items() if value is not None}
+        self.supervised_before = self.text().count("on_start: supervising")
         with self.output.open("ab") as output:
             self.process = await asyncio.create_subprocess_exec(
+                PYTHON,
+                "-c",
+                WITH_SIGINT,
+                sigint,
                 str(SCRIPT),
                 env=final,
                 cwd=self.root,
@@ -99,7 +115,9 @@ class StartScript:
             )
         return self.process
 
-    async def exit_status(self, timeout: float = 20.0) -> int:
+    async def exit_status(self, timeout: float = 60.0) -> int:
+        # Deadlines, never delays: generous, since each step of the script starts a Python
+        # process, which takes seconds on a loaded 2-core machine.
         assert self.process is not None
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
@@ -109,10 +127,15 @@ class StartScript:
     def text(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
 
+    async def supervising(self) -> None:
+        """Wait until both children run and the script's signal traps are in place."""
+        marker = "on_start: supervising"
+        await wait_until(lambda: self.text().count(marker) > self.supervised_before, 30.0)
+
     def started_file(self, name: str) -> Path:
         return self.root / name / "started.json"
 
-    async def started(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def started(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         path = self.started_file(name)
         await wait_until(path.exists, timeout)
         started: dict[str, Any] = json.loads(path.read_text())
@@ -225,11 +248,31 @@ async def test_signal_reaches_both_children_and_script_exits(
     script.environ["PYWORKER_CMD"] = script.fake_command("worker", "--term-exit-code", "7")
     process = await script.start()
     await script.started("model")
-    await script.started("worker")
+    await script.started("worker")  # its handlers are in place
+    await script.supervising()  # and so are the script's
     process.send_signal(signum)
 
     assert await script.exit_status() == 7  # the worker's own status after a clean stop
     # SIGINT too becomes SIGTERM: background children of a script ignore SIGINT
+    assert script.signals("model") == ["SIGTERM"]
+    assert script.signals("worker") == ["SIGTERM"]
+    assert f"caught {signum.name}" in script.text()
+
+
+async def test_sigint_ignored_on_entry_stays_ignored_and_sigterm_still_stops(
+    script: StartScript,
+) -> None:
+    script.environ["PYWORKER_CMD"] = script.fake_command("worker", "--term-exit-code", "7")
+    process = await script.start(sigint="SIG_IGN")  # as under `nohup` or `&` in a script
+    await script.started("model")
+    await script.started("worker")
+    await script.supervising()
+    assert "SIGINT was ignored when this script started" in script.text()
+    process.send_signal(signal.SIGINT)  # dropped by the kernel: nothing to wait for
+    process.terminate()
+
+    assert await script.exit_status() == 7
+    assert "caught SIGINT" not in script.text() and "caught SIGTERM" in script.text()
     assert script.signals("model") == ["SIGTERM"]
     assert script.signals("worker") == ["SIGTERM"]
 
@@ -333,6 +376,7 @@ async def test_child_ignoring_sigterm_is_killed_after_the_grace_period(
     process = await script.start()
     await script.started("model")
     worker = await script.started("worker")
+    await script.supervising()
     process.terminate()
 
     assert await script.exit_status() == 128 + signal.SIGKILL
@@ -348,6 +392,7 @@ async def test_every_process_of_the_model_server_is_stopped(script: StartScript)
     model = await script.started("model")
     helper_process = await script.started("helper")
     await script.started("worker")
+    await script.supervising()
     process.terminate()
 
     assert await script.exit_status() == 0
@@ -362,6 +407,7 @@ async def test_without_model_command_only_the_worker_runs(script: StartScript) -
     script.model_log.write_text("written by a model server started elsewhere\n")
     process = await script.start(MODEL_SERVER_CMD="")
     await script.started("worker")
+    await script.supervising()
     process.terminate()
 
     assert await script.exit_status() == 0
@@ -571,6 +617,7 @@ async def test_install_then_update_marker_reinstalls_then_reboot_reuses(
         process = await script.start(PYWORKER_SOURCE=source)
         worker = await script.started("worker", timeout=90)  # making a venv takes seconds
         assert worker["args"] == ["run", "demo"]
+        await script.supervising()
         process.terminate()
         assert await script.exit_status() == 0
 

@@ -51,6 +51,15 @@ def how_to_call(plan: Plan, autoscaler: str, worker: str, state_dir: Path) -> st
     )
 
 
+def token_text(master_token: str, worker: str) -> str:
+    """The MASTER_TOKEN made up for a dev run: what `/status` details and `/metrics` need."""
+    return (
+        f"MASTER_TOKEN for this run (made up: none was set): {master_token}\n"
+        f"  details:    curl -s -H 'Authorization: Bearer {master_token}' {worker}/status"
+        f"  (and /metrics)"
+    )
+
+
 def exchange_text(route: str, payload: Any, body: bytes) -> str:
     """A request and its answer as shown after the demo request."""
     return f"request: POST {route} {_compact(payload)}\nanswer:\n{_answer_text(body)}"

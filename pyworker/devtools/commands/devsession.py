@@ -21,9 +21,9 @@ from typing import TextIO
 import aiohttp
 
 from pyworker.config.dataset import BenchmarkError, load_dataset
-from pyworker.config.loader import ConfigError, load_config
+from pyworker.config.loader import ConfigError, WorkerNotFound, load_config
 from pyworker.devtools.commands.children import Child, ChildExited, Children
-from pyworker.devtools.commands.devoutput import exchange_text, how_to_call, shown
+from pyworker.devtools.commands.devoutput import exchange_text, how_to_call, shown, token_text
 from pyworker.devtools.commands.devplan import DevError, DevOptions, ModelServerMode, Plan
 from pyworker.devtools.commands.devready import WORKER_ID, ReadyWatch
 from pyworker.devtools.commands.devstate import (
@@ -74,6 +74,8 @@ class DevSession:
         self._signals = 0
         # The worker shows its error lines and benchmark only to its MASTER_TOKEN's holder.
         self.master_token = os.environ.get("MASTER_TOKEN") or secrets.token_urlsafe(24)
+        # Printed at start when made up here; a MASTER_TOKEN of the user's is never shown.
+        self.token_made_up = not os.environ.get("MASTER_TOKEN")
 
     # -- the whole run ---------------------------------------------------------------------------
 
@@ -166,7 +168,10 @@ class DevSession:
                 "stop it, or pass --state-dir"
             )
         await asyncio.to_thread(_prepare_state_dir, options.state_dir)
-        config = await asyncio.to_thread(load_config, options.target, options.overrides)
+        try:
+            config = await asyncio.to_thread(load_config, options.target, options.overrides)
+        except WorkerNotFound as error:
+            raise error.for_command("dev") from None
         route = config.benchmark.route or config.routes[0].path
         try:
             payloads = await asyncio.to_thread(load_dataset, config.benchmark)
@@ -268,6 +273,8 @@ class DevSession:
             self.spinner.succeed,
             f"worker {plan.config.name} on {self.session.worker_url} (log: {shown(log)})",
         )
+        if self.token_made_up:
+            await self._note(token_text(self.master_token, self.session.worker_url))
         return child
 
     def worker_environment(self) -> dict[str, str]:
