@@ -243,7 +243,9 @@ def _remote_function(where: str, handler: HandlerConfig) -> RouteFunction:
 
 
 def _response_generator(where: str, handler: HandlerConfig) -> ModelHandler:
-    if streams(handler.response_generator):
+    generator = handler.response_generator
+    assert generator is not None
+    if streams(generator):
         raise UnsupportedField(
             f"{where}.response_generator",
             "streams its answer itself (prepare() on the client's connection), which "
@@ -252,7 +254,7 @@ def _response_generator(where: str, handler: HandlerConfig) -> ModelHandler:
             "with no generator; keep a generator only to return a web.Response built from "
             "the model's answer (docs/migrating.md)",
         )
-    return response_generator_handler(handler.route, handler.response_generator)
+    return response_generator_handler(handler.route, generator)
 
 
 def _check_unique(handlers: list[HandlerConfig]) -> None:
