@@ -19,6 +19,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+
+pytest.importorskip(
+    "vastai", reason="Vast's SDK (the `sdk` extra) is not installed: scripts/test's lowest run"
+)
 from vastai.serverless.client import Endpoint, Serverless
 
 from pyworker.config.environment import Environment

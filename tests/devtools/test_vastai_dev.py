@@ -23,6 +23,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+
+pytest.importorskip(
+    "vastai", reason="Vast's SDK (the `sdk` extra) is not installed: scripts/test's lowest run"
+)
 from vastai.serverless.client import CoroutineServerless, Endpoint, Serverless
 from vastai.serverless.client.session import Session
 
