@@ -77,7 +77,7 @@ def test_the_wheel_installs_offline_into_a_fresh_venv(dist: Path, tmp_path: Path
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv)
     (wheel,) = dist.glob("*.whl")
-    pip = [venv / "bin" / "python", "-m", "pip", "install", "--quiet"]
+    pip: list[str | Path] = [venv / "bin" / "python", "-m", "pip", "install", "--quiet"]
     run(*pip, "--find-links", wheelhouse, wheel)
 
     assert run(venv / "bin" / "pyworker", "--version").strip() == f"pyworker {PROJECT['version']}"
