@@ -1,6 +1,6 @@
 """Every private aiohttp name the worker uses: no other module reads one (a test checks it).
 
-aiohttp has no public way to do three things the worker needs:
+aiohttp has no public way to do two things the worker needs:
 - choose the connection handler of an `AppRunner`'s server, so that a request aiohttp cannot
   parse is answered in JSON (`http_errors`) and connections over the cap are refused
   (`connections`): the runner's `_make_server` is wrapped, and the server's `_loop` and
@@ -8,9 +8,10 @@ aiohttp has no public way to do three things the worker needs:
 - tell whether a client connection is between requests (`_request_in_progress`), so that an idle
   one, and never a busy one, is closed to make room for a new client.
 
-A release may rename any of these: so pyproject.toml caps aiohttp below the next minor release
-(and requirements.txt pins the version CI tested), and the tests of `http_errors` and
-`connections` fail on a release that moves them, before a fleet installs it.
+A release may rename any of these: so pyproject.toml caps aiohttp below the next minor release,
+requirements.txt pins the version CI tested, and tests/serving/test_hostile_input.py (a JSON 400
+for what aiohttp cannot parse) and test_resources.py (idle connections make room, busy ones are
+kept) fail on a release that moves them, before a fleet installs it.
 """
 
 from __future__ import annotations

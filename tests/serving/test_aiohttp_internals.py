@@ -2,7 +2,7 @@
 aiohttp release that moves one is met in one small module, whose reason is written there.
 
 What a release that moves one breaks (a JSON 400 for an unparseable request, the connection
-cap) is tested by test_hostile_input.py and test_resources.py.
+cap) is tested in test_hostile_input.py and test_resources.py.
 """
 
 from __future__ import annotations
