@@ -17,7 +17,8 @@ class Color(StrEnum):
 
 
 def test_str_enum_members_are_their_value_as_strings() -> None:
-    assert Color.RED == "red"
+    value: str = Color.RED
+    assert value == "red"
     assert isinstance(Color.RED, str)
     assert str(Color.RED) == "red"
     assert f"{Color.RED}" == "red"

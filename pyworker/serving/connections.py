@@ -23,7 +23,8 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from pyworker.serving.http_errors import JsonErrorServer, rebuild_server
+from pyworker.serving.aiohttp_internals import RemadeServerRunner, between_requests, remake_server
+from pyworker.serving.http_errors import JsonErrorServer
 
 logger = logging.getLogger(__name__)
 
@@ -168,22 +169,20 @@ class CappedServer(JsonErrorServer):
         super().connection_lost(handler, exc)
 
     def _close_oldest_idle(self) -> bool:
-        for handler in self._connections:  # oldest first
-            busy = getattr(handler, "_request_in_progress", True)
-            if not busy and handler.transport is not None:
+        for handler in self.connections:  # oldest first
+            if between_requests(handler) and handler.transport is not None:
                 handler.force_close()
                 self.closed_idle += 1
                 return True
         return False
 
 
-class CappedAppRunner(web.AppRunner):
+class CappedAppRunner(RemadeServerRunner):
     """An AppRunner whose server is a `CappedServer`."""
 
     def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
 
-    async def _make_server(self) -> web.Server:
-        built = await super()._make_server()
-        return rebuild_server(built, CappedServer, max_connections=self._max_connections)
+    def remake_server(self, server: web.Server) -> web.Server:
+        return remake_server(server, CappedServer, max_connections=self._max_connections)

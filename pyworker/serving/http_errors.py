@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
@@ -22,6 +21,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
+from pyworker.serving.aiohttp_internals import RemadeServerRunner, connection_handler, remake_server
 from pyworker.serving.limits import BodyAbandoned
 from pyworker.serving.responses import error_response, json_response
 
@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
-Built = TypeVar("Built", bound=web.Server)
 
 
 @web.middleware
@@ -110,23 +109,11 @@ class JsonErrorServer(web.Server):
     """aiohttp's server, whose connections answer malformed requests and crashes in JSON."""
 
     def __call__(self) -> RequestHandler:
-        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        return connection_handler(self, _JsonErrorRequestHandler)
 
 
-class JsonErrorRunner(web.AppRunner):
+class JsonErrorRunner(RemadeServerRunner):
     """An `AppRunner` whose connections answer even unparseable requests in JSON."""
 
-    async def _make_server(self) -> web.Server:
-        return rebuild_server(await super()._make_server(), JsonErrorServer)
-
-
-def rebuild_server(server: web.Server, server_class: type[Built], **options: Any) -> Built:
-    """`server` remade as a `server_class`: the same handler and settings, plus `options`."""
-    return server_class(
-        server.request_handler,
-        request_factory=server.request_factory,
-        handler_cancellation=server.handler_cancellation,
-        loop=server._loop,
-        **options,
-        **server._kwargs,
-    )
+    def remake_server(self, server: web.Server) -> web.Server:
+        return remake_server(server, JsonErrorServer)

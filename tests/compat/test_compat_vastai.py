@@ -422,7 +422,7 @@ async def test_reference_worker_runs_with_its_import_line_changed(
             assert model.received[-1][0] == example.route
 
             def reported_load() -> float:
-                return sum(report["new_load"] for report in scene.autoscaler.worker_status)
+                return float(sum(report["new_load"] for report in scene.autoscaler.worker_status))
 
             await scene.wait_report(lambda report: reported_load() > 0)
             assert reported_load() == pytest.approx(example.workload)

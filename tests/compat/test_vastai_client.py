@@ -19,6 +19,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+
+pytest.importorskip(
+    "vastai", reason="Vast's SDK (the `sdk` extra) is not installed: scripts/test's lowest run"
+)
 from vastai.serverless.client import Endpoint, Serverless
 
 from pyworker.config.environment import Environment
@@ -35,8 +39,10 @@ API_KEY = "local-test-key"
 WORKER_ID = 7
 
 
-class OfflineServerless(Serverless):
+class OfflineServerless(Serverless):  # type: ignore[misc]  # vastai is untyped
     """`Serverless` without its download of https://console.vast.ai/static/jvastai_root.cer."""
+
+    _ssl_context: ssl.SSLContext | None
 
     async def get_ssl_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:

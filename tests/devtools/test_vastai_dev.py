@@ -23,6 +23,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+
+pytest.importorskip(
+    "vastai", reason="Vast's SDK (the `sdk` extra) is not installed: scripts/test's lowest run"
+)
 from vastai.serverless.client import CoroutineServerless, Endpoint, Serverless
 from vastai.serverless.client.session import Session
 
@@ -34,8 +38,10 @@ COMPLETION = {"prompt": "hello", "max_tokens": 5}
 STARTUP_TIMEOUT = 90.0
 
 
-class OfflineServerless(Serverless):
+class OfflineServerless(Serverless):  # type: ignore[misc]  # vastai is untyped
     """`Serverless` without its download of Vast.ai's root certificate (plain HTTP here)."""
+
+    _ssl_context: ssl.SSLContext | None
 
     async def get_ssl_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -43,7 +49,9 @@ class OfflineServerless(Serverless):
         return self._ssl_context
 
 
-class OfflineCoroutineServerless(CoroutineServerless):
+class OfflineCoroutineServerless(CoroutineServerless):  # type: ignore[misc]  # vastai is untyped
+    _ssl_context: ssl.SSLContext | None
+
     async def get_ssl_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
             self._ssl_context = ssl.create_default_context()

@@ -71,7 +71,7 @@ async def test_extreme_values_answer_200_and_parse(
     worker = scrape.worker
     figures = worker.metrics.routes["/echo"]
     figures.workload_received = math.nan
-    figures.workload_served = HUGE  # type: ignore[assignment]
+    figures.workload_served = HUGE
     figures.latency.observe(math.inf)
     figures.latency.observe(1e308)
     worker.status.max_perf = math.inf

@@ -167,7 +167,7 @@ async def test_fails_over_to_the_next_address(autoscaler: Autoscaler) -> None:
     async with running(reporter):
         ledger.finish(ledger.receive(1, "/r", 1), Outcome.ERROR, 500)
         status.set_state(WorkerState.LOADING)
-        await wait_until(lambda: len(autoscaler.statuses) >= 1 and autoscaler.finished_idxs())
+        await wait_until(lambda: len(autoscaler.statuses) >= 1 and bool(autoscaler.finished_idxs()))
     assert autoscaler.finished_idxs() == [1]
 
 

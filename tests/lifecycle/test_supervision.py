@@ -303,7 +303,7 @@ async def test_a_session_close_call_that_crashes_is_logged_and_the_worker_serves
     async def crash(session: object) -> None:
         raise RuntimeError("close call crashed")
 
-    worker.sessions._notify = crash  # type: ignore[assignment,method-assign]
+    worker.sessions._notify = crash  # type: ignore[method-assign]
     body = {"auth_data": scene.keypair.auth_data(request_idx=41), "payload": {"lifetime": 60}}
     body["payload"]["on_close_route"] = "/closed"
     async with scene.session.post(scene.url + "/session/create", json=body) as answer:
@@ -320,7 +320,7 @@ async def test_a_session_close_call_that_crashes_is_logged_and_the_worker_serves
 # --- the GPU sampler thread -------------------------------------------------------------------
 def test_the_gpu_sampler_survives_failing_readings(caplog: pytest.LogCaptureFixture) -> None:
     nvml = FakeNvml([FakeGpu()])
-    monitor = GpuMonitor(nvml)  # type: ignore[arg-type]
+    monitor = GpuMonitor(nvml)
     failures = 3
     original = monitor.sample
     lock = threading.Lock()
@@ -350,7 +350,7 @@ def test_the_gpu_sampler_survives_failing_readings(caplog: pytest.LogCaptureFixt
 
 
 def test_the_gpu_sampler_gives_up_after_failures_in_a_row() -> None:
-    monitor = GpuMonitor(FakeNvml([FakeGpu()]))  # type: ignore[arg-type]
+    monitor = GpuMonitor(FakeNvml([FakeGpu()]))
 
     def broken() -> Any:
         raise RuntimeError("GPU gone")

@@ -494,4 +494,5 @@ async def test_bad_input_does_not_disturb_other_clients(
 async def _status(worker: RunningWorker, path: str, body: Any) -> int:
     async with worker.post(path, body) as response:
         await response.read()
-        return response.status
+        status: int = response.status
+        return status

@@ -337,7 +337,7 @@ async def test_numbers_at_their_limits_and_as_strings_are_served_and_reported_ex
     await hostile.wait_reported(0)
 
     def served() -> float:
-        return sum(report["cur_perf"] for report in hostile.autoscaler.worker_status)
+        return float(sum(report["cur_perf"] for report in hostile.autoscaler.worker_status))
 
     await wait_until(lambda: served() >= MAX_WORKLOAD + 12.5)
     assert served() == MAX_WORKLOAD + 12.5
@@ -424,7 +424,7 @@ async def test_a_payload_nested_too_deeply_is_422_and_not_an_engine_error(
     hostile: Hostile,
 ) -> None:
     for path in ("/echo", "/hooked", "/session/create"):
-        body = {"auth_data": hostile.auth(), "payload": {"deep": nested(300)}}
+        body: Any = {"auth_data": hostile.auth(), "payload": {"deep": nested(300)}}
         status, answer = await hostile.post(path, body)
         assert status == 422, (path, answer)
         assert "levels deep" in answer["payload"]
@@ -444,7 +444,10 @@ async def test_a_payload_nested_too_deeply_is_422_and_not_an_engine_error(
 async def test_deep_session_fields_are_422_and_session_routes_keep_answering(
     hostile: Hostile,
 ) -> None:
-    payload = {"on_close_route": "/closed", "on_close_payload": {"deep": nested(300)}}
+    payload: dict[str, Any] = {
+        "on_close_route": "/closed",
+        "on_close_payload": {"deep": nested(300)},
+    }
     status, answer = await hostile.post(
         "/session/create", {"auth_data": hostile.auth(), "payload": payload}
     )

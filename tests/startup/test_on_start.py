@@ -564,6 +564,10 @@ async def test_installed_pyworker_is_reused_without_pip(
     assert calls.read_text().splitlines() == ["-I -c import pyworker"]
 
 
+DISTRIBUTION = "pyworker_serverless"
+"""pyworker's distribution name as wheel file names spell it."""
+
+
 def dummy_wheel(folder: Path, version: str, worker_command: str) -> Path:
     """A pyworker wheel whose `pyworker` command execs `worker_command`: installs offline."""
     files = {
@@ -573,13 +577,13 @@ def dummy_wheel(folder: Path, version: str, worker_command: str) -> Path:
             f"    command = shlex.split({worker_command!r}) + sys.argv[1:]\n"
             "    os.execv(command[0], command)\n"
         ),
-        f"pyworker-{version}.dist-info/METADATA": (
-            f"Metadata-Version: 2.1\nName: pyworker\nVersion: {version}\n"
+        f"{DISTRIBUTION}-{version}.dist-info/METADATA": (
+            f"Metadata-Version: 2.1\nName: pyworker-serverless\nVersion: {version}\n"
         ),
-        f"pyworker-{version}.dist-info/WHEEL": (
+        f"{DISTRIBUTION}-{version}.dist-info/WHEEL": (
             "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
-        f"pyworker-{version}.dist-info/entry_points.txt": (
+        f"{DISTRIBUTION}-{version}.dist-info/entry_points.txt": (
             "[console_scripts]\npyworker = pyworker:main\n"
         ),
     }
@@ -588,9 +592,9 @@ def dummy_wheel(folder: Path, version: str, worker_command: str) -> Path:
         digest = hashlib.sha256(text.encode()).digest()
         encoded = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
         record.append(f"{name},sha256={encoded},{len(text.encode())}")
-    record_name = f"pyworker-{version}.dist-info/RECORD"
+    record_name = f"{DISTRIBUTION}-{version}.dist-info/RECORD"
     files[record_name] = "\n".join([*record, f"{record_name},,"]) + "\n"
-    wheel = folder / f"pyworker-{version}-py3-none-any.whl"
+    wheel = folder / f"{DISTRIBUTION}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         for name, text in files.items():
             archive.writestr(name, text)
@@ -606,7 +610,7 @@ async def test_install_then_update_marker_reinstalls_then_reboot_reuses(
     script.environ |= {"PYWORKER_CMD": "", "PYWORKER_PIP_ARGS": "--no-index --quiet"}
 
     def installed_version() -> str:
-        code = "import importlib.metadata as m; print(m.version('pyworker'))"
+        code = "import importlib.metadata as m; print(m.version('pyworker-serverless'))"
         found = subprocess.run(
             [venv / "bin" / "python", "-I", "-c", code], capture_output=True, text=True, check=True
         )

@@ -107,7 +107,8 @@ def tensors(shape: ModelShape, words: Vocabulary) -> dict[str, npt.NDArray[np.fl
         weights: npt.NDArray[np.float32] = random.standard_normal((outputs, inputs)).astype(
             np.float32
         )
-        return weights * np.float32(scale)
+        scaled: npt.NDArray[np.float32] = weights * np.float32(scale)
+        return scaled
 
     def ones(size: int) -> npt.NDArray[np.float32]:
         return np.ones(size, dtype=np.float32)

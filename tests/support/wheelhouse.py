@@ -21,7 +21,6 @@ import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -36,9 +35,7 @@ def build_wheelhouse(requirements: Iterable[str], folder: Path) -> list[Path]:
     wheels = []
     while pending:
         requirement, extra = pending.pop()
-        if requirement.marker and not requirement.marker.evaluate(
-            {**default_environment(), "extra": extra}
-        ):
+        if requirement.marker and not requirement.marker.evaluate({"extra": extra}):
             continue
         name = canonicalize_name(requirement.name)
         extras = sorted(requirement.extras)

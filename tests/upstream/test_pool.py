@@ -506,7 +506,12 @@ async def test_a_body_in_parts_arrives_whole_under_its_own_content_type(
     server, url = await serve(script)
     pool = pools(url)
     large = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # many slices, past the socket buffer
-    parts = [b"--b\r\n", large, bytearray(b"\r\n--b--\r\n"), memoryview(b"tail")]
+    parts: list[bytes | bytearray | memoryview] = [
+        b"--b\r\n",
+        large,
+        bytearray(b"\r\n--b--\r\n"),
+        memoryview(b"tail"),
+    ]
     body = EncodedBody("multipart/form-data; boundary=b", parts)
     async with pool.post("/v1/audio/transcriptions", body) as upstream:
         assert await upstream.read() == b"%d" % body.length

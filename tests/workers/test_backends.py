@@ -210,7 +210,7 @@ WORKFLOW_JOB = {
 def test_comfyui_json_accepts_both_shapes_unchanged_and_refuses_no_input() -> None:
     for job in (MODIFIER_JOB, WORKFLOW_JOB):
         assert comfyui_json.check_payload(job) is job
-    bad = [
+    bad: list[tuple[Any, str]] = [
         ({}, "`input` must be an object"),
         ({"input": "x"}, "`input` must be an object"),
         ({"input": {"workflow_json": "{}"}}, "input.workflow_json"),

@@ -70,7 +70,8 @@ def run_installed(site: Path, cwd: Path, *arguments: str) -> subprocess.Complete
 
 def test_the_wheel_holds_only_pyworker_with_its_workers_and_their_data(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    assert {name.split("/")[0] for name in names} == {"pyworker", "pyworker-0.1.0.dist-info"}
+    top = {name.split("/")[0] for name in names}
+    assert top == {"pyworker", "pyworker_serverless-0.1.0.dist-info"}
     for data in [
         "pyworker/workers/hello_world/benchmark.jsonl",
         "pyworker/workers/openai/benchmark.jsonl",

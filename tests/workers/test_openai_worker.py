@@ -16,12 +16,12 @@ import pytest
 from pyworker.lifecycle.benchmark import produced_documents
 from pyworker.lifecycle.logfollow import LineKind, LogFollower
 from pyworker.lifecycle.readiness import log_patterns
+from pyworker.workers.openai.engines import ServerKind
 from pyworker.workers.openai.worker import (
     BENCHMARK_FILE,
     CHAT,
     COMPLETIONS,
     DEFAULT_MAX_TOKENS,
-    ServerKind,
     build_worker,
     produced_tokens,
     workload,

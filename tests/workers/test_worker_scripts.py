@@ -56,7 +56,7 @@ class StandIn:
             deltas = [{"choices": [{"delta": {"content": part}}]} for part in ("Hel", "lo")]
             return await self.sse(request, [*deltas, {"choices": [], "usage": usage}])
         if request.path == "/generate_stream":
-            events = [
+            events: list[dict[str, Any]] = [
                 {"token": {"text": "x"}},
                 {"token": {"text": "y"}, "details": {"generated_tokens": 7}},
             ]

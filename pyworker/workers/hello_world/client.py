@@ -55,7 +55,7 @@ async def complete_with_aiohttp(autoscaler: str, prompt: str, max_tokens: int) -
 
 async def complete_with_vastai(autoscaler: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     """The same request through vastai's `Serverless` client (`pip install vastai`)."""
-    from vastai.serverless.client import Endpoint, Serverless  # type: ignore[import-untyped]
+    from vastai.serverless.client import Endpoint, Serverless
 
     class LocalServerless(Serverless):  # type: ignore[misc]
         async def get_ssl_context(self) -> ssl.SSLContext:
