@@ -76,7 +76,7 @@ class HandlerConfig:
     response_generator: ClientResponseGenerator | None = None
     workload_calculator: WorkloadCalculator | None = None
     is_remote_dispatch: bool = False
-    remote_function: Callable[..., Awaitable[Any]] | None = None
+    remote_function: Callable[..., Any] | None = None
 
 
 @dataclass

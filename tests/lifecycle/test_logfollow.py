@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pyworker.lifecycle import logfollow
+from pyworker.lifecycle import logfollow, regular_files
 from pyworker.lifecycle.logfollow import (
     FollowState,
     LineKind,
@@ -95,7 +95,7 @@ async def test_a_special_file_at_the_path_gets_one_warning_per_change_and_never_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     looks = 0
-    open_regular = logfollow.open_regular
+    open_regular = regular_files.open_regular
 
     def counted(*arguments: Any, **options: Any) -> Any:
         nonlocal looks

@@ -114,7 +114,7 @@ def trust_only(cert_file: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLConte
     server.load_cert_chain(cert_file, cert_file.with_suffix(".key"))
     client = ssl.create_default_context(cafile=str(cert_file))
     client.check_hostname = False  # the certificate names pyworker.vast.ai, not 127.0.0.1
-    monkeypatch.setattr(messages.ssl, "create_default_context", lambda: client)
+    monkeypatch.setattr(ssl, "create_default_context", lambda: client)
     return server
 
 

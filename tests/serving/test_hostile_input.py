@@ -532,8 +532,8 @@ async def test_a_deep_member_anywhere_in_the_envelope_is_422_naming_it(
     assert hostile.model.received == []
     assert hostile.state.ledger.in_progress == 1 and len(hostile.state.sessions) == 1
     # The session still works, and so does a request outside it.
-    body = {"auth_data": auth, "payload": {"in": "session"}, "session_id": created["session_id"]}
-    assert await hostile.post("/echo", body) == (200, {"ok": True})
+    inside = {"auth_data": auth, "payload": {"in": "session"}, "session_id": created["session_id"]}
+    assert await hostile.post("/echo", inside) == (200, {"ok": True})
     await hostile.serves_a_valid_request()
 
 
@@ -577,8 +577,8 @@ async def test_a_deep_member_of_a_session_query_is_422_naming_it(
         assert (status, answer) == (422, {"error": "invalid request", name: TOO_DEEP}), name
     assert_no_traceback(caplog)
     assert len(hostile.state.sessions) == 1
-    query = {"session_id": session_id, "session_auth": auth}
-    status, _ = await hostile.post(path, query)
+    valid = {"session_id": session_id, "session_auth": auth}
+    status, _ = await hostile.post(path, valid)
     assert status == 200
     await hostile.serves_a_valid_request()
 

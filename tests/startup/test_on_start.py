@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import sys
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -127,6 +128,10 @@ class StartScript:
     def text(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
 
+    def caught(self, name: str) -> bool:
+        """Whether the script logged that it caught (and ignored) signal `name`."""
+        return f"caught {name}: ignored" in self.text()
+
     async def supervising(self) -> None:
         """Wait until both children run and the script's signal traps are in place."""
         marker = "on_start: supervising"
@@ -236,7 +241,7 @@ async def test_rotates_model_log_and_starts_both_children(script: StartScript) -
 async def test_worker_target_comes_from_pyworker_worker_or_backend(
     script: StartScript, environ: dict[str, str | None], target: str
 ) -> None:
-    await script.start(**environ)
+    await script.start(**cast(dict[str, Any], environ))
     worker = await script.started("worker")
     assert worker["args"] == ["run", target]
 
@@ -308,8 +313,7 @@ async def test_sigquit_and_sigusr_are_ignored_by_the_script_and_not_forwarded(
     worker = await script.started("worker")
     for signum in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         process.send_signal(signum)
-        name = signum.name
-        await wait_until(lambda name=name: f"caught {name}: ignored" in script.text())
+        await wait_until(functools.partial(script.caught, signum.name))
     assert process.returncode is None and running(worker["pid"])
     assert script.signals("model") == [] and script.signals("worker") == []
 
@@ -515,7 +519,7 @@ async def test_bootstrap_failure_is_reported_to_every_address(
 ) -> None:
     if environ.get("PYWORKER_VENV") == BROKEN_VENV:
         environ = environ | {"PYWORKER_VENV": str(failing_python(tmp_path / "broken-venv"))}
-    await script.start(**environ)
+    await script.start(**cast(dict[str, Any], environ))
 
     assert await script.exit_status() == 1
     report = await assert_reported_to_both(autoscalers)

@@ -73,7 +73,7 @@ async def test_textgen_loads_in_process_benchmarks_serves_and_streams(
                 assert answer.status == 422 and "max_tokens" in (await answer.json())["error"]
 
         def reported_load() -> float:
-            return sum(report["new_load"] for report in autoscaler.worker_status)
+            return float(sum(report["new_load"] for report in autoscaler.worker_status))
 
         await autoscaler.wait_report(lambda report: reported_load() >= 100)
         assert reported_load() == 100  # the max_tokens of the two served requests
