@@ -317,7 +317,6 @@ worker = WorkerConfig(
     benchmark=BenchmarkConfig(
         route="/workflow",
         dataset_file=str(HERE / "benchmark.json"),
-        rounds=3,
     ),
 )
 
