@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,9 @@ class Readiness:
         cached = await asyncio.to_thread(read_cache, cache_file, key)
         if cached is not None:
             logger.info("benchmark cache hit: perf %.2f/s", cached.perf)
+            previous = self.benchmark
+            if previous is not None and previous.key == key:
+                cached = replace(previous, cached=True)  # keeps the curve measured here
             self.benchmark = cached
             return cached
         payloads = await asyncio.to_thread(load_dataset, settings)

@@ -1,16 +1,23 @@
 """A fake batching engine on loopback whose capacity is known from its model.
 
 It decodes like vLLM or llama-server: up to `slots` sequences at once, one token each per
-step, more waiting in a queue. A step with `b` sequences takes `step * (1 + b / slots)`
-seconds, so throughput `b / (step * (1 + b / slots))` tokens/s grows with what is in flight
-up to `slots` and is flat beyond: the capacity is `slots / (2 * step)`. Steps are scheduled
+step, more waiting in a queue. A step with `b` sequences takes `step * (1 + 4 * b / slots)`
+seconds (a fixed cost, and a cost per sequence), so throughput grows with what is in flight
+up to `slots` (by 20 % or more at each doubling) and is flat beyond: the capacity is
+`slots / (5 * step)` tokens/s. Steps are scheduled
 on absolute times, so a late wake-up of a loaded machine shortens the next step instead of
-losing tokens. `POST /v1/completions {"max_tokens": n}` answers after n tokens, with `usage`.
+losing tokens. `POST /v1/completions {"max_tokens": n}` answers after n tokens, with `usage`;
+`GET /props` says `total_slots` as llama-server does; `GET /stats` what it saw.
+
+Run it in its own process (`python -m tests.support.batching_engine --slots 64 --step 0.005`,
+which prints `listening on URL`) so that its clock does not share the benchmark's CPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,11 +44,23 @@ class BatchingEngine:
     @property
     def capacity(self) -> float:
         """Tokens per second with every slot busy."""
-        return self.slots / (2 * self.step)
+        return self.throughput(self.slots)
 
     def throughput(self, in_flight: int) -> float:
+        """Tokens per second with `in_flight` requests always there."""
         batch = min(in_flight, self.slots)
-        return batch / (self.step * (1 + batch / self.slots))
+        return batch / self.step_seconds(batch)
+
+    def closed_loop(self, in_flight: int, mean_tokens: float) -> float:
+        """Tokens per second of a closed loop of `in_flight` up to `slots`: a request sent as
+        another ends joins at the next step, so a slot is idle one step a request and carries
+        `mean / (mean + 1)` sequences on average."""
+        assert in_flight <= self.slots
+        busy = in_flight * mean_tokens / (mean_tokens + 1)
+        return busy / (self.step * (1 + 4 * busy / self.slots))
+
+    def step_seconds(self, batch: int) -> float:
+        return self.step * (1 + 4 * batch / self.slots)
 
     async def run(self) -> None:
         active: list[Sequence] = []
@@ -54,7 +73,7 @@ class BatchingEngine:
                 await self._arrived.wait()
                 next_at = time.monotonic()
                 continue
-            next_at += self.step * (1 + len(active) / self.slots)
+            next_at += self.step_seconds(len(active))
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             for sequence in active:
                 sequence.remaining -= 1
@@ -81,11 +100,15 @@ class BatchingEngine:
     async def props(self, request: web.Request) -> web.Response:
         return web.json_response({"total_slots": self.slots})
 
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"peak_in_flight": self.peak_in_flight, "requests": self.requests})
+
 
 def create_app(engine: BatchingEngine) -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/completions", engine.completions)
     app.router.add_get("/props", engine.props)
+    app.router.add_get("/stats", engine.stats)
 
     async def decode(app: web.Application) -> object:
         task = asyncio.create_task(engine.run())
@@ -94,3 +117,22 @@ def create_app(engine: BatchingEngine) -> web.Application:
 
     app.cleanup_ctx.append(decode)  # type: ignore[arg-type]
     return app
+
+
+async def serve(slots: int, step: float) -> None:
+    runner = web.AppRunner(create_app(BatchingEngine(slots, step)), access_log=None)
+    await runner.setup()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, listener)
+    await site.start()
+    print(f"listening on http://127.0.0.1:{listener.getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slots", type=int, required=True)
+    parser.add_argument("--step", type=float, required=True)
+    arguments = parser.parse_args()
+    asyncio.run(serve(arguments.slots, arguments.step))
