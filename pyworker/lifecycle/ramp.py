@@ -136,6 +136,8 @@ class ClosedLoop:
             if work is None:
                 del self.in_flight[index]
                 await asyncio.sleep(FAILURE_PAUSE)
+            else:
+                await asyncio.sleep(0)  # a handler that never suspends must not starve the loop
 
     async def wait_until_started_after(
         self, moment: float, deadline: float, one_ended: bool = False
