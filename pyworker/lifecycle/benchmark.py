@@ -204,7 +204,10 @@ class Benchmark:
                 f"no benchmark figure within max_seconds {self.config.max_seconds:g}"
                 " (the model answered too slowly for one measurement window)"
             )
-        message = f"every benchmark request to {self.route.model_path} failed"
+        if all(step.failed == step.requests for step in outcome.steps):
+            message = f"every benchmark request to {self.route.model_path} failed"
+        else:
+            message = f"benchmark requests to {self.route.model_path} failed: {outcome.stopped}"
         if self.last_failure:
             message += f" (last answer: {self.last_failure})"
         if self.config.failure_hint:
