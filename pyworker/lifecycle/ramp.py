@@ -30,8 +30,10 @@ MAX_WINDOWS = 6
 """Windows at most per step; an unsteady step takes their median."""
 MIN_WINDOW = 0.02
 WINDOW_LATENCIES = 2.0
-"""A window lasts one median request latencies, at least 20 ms: a fast server is done in
-well under a second, a slow one measures over several requests."""
+WINDOW_REQUESTS = 8
+"""A window lasts two mean request latencies, and long enough for eight requests to end
+(eight latencies with one in flight), at least 20 ms: a fast server is done in well under a
+second, a slow one measures over several requests."""
 FAILED_SHARE = 0.05
 """A step where more than 5 % of the requests fail ends the ramp and is not chosen."""
 FAILURE_PAUSE = 0.05
@@ -196,7 +198,7 @@ async def ramp(send: Send, payloads: Iterator[JSONObject], settings: RampSetting
             if step.windows:
                 steps.append(step)
                 log_step(step, loop.last_error)
-            verdict, best = judge(step, best, settings)
+            verdict, best = judge(step, best, settings, steps[-2:-1])
             if verdict:
                 stopped = verdict
                 break
@@ -205,8 +207,14 @@ async def ramp(send: Send, payloads: Iterator[JSONObject], settings: RampSetting
     return RampOutcome(steps, best, stopped)
 
 
-def judge(step: Step, best: Step | None, settings: RampSettings) -> tuple[str, Step | None]:
-    """Why the ramp ends after `step` ("" to go on), and the best step so far."""
+def judge(
+    step: Step, best: Step | None, settings: RampSettings, before: list[Step]
+) -> tuple[str, Step | None]:
+    """Why the ramp ends after `step` ("" to go on), and the best step so far.
+
+    A step that did not grow ends the ramp when its windows agreed; an unsteady one (a noisy
+    machine) gets one more doubling, unless the step `before` it did not grow either.
+    """
     n = step.concurrency
     if not step.windows:
         return "time budget spent", best
@@ -218,9 +226,10 @@ def judge(step: Step, best: Step | None, settings: RampSettings) -> tuple[str, S
             return f"p90 latency {step.p90:.3g} s over the limit {limit:g} s even at 1", step
         return f"p90 latency {step.p90:.3g} s over the limit {limit:g} s at {n} in flight", best
     grew = best is None or step.perf > best.perf * (1 + GROWTH)
+    stalled_before = bool(before) and before[0] is not best
     if best is None or step.perf > best.perf:
         best = step
-    if not grew:
+    if not grew and (step.steady or stalled_before or n >= settings.ceiling):
         return f"throughput stopped growing at {n} in flight", best
     if time.monotonic() >= settings.deadline:
         return "time budget spent", best
@@ -238,7 +247,8 @@ async def measure_step(loop: ClosedLoop, concurrency: int, settings: RampSetting
     try:
         await loop.wait_until_started_after(changed, settings.deadline, one_ended=True)
         warm = [r.ended - r.started for r in loop.records if r.ended >= changed]
-        window = max(MIN_WINDOW, WINDOW_LATENCIES * statistics.median(warm or [0.0]))
+        latency = statistics.fmean(warm or [0.0])
+        window = max(MIN_WINDOW, latency * max(WINDOW_LATENCIES, WINDOW_REQUESTS / concurrency))
         start = time.monotonic()
         loop.records = [r for r in loop.records if r.ended > start]
         while len(step.windows) < MAX_WINDOWS:
