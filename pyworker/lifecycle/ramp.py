@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -38,6 +39,8 @@ FAILED_SHARE = 0.05
 """A step where more than 5 % of the requests fail ends the ramp and is not chosen."""
 FAILURE_PAUSE = 0.05
 """A failed request's sender waits this long before the next: a dead server is not hammered."""
+DRAIN_SECONDS = 30.0
+"""How long the ramp's last requests may take to end before they are cancelled."""
 MAX_LATENCIES = 50_000
 """Latencies kept per step for its percentiles."""
 
@@ -112,6 +115,7 @@ class ClosedLoop:
         self.finished = asyncio.Event()
         self.latest_end = 0.0
         self.last_error = ""
+        self.stopping = False
 
     def grow(self, target: int) -> None:
         while len(self.tasks) < target:
@@ -121,7 +125,7 @@ class ClosedLoop:
         return min(self.in_flight.values(), default=time.monotonic())
 
     async def _sender(self, index: int) -> None:
-        while True:
+        while not self.stopping:
             payload = next(self.payloads)
             started = time.monotonic()
             self.in_flight[index] = started
@@ -157,6 +161,12 @@ class ClosedLoop:
                 raise BudgetSpent from None
 
     async def close(self) -> None:
+        """Send no more; let the requests in flight end (the engine would go on with them
+        anyway, under the worker's first real requests), cancelling what is left after
+        DRAIN_SECONDS."""
+        self.stopping = True
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=DRAIN_SECONDS)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -194,7 +204,7 @@ async def ramp(send: Send, payloads: Iterator[JSONObject], settings: RampSetting
     stopped = f"reached the ceiling of {settings.ceiling} in flight"
     try:
         for concurrency in concurrency_steps(settings.ceiling):
-            step = await measure_step(loop, concurrency, settings)
+            step = await measure_step(loop, concurrency, settings, first=best is None)
             if step.windows:
                 steps.append(step)
                 log_step(step, loop.last_error)
@@ -238,23 +248,32 @@ def judge(
     return "", best
 
 
-async def measure_step(loop: ClosedLoop, concurrency: int, settings: RampSettings) -> Step:
-    """Warm up at `concurrency`, then measure windows until two agree or the budget ends."""
+async def measure_step(
+    loop: ClosedLoop, concurrency: int, settings: RampSettings, first: bool = False
+) -> Step:
+    """Warm up at `concurrency`, then measure windows until two agree or the budget ends.
+
+    The `first` step with a figure measures one window whatever the budget, so that a model
+    slower than the budget (minutes a job) still gets a figure; windows then shrink to fit.
+    """
     step = Step(concurrency)
     changed = time.monotonic()
     loop.grow(concurrency)
     latencies: list[float] = []
+    patient = math.inf if first else settings.deadline
     try:
-        await loop.wait_until_started_after(changed, settings.deadline, one_ended=True)
+        await loop.wait_until_started_after(changed, patient, one_ended=True)
         warm = [r.ended - r.started for r in loop.records if r.ended >= changed]
         latency = statistics.fmean(warm or [0.0])
-        window = max(MIN_WINDOW, latency * max(WINDOW_LATENCIES, WINDOW_REQUESTS / concurrency))
+        wanted = latency * max(WINDOW_LATENCIES, WINDOW_REQUESTS / concurrency)
+        left = (settings.deadline - time.monotonic()) / 3
+        window = max(MIN_WINDOW, min(wanted, left))
         start = time.monotonic()
         loop.records = [r for r in loop.records if r.ended > start]
         while len(step.windows) < MAX_WINDOWS:
             end = start + window
             await asyncio.sleep(max(0.0, end - time.monotonic()))
-            await loop.wait_until_started_after(end, settings.deadline)
+            await loop.wait_until_started_after(end, settings.deadline if step.windows else patient)
             step.windows.append(prorata(loop.records, start, end))
             _count(step, loop.records, end, latencies)
             loop.records = [r for r in loop.records if r.ended > end]
