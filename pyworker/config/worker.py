@@ -293,7 +293,7 @@ class BenchmarkConfig(_Model):
     """Where the engine declares how many requests it serves at once: the ramp's ceiling."""
     max_seconds: float = Field(default=60.0, gt=0, le=86_400)
     """The benchmark's time budget after its first answer: past it the ramp ends with the best
-    figure so far (the log says so)."""
+    figure so far (the log says so). The first figure is measured whatever the budget."""
     latency_limit: float | None = Field(default=None, gt=0)
     """The 90th percentile of request latency, in seconds, a step may reach: the ramp keeps the
     highest number in flight within it. None: throughput alone decides."""
