@@ -18,7 +18,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     """The whole command line; without `tools`, only `run`.
 
     `pyworker run` is what every GPU worker executes, for its whole life: leaving out the
-    developer commands (dev, call, load and the local autoscaler they import) keeps about
+    developer commands (dev, call, load, bench and the local autoscaler they import) keeps about
     1.4 MiB out of its memory.
     """
     parser = argparse.ArgumentParser(prog="pyworker", description=__doc__)
@@ -40,9 +40,9 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--log-level", default=os.environ.get("PYWORKER_LOG_LEVEL", "INFO"))
     run.set_defaults(handler=command_run)
     if tools:
-        from pyworker.devtools.commands import call, dev, load
+        from pyworker.devtools.commands import bench, call, dev, load
 
-        for command in (dev, call, load):
+        for command in (dev, call, load, bench):
             command.add_parser(commands)
     return parser
 

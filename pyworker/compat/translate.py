@@ -299,7 +299,7 @@ def _benchmark(config: WorkerConfig, handlers: list[HandlerConfig]) -> dict[str,
             "route": route,
             "dataset": _dataset("WorkerConfig.benchmark_data", config.benchmark_data),
             "rounds": REFERENCE_RUNS,
-            "concurrency": REFERENCE_CONCURRENCY,
+            "max_concurrency": REFERENCE_CONCURRENCY,
         }
     raise UnsupportedField(
         "HandlerConfig.benchmark_config",
@@ -334,7 +334,7 @@ def _benchmark_settings(where: str, benchmark: BenchmarkConfig) -> dict[str, Any
         raise UnsupportedField(
             f"{where}.concurrency", f"{concurrency!r}: give 1 to {MAX_CONCURRENCY} requests"
         )
-    settings["concurrency"] = concurrency
+    settings["max_concurrency"] = concurrency  # the ramp's ceiling (docs/benchmark.md)
     return settings
 
 

@@ -14,6 +14,8 @@ import orjson
 from pyworker.config.worker import BenchmarkConfig, JSONObject
 
 MAX_DATASET = 10_000
+GENERATED = 64
+"""Payloads a generator makes at least: the ramp cycles through them."""
 
 
 class BenchmarkError(RuntimeError):
@@ -27,7 +29,7 @@ def load_dataset(config: BenchmarkConfig) -> list[JSONObject]:
     if config.dataset_file:
         return _read_dataset(Path(config.dataset_file))
     if config.generator is not None:
-        count = config.rounds * config.concurrency + 1
+        count = max(GENERATED, config.rounds * (config.concurrency or 1) + 1)
         return [config.generator(index) for index in range(min(count, MAX_DATASET))]
     return [{}]
 

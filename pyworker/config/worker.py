@@ -264,6 +264,30 @@ def _lookup(payload: JSONObject, dotted: str) -> object:
     return value
 
 
+MAX_BENCHMARK_CONCURRENCY = 4096
+
+
+class LimitProbe(_Model):
+    """A GET of the model server that answers how many requests it serves at once.
+
+    llama-server: `/props`, `total_slots`; SGLang: `/get_server_info`, `max_running_requests`;
+    TGI: `/info`, `max_concurrent_requests`. An answer without a positive whole number there
+    is ignored (the log says so).
+    """
+
+    path: str
+    """The model server path to GET, e.g. `/props`."""
+    field: str
+    """The dotted JSON field holding the number, e.g. `total_slots`."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be a path starting with /")
+        return value
+
+
 class BenchmarkConfig(_Model):
     """How the worker measures its throughput once the model is loaded."""
 
@@ -278,11 +302,26 @@ class BenchmarkConfig(_Model):
     """Python only: `generator(index) -> payload`. With no dataset, file or generator, the
     benchmark sends `{}`."""
     warmup: bool = True
-    """Send one request first, not timed, so that the rounds measure a warm model."""
+    """Send one request first, not timed, so that the ramp measures a warm model (this request
+    also waits out "connection refused" while the model's port opens)."""
+    max_concurrency: int | None = Field(default=None, ge=1, le=MAX_BENCHMARK_CONCURRENCY)
+    """The most requests the ramp keeps in flight (1 on a `fifo` route). None: what the
+    engine declares (`limit_probe`), else `concurrency`, else 256. With both a value here and
+    a declared one, the smaller."""
+    limit_probe: LimitProbe | None = None
+    """Where the engine declares how many requests it serves at once: the ramp's ceiling."""
+    max_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """The benchmark's time budget after its first answer: past it the ramp ends with the best
+    figure so far (the log says so). The first figure is measured whatever the budget."""
+    latency_limit: float | None = Field(default=None, gt=0)
+    """The 90th percentile of request latency, in seconds, a step may reach: the ramp keeps the
+    highest number in flight within it. None: throughput alone decides."""
     rounds: int = Field(default=3, ge=1, le=100)
-    """Rounds of `concurrency` requests; the perf is the median of the rounds' throughputs."""
-    concurrency: int = Field(default=8, ge=1, le=1024)
-    """Requests in flight at once in a round (1 on a `fifo` route)."""
+    """Kept so that older configs validate: the ramp measures until two windows agree, so it
+    only sizes a `generator`'s payloads (rounds * concurrency + 1, at least 64)."""
+    concurrency: int | None = Field(default=None, ge=1, le=MAX_BENCHMARK_CONCURRENCY)
+    """Older name of the ceiling: used as `max_concurrency` when that is not set (the reference
+    SDK's `BenchmarkConfig.concurrency` arrives here)."""
     timeout: float = Field(default=300.0, gt=0)
     """Seconds one benchmark request may take; beyond, it counts as failed."""
     connect_wait: float = Field(default=300.0, gt=0)

@@ -12,10 +12,9 @@ import asyncio
 import hashlib
 import inspect
 import logging
-import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,11 @@ import aiohttp
 import orjson
 
 from pyworker import backports
-from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
+from pyworker.config import BenchmarkConfig, JSONObject, LimitProbe, RouteConfig
 from pyworker.config.dataset import BenchmarkError
 from pyworker.config.encoded_body import EncodedBody
+from pyworker.config.worker import MAX_BENCHMARK_CONCURRENCY
+from pyworker.lifecycle.ramp import RampOutcome, RampSettings, Step, ramp
 from pyworker.lifecycle.regular_files import (
     OnceWarnings,
     UnusableFile,
@@ -33,30 +34,31 @@ from pyworker.lifecycle.regular_files import (
     write_replacing,
 )
 from pyworker.protocol.workload import WorkloadError
-from pyworker.upstream.errors import ConnectFailed, PoolError
+from pyworker.upstream.errors import ConnectFailed, PoolError, UpstreamError
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-
-
-@dataclass(slots=True)
-class RoundResult:
-    requests: int
-    succeeded: int
-    work: float
-    seconds: float
-
-    @property
-    def perf(self) -> float:
-        return self.work / self.seconds if self.seconds > 0 else 0.0
+CACHE_VERSION = 2
+"""2: the closed-loop ramp (a figure of the rounds of version 1 is measured again)."""
+DEFAULT_CEILING = 256
+"""The ramp's ceiling when neither the engine nor the config says: vLLM's default batch."""
+LIMIT_PROBE_TIMEOUT = 5.0
 
 
 @dataclass(slots=True)
 class BenchmarkResult:
     perf: float
-    rounds: list[RoundResult] = field(default_factory=list)
+    curve: list[Step] = field(default_factory=list)
+    concurrency: int = 0
+    """The number in flight that gave `perf`."""
+    stopped: str = ""
+    """Why the ramp ended."""
+    ceiling: str = ""
+    """The most in flight the ramp could try, and where that came from."""
+    counted: str = ""
+    """Which work was counted: what the answers said they produced, or what was requested."""
+    seconds: float = 0.0
     cached: bool = False
     key: str = ""
     gpu: dict[str, Any] = field(default_factory=dict)
@@ -64,7 +66,12 @@ class BenchmarkResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "perf": self.perf,
-            "rounds": [asdict(r) | {"perf": r.perf} for r in self.rounds],
+            "concurrency": self.concurrency,
+            "stopped": self.stopped,
+            "ceiling": self.ceiling,
+            "counted": self.counted,
+            "seconds": self.seconds,
+            "curve": [step.to_dict() for step in self.curve],
             "cached": self.cached,
             "key": self.key,
             "gpu": self.gpu,
@@ -160,7 +167,7 @@ def produced_documents(body: bytes, content_type: str) -> Iterator[JSONObject]:
 
 
 class Benchmark:
-    """Runs the warm-up and the rounds against the model server."""
+    """Finds the route's capacity: the warm-up, the ceiling, then the closed-loop ramp."""
 
     def __init__(
         self,
@@ -171,38 +178,96 @@ class Benchmark:
         self.model = model
         self.route = route
         self.config = config
-        self.concurrency = 1 if route.fifo else config.concurrency
         self.last_failure = ""
         """What the model server last answered to a failed request: status and excerpt."""
+        self.requested = 0.0
+        self.produced = 0.0
+        self.answers = 0
+        self.answers_with_produced = 0
 
     async def run(self, payloads: list[JSONObject]) -> BenchmarkResult:
+        started = time.monotonic()
         cycle = _cycle(payloads)
         if self.config.warmup:
             await self._wait_for_first_answer(next(cycle))
-        rounds: list[RoundResult] = []
-        for number in range(1, self.config.rounds + 1):
-            batch = [next(cycle) for _ in range(self.concurrency)]
-            result = await self._round(batch)
-            rounds.append(result)
-            logger.info(
-                "benchmark round %d/%d: %d/%d ok, %.1f work in %.2f s = %.2f/s",
-                number,
-                self.config.rounds,
-                result.succeeded,
-                result.requests,
-                result.work,
-                result.seconds,
-                result.perf,
+        ceiling, source = await self.ceiling()
+        deadline = time.monotonic() + self.config.max_seconds
+        settings = RampSettings(ceiling, deadline, self.config.latency_limit)
+        outcome = await ramp(self._one, cycle, settings)
+        chosen = outcome.chosen
+        if chosen is None or not any(step.requests > step.failed for step in outcome.steps):
+            raise BenchmarkError(self._failure_message(outcome))
+        if chosen.perf <= 0:
+            raise BenchmarkError(self._no_work_message())
+        result = BenchmarkResult(
+            chosen.perf,
+            outcome.steps,
+            chosen.concurrency,
+            outcome.stopped,
+            f"{ceiling} ({source})",
+            self._counted(),
+            time.monotonic() - started,
+        )
+        log_result(result)
+        return result
+
+    async def ceiling(self) -> tuple[int, str]:
+        """The most requests in flight the ramp may try, and where that number came from."""
+        if self.route.fifo:
+            return 1, "fifo route"
+        configured = self.config.max_concurrency or self.config.concurrency
+        probe = self.config.limit_probe
+        declared = await declared_limit(self.model, probe) if probe else None
+        if declared is not None and configured is not None:
+            if configured < declared:
+                return configured, f"configured; the engine declares {declared}"
+            return declared, f"declared by the engine at {probe.path if probe else ''}"
+        if declared is not None:
+            return declared, f"declared by the engine at {probe.path if probe else ''}"
+        if configured is not None:
+            return configured, "configured"
+        return DEFAULT_CEILING, "default"
+
+    def _failure_message(self, outcome: RampOutcome) -> str:
+        if not outcome.steps:
+            return (
+                f"no benchmark figure within max_seconds {self.config.max_seconds:g}"
+                " (the model answered too slowly for one measurement window)"
             )
-        good = [r.perf for r in rounds if r.succeeded]
-        if not good:
+        if all(step.failed == step.requests for step in outcome.steps):
             message = f"every benchmark request to {self.route.model_path} failed"
-            if self.last_failure:
-                message += f" (last answer: {self.last_failure})"
-            if self.config.failure_hint:
-                message += f"; {self.config.failure_hint}"
-            raise BenchmarkError(message)
-        return BenchmarkResult(statistics.median(good), rounds)
+        else:
+            message = f"benchmark requests to {self.route.model_path} failed: {outcome.stopped}"
+        if self.last_failure:
+            message += f" (last answer: {self.last_failure})"
+        if self.config.failure_hint:
+            message += f"; {self.config.failure_hint}"
+        return message
+
+    def _no_work_message(self) -> str:
+        """Why a benchmark whose answers succeeded measured no work at all."""
+        if self.answers_with_produced and self.produced <= 0:
+            return (
+                f"the answers of {self.route.model_path} report no produced work (the route's"
+                " produced_work hook found 0 in every answer): max_perf 0 is no capacity"
+            )
+        return (
+            f"the benchmark payloads of {self.route.model_path} weigh 0 workload units"
+            " (their workload field or the route's constant is 0): max_perf 0 is no capacity;"
+            " give payloads whose workload is above 0"
+        )
+
+    def _counted(self) -> str:
+        if self.route.produced_work is None:
+            return "requested workload (the route has no produced_work hook)"
+        if self.answers_with_produced == self.answers:
+            return "produced work (from every answer)"
+        if self.answers_with_produced == 0:
+            return "requested workload (no answer said what it produced)"
+        return (
+            f"produced work where the answer said ({self.answers_with_produced} of"
+            f" {self.answers}), requested workload otherwise"
+        )
 
     async def _wait_for_first_answer(self, payload: JSONObject) -> None:
         """The warm-up; it also waits out "connection refused" while the model's port opens."""
@@ -222,35 +287,19 @@ class Benchmark:
                     ) from None
                 await asyncio.sleep(0.2)
 
-    async def _round(self, batch: list[JSONObject]) -> RoundResult:
-        started = time.monotonic()
-        outcomes = await asyncio.gather(*(self._one(p) for p in batch), return_exceptions=True)
-        seconds = time.monotonic() - started
-        work = 0.0
-        succeeded = 0
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                if isinstance(outcome, asyncio.CancelledError):
-                    raise outcome
-                logger.warning("benchmark request failed: %s", outcome.__class__.__name__)
-                continue
-            if outcome is not None:
-                succeeded += 1
-                work += outcome
-        return RoundResult(len(batch), succeeded, work, seconds)
-
     async def _one(self, payload: JSONObject) -> float | None:
         """Work done by one request, timed to its last byte; None if it failed."""
         status, answer, content_type = await self._call(payload)
         if status >= 400:
-            logger.warning("benchmark request answered HTTP %d", status)
             self.last_failure = f"HTTP {status} {_excerpt(answer)}".rstrip()
             return None
         try:
             requested = self.route.compute_workload(payload, cost=self.route.default_workload)
         except WorkloadError as error:
-            logger.warning("benchmark payload has no usable workload: %s", error.fields())
+            self.last_failure = f"payload has no usable workload: {error.fields()}"
             return None
+        self.answers += 1
+        self.requested += requested
         hook = self.route.produced_work
         if hook is None:
             return requested
@@ -259,7 +308,11 @@ class Benchmark:
             value = hook(document)
             if value is not None:
                 produced = value
-        return requested if produced is None else float(produced)
+        if produced is None:
+            return requested
+        self.answers_with_produced += 1
+        self.produced += produced
+        return float(produced)
 
     async def _call(self, payload: JSONObject) -> tuple[int, bytes, str]:
         function = self.route.function
@@ -296,3 +349,43 @@ def _excerpt(answer: bytes) -> str:
 def _cycle(payloads: list[JSONObject]) -> Iterator[JSONObject]:
     while True:
         yield from payloads
+
+
+async def declared_limit(model: ModelClient, probe: LimitProbe) -> int | None:
+    """The engine's own number of requests served at once, or None when it does not say."""
+    try:
+        async with backports.timeout(LIMIT_PROBE_TIMEOUT), model.get(probe.path) as answer:
+            body = await answer.read()
+            status = answer.status
+    except (UpstreamError, PoolError, aiohttp.ClientError, OSError, TimeoutError) as error:
+        logger.info("benchmark: %s unread (%s)", probe.path, error.__class__.__name__)
+        return None
+    value: object = None
+    if status == 200:
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            value = None
+        for name in probe.field.split("."):
+            value = value.get(name) if isinstance(value, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        logger.info("benchmark: %s gave no %s (HTTP %d)", probe.path, probe.field, status)
+        return None
+    return min(value, MAX_BENCHMARK_CONCURRENCY)
+
+
+def log_result(result: BenchmarkResult) -> None:
+    """The ramp's outcome in two lines at INFO; the steps were logged as they came."""
+    logger.info(
+        "benchmark: %.2f/s at %d in flight (%s); the ramp stopped: %s",
+        result.perf,
+        result.concurrency,
+        result.counted,
+        result.stopped,
+    )
+    if result.stopped == "time budget spent":
+        logger.warning(
+            "benchmark: its time budget (benchmark.max_seconds) ran out: the best figure so"
+            " far is reported, and the engine may serve more"
+        )
+    logger.info("benchmark: ceiling %s, %.1f s in all", result.ceiling, result.seconds)

@@ -169,7 +169,7 @@ def test_benchmark_config() -> None:
     benchmark = native.benchmark
     assert benchmark.route == "/b"
     assert benchmark.rounds == 3
-    assert benchmark.concurrency == 10  # concurrency=None is the reference's 10
+    assert benchmark.max_concurrency == 10  # concurrency=None is the reference's 10: the ceiling
     assert benchmark.warmup is True
     assert benchmark.generator is not None
     assert [benchmark.generator(index) for index in range(3)] == [{"n": 0}, {"n": 1}, {"n": 2}]
@@ -187,7 +187,7 @@ def test_benchmark_config() -> None:
     )
     assert native.benchmark.dataset == dataset
     assert native.benchmark.warmup is False
-    assert (native.benchmark.rounds, native.benchmark.concurrency) == (8, 10)
+    assert (native.benchmark.rounds, native.benchmark.max_concurrency) == (8, 10)
 
 
 def test_benchmark_data_and_route_without_a_benchmark_config() -> None:

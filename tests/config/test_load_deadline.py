@@ -46,7 +46,6 @@ dataset = [{{ max_tokens = 8 }}]
 rounds = 1
 concurrency = 2
 """
-BENCHMARK_REQUESTS = 1 + 1 * 2
 
 
 class Scene:
@@ -140,7 +139,8 @@ async def test_first_start_deadline_errors_reports_and_recovers(scene: Scene) ->
         assert ready["loadtime"] > 0
         status, _ = await scene.ready_state(url)
         assert status == 200
-        assert await scene.completions_served() == BENCHMARK_REQUESTS
+        benchmarked = await scene.completions_served()
+        assert benchmarked > 1  # the first answer, then the ramp
     finally:
         assert await stop(worker) == 0
 
@@ -161,7 +161,7 @@ async def test_first_start_deadline_errors_reports_and_recovers(scene: Scene) ->
         mark = len(scene.autoscaler.worker_status)
         await scene.control("/control/log", {"line": LOADED_LINE})
         await scene.wait_report(lambda r: r["error_msg"] == "" and r["max_perf"] > 0, mark)
-        assert await scene.completions_served() == BENCHMARK_REQUESTS  # from the cache
+        assert await scene.completions_served() == benchmarked  # from the cache
     finally:
         assert await stop(worker) == 0
 

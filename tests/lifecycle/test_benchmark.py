@@ -47,42 +47,42 @@ async def _run(url: str, route: RouteConfig, **config: Any) -> BenchmarkResult:
 
 
 async def test_counts_produced_work_from_usage(model_server: ModelServer) -> None:
-    dataset = [{"max_tokens": 100, "produce": 10}]
-    result = await _run(
-        model_server.url, _route(produced_work=usage_tokens), dataset=dataset, rounds=2
-    )
-    assert len(result.rounds) == 2
-    assert all(r.requests == 8 and r.succeeded == 8 and r.work == 80 for r in result.rounds)
-    assert result.perf > 0
-    # warm-up + 2 rounds of 8
-    assert len(model_server.recorder.payloads) == 17
+    # 10 tokens produced of the 100 asked, in 0.05 s, 2 at a time: 400 tokens a second.
+    dataset = [{"max_tokens": 100, "produce": 10, "seconds": 0.05}]
+    route = _route(produced_work=usage_tokens)
+    result = await _run(model_server.url, route, dataset=dataset, max_concurrency=2)
+    assert [step.concurrency for step in result.curve] == [1, 2]
+    # The 10 produced, not the 100 asked, a request; its time as measured (a loaded machine
+    # stretches the 50 ms).
+    chosen = next(step for step in result.curve if step.concurrency == result.concurrency)
+    assert result.perf == pytest.approx(chosen.concurrency * 10 / chosen.p50, rel=0.2)
+    assert result.counted == "produced work (from every answer)"
+    assert result.ceiling == "2 (configured)"
 
 
 async def test_without_a_hook_counts_the_requested_workload(model_server: ModelServer) -> None:
-    result = await _run(model_server.url, _route(), dataset=[{"max_tokens": 7}], rounds=1)
-    assert result.rounds[0].work == 7 * 8
+    dataset = [{"max_tokens": 7, "seconds": 0.05}]
+    result = await _run(model_server.url, _route(), dataset=dataset, concurrency=1)
+    (step,) = result.curve
+    assert result.perf == pytest.approx(7 / step.p50, rel=0.2)
+    assert result.counted == "requested workload (the route has no produced_work hook)"
+    assert result.ceiling == "1 (configured)"  # the older name of max_concurrency
 
 
 async def test_streams_are_timed_to_their_last_byte(model_server: ModelServer) -> None:
-    dataset = [{"max_tokens": 5, "produce": 5, "stream": True, "interval": 0.1}]
-    result = await _run(
-        model_server.url,
-        _route(produced_work=usage_tokens),
-        dataset=dataset,
-        rounds=1,
-        concurrency=2,
-        warmup=False,
-    )
-    (round_,) = result.rounds
-    assert round_.work == 10 and round_.seconds >= 0.5
-    assert result.perf == pytest.approx(10 / round_.seconds)
+    dataset = [{"max_tokens": 5, "produce": 5, "stream": True, "interval": 0.04}]
+    route = _route(produced_work=usage_tokens)
+    result = await _run(model_server.url, route, dataset=dataset, max_concurrency=1)
+    (step,) = result.curve
+    assert step.p50 >= 0.2  # five events 40 ms apart: timed to the last, not the headers
+    assert result.perf == pytest.approx(5 / step.p50, rel=0.2)
 
 
 async def test_fifo_routes_run_one_request_at_a_time(model_server: ModelServer) -> None:
     dataset = [{"max_tokens": 1, "seconds": 0.02}]
-    await _run(model_server.url, _route(fifo=True), dataset=dataset, rounds=3, concurrency=8)
-    recorder = model_server.recorder
-    assert len(recorder.payloads) == 4  # warm-up + 3 rounds of 1
+    result = await _run(model_server.url, _route(fifo=True), dataset=dataset, max_concurrency=8)
+    assert [step.concurrency for step in result.curve] == [1]
+    assert result.ceiling == "1 (fifo route)" and result.concurrency == 1
 
 
 async def test_waits_out_connection_refused_while_the_port_opens() -> None:
@@ -104,7 +104,7 @@ async def test_waits_out_connection_refused_while_the_port_opens() -> None:
     finally:
         await opener
         await server.close()
-    assert result.perf > 0 and len(recorder.payloads) == 9
+    assert result.perf > 0 and len(recorder.payloads) > 1
 
 
 async def test_gives_up_when_the_port_never_opens() -> None:
@@ -129,7 +129,7 @@ def test_dataset_from_json_and_jsonl_files(tmp_path: Path) -> None:
     assert load_dataset(BenchmarkConfig(dataset_file=str(as_json))) == [{"a": 1}, {"a": 2}]
     assert load_dataset(BenchmarkConfig(dataset_file=str(as_jsonl))) == [{"a": 1}, {"a": 3}]
     generated = load_dataset(BenchmarkConfig(generator=lambda i: {"i": i}, rounds=1, concurrency=2))
-    assert generated == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert generated == [{"i": i} for i in range(64)]  # enough to cycle through at any N
     with pytest.raises(BenchmarkError, match=r"missing\.json"):
         load_dataset(BenchmarkConfig(dataset_file=str(tmp_path / "missing.json")))
 
@@ -152,7 +152,9 @@ def test_cache_hits_only_for_the_same_gpu_and_model(tmp_path: Path) -> None:
     other_gpu = cache_key(config, route, {"gpus": ["GPU-b"], "model": "llama"})
     other_model = cache_key(config, route, {"gpus": ["GPU-a"], "model": "mistral"})
     other_data = cache_key(BenchmarkConfig(dataset=[{"x": 2}]), route, {"gpus": ["GPU-a"]})
-    assert len({key, other_gpu, other_model, other_data}) == 4
+    ramp = BenchmarkConfig(dataset=[{"x": 1}], max_seconds=10, latency_limit=2.0)
+    other_ramp = cache_key(ramp, route, {"gpus": ["GPU-a"], "model": "llama"})
+    assert len({key, other_gpu, other_model, other_data, other_ramp}) == 5
 
     path = tmp_path / "cache" / "benchmark.json"
     marker = tmp_path / ".has_benchmark"

@@ -41,7 +41,6 @@ dataset = [{{ max_tokens = 8 }}]
 rounds = 2
 concurrency = 4
 """
-BENCHMARK_REQUESTS = 1 + 2 * 4
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
@@ -129,7 +128,17 @@ async def test_loading_ready_error_recovery_and_benchmark_cache(scene: Scene) ->
         assert time.monotonic() - ready_at < 1.0
         assert ready["loadtime"] > 0
         assert ready["url"] == url
-        assert await scene.completions_served() == BENCHMARK_REQUESTS
+        benchmarked = await scene.completions_served()
+        assert benchmarked > 1  # the first answer, then the ramp
+        async with scene.session.get(url + "/status") as response:
+            measured = (await response.json())["benchmark"]
+        # The ramp's curve: 1, 2, 4 in flight at most (the config's ceiling), and its choice.
+        curve = measured["curve"]
+        assert [step["concurrency"] for step in curve] == [1, 2, 4][: len(curve)]
+        assert all(step["perf"] > 0 and 0 < step["p50"] <= step["p90"] for step in curve)
+        assert measured["perf"] == ready["max_perf"] == max(step["perf"] for step in curve)
+        assert measured["concurrency"] in (1, 2, 4) and measured["stopped"]
+        assert measured["ceiling"] == "4 (configured)" and not measured["cached"]
 
         # The log is rotated; the model then fails, in the new file.
         scene.log.rename(scene.log.with_suffix(".old"))
@@ -146,11 +155,11 @@ async def test_loading_ready_error_recovery_and_benchmark_cache(scene: Scene) ->
         mark = scene.mark()
         await scene.model_log(LOADED_LINE)
         await scene.wait_report(lambda r: r["error_msg"] == "" and r["max_perf"] > 0, mark)
-        assert await scene.completions_served() == BENCHMARK_REQUESTS  # cache hit
+        assert await scene.completions_served() == benchmarked  # cache hit
         async with scene.session.get(url + "/status") as response:
             status = await response.json()
         assert status["log"]["rotations"] >= 1 and status["log"]["truncations"] >= 1
-        assert status["benchmark"]["perf"] > 0
+        assert status["benchmark"]["cached"] and status["benchmark"]["curve"] == curve
     finally:
         assert await stop(worker) == 0
 
@@ -158,14 +167,14 @@ async def test_loading_ready_error_recovery_and_benchmark_cache(scene: Scene) ->
     worker, url = await scene.start_worker()
     try:
         await scene.wait_ready(url)
-        assert await scene.completions_served() == BENCHMARK_REQUESTS
+        assert await scene.completions_served() == benchmarked
     finally:
         assert await stop(worker) == 0
     # ... another model runs it again.
     worker, url = await scene.start_worker("model_server.model_id=another")
     try:
         await scene.wait_ready(url)
-        assert await scene.completions_served() == 2 * BENCHMARK_REQUESTS
+        assert await scene.completions_served() > benchmarked
     finally:
         assert await stop(worker) == 0
     marker = await asyncio.to_thread(Path(".has_benchmark").read_text)

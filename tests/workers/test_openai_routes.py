@@ -481,16 +481,16 @@ def test_the_start_up_error_exits_2_naming_the_variable(module: list[str]) -> No
 async def test_the_benchmark_measures_the_chosen_route(
     harness: Harness, keypair: KeyPair, route: str, check: str
 ) -> None:
-    running = await harness.start(
-        keypair, {"BENCHMARK_ROUTE": route, "OPENAI_MODEL": "served"}, perf=None
-    )
+    await harness.start(keypair, {"BENCHMARK_ROUTE": route, "OPENAI_MODEL": "served"}, perf=None)
     received = harness.engine.on(route)
     assert received and len(received) == len(harness.engine.received)
-    settings = running.worker.config.benchmark
-    assert len(received) == 1 + settings.rounds * settings.concurrency  # warm-up, rounds
+    assert len(received) > 1  # the first answer, then the ramp
     first = received[0]
     if first.json is not None:
         assert check in first.json and first.json["model"] == "served"
+        # vLLM (the default engine) makes a chat answer as long as asked; other routes have
+        # no end of sequence to ignore.
+        assert first.json.get("ignore_eos") is (True if check == "messages" else None)
     else:
         assert first.files(check) and first.fields()["model"] == ["served"]
         if route in (TRANSCRIPTIONS, TRANSLATIONS):
@@ -511,14 +511,9 @@ async def test_the_speech_benchmark_names_the_voice_it_is_told(
 async def test_embeddings_perf_is_tokens_from_usage(harness: Harness, keypair: KeyPair) -> None:
     running = await harness.start(keypair, {"BENCHMARK_ROUTE": EMBEDDINGS}, perf=None)
     result = running.worker.readiness.benchmark
-    assert result is not None and result.rounds
-    for measured in result.rounds:
-        # The fake counts words as tokens: the work is its `usage`, not the estimate.
-        assert measured.work > 0
-        assert measured.work < sum(
-            running.worker.config.routes[2].compute_workload(payload, 0)
-            for payload in [harness.engine.received[1].json] * measured.requests
-        )
+    # The fake counts words as tokens: every answer's `usage` is the work, not the estimate.
+    assert result is not None and result.counted == "produced work (from every answer)"
+    assert result.perf > 0
 
 
 async def test_a_benchmark_route_the_model_does_not_serve_keeps_the_worker_from_ready(

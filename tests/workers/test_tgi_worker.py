@@ -234,6 +234,7 @@ class Scene:
         process, self.worker_url = await spawn(
             "-m", "pyworker", "run", "tgi", "--port", "0",
             "--set", "benchmark.rounds=1", "--set", "benchmark.concurrency=4",
+            "--set", "benchmark.max_seconds=1",  # a short ramp: this test is about streams
             env=self.env(MODEL_SERVER_URL=self.model_url, MODEL_LOG=str(self.log)),
         )  # fmt: skip
         return process

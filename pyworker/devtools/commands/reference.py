@@ -232,6 +232,11 @@ def questions() -> list[str]:
         "- **The benchmark's route.** `benchmark.route`; unset, the benchmark uses the first "
         "of `routes`. Its payloads come from `benchmark.dataset`, `benchmark.dataset_file` or "
         "`benchmark.generator`, in that order; with none of them it sends `{}`.",
+        "- **How the benchmark measures.** A closed-loop ramp: 1, 2, 4, ... requests in flight "
+        "while throughput grows, up to the engine's declared limit (`benchmark.limit_probe`) or "
+        "`benchmark.max_concurrency`, within `benchmark.max_seconds`, optionally within a p90 "
+        "`benchmark.latency_limit`. docs/benchmark.md defines `max_perf` and each ready "
+        "worker's unit; `pyworker bench WORKER` prints the curve.",
         "- **No limit.** `max_concurrency` unset: every admitted request is forwarded at once, "
         "with no queue. `max_queue_time` unset: no wait estimate refuses a request. "
         "`read_timeout` set to none (Python `None`, or `--set routes.0.read_timeout=null`; "

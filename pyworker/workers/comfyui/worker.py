@@ -287,6 +287,29 @@ def _json(status: int, document: dict[str, Any]) -> HandlerResult:
 
 
 # --- the config -------------------------------------------------------------------------------
+class ReseededWorkflows:
+    """The benchmark's payloads: the shipped workflows in turn, each index with seeds of its
+    own, since ComfyUI answers a repeated workflow from its cache (the ramp sends many)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._payloads: list[JSONObject] | None = None
+
+    def __call__(self, index: int) -> JSONObject:
+        if self._payloads is None:
+            self._payloads = orjson.loads(self.path.read_bytes())
+        payload = self._payloads[index % len(self._payloads)]
+        workflow = orjson.loads(orjson.dumps(payload["workflow"]))  # a deep copy
+        for node in workflow.values():
+            inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+            for key in ("seed", "noise_seed"):
+                if isinstance(inputs.get(key), int):
+                    inputs[key] = (inputs[key] + SEED_STRIDE * index) % 2**32
+        return payload | {"workflow": workflow}
+
+
+SEED_STRIDE = 1_000_003
+
 worker = WorkerConfig(
     name="comfyui",
     model_server=ModelServerConfig(
@@ -316,8 +339,7 @@ worker = WorkerConfig(
     ],
     benchmark=BenchmarkConfig(
         route="/workflow",
-        dataset_file=str(HERE / "benchmark.json"),
-        rounds=3,
+        generator=ReseededWorkflows(HERE / "benchmark.json"),
     ),
 )
 

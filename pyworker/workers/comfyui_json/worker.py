@@ -35,6 +35,8 @@ REQUEST_WORKLOAD = 100.0
 """Each request's workload, as in the reference: one job is 100 units."""
 MAX_QUEUE_TIME = 10.0
 BENCHMARK_ROUNDS = 3
+BENCHMARK_JOBS = 64
+"""Distinct jobs the ramp cycles through: more than a FIFO worker runs in its time budget."""
 MAX_WORKFLOW_BYTES = 16 * 1024 * 1024
 """A benchmark workflow file larger than this is not read."""
 
@@ -183,7 +185,7 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
         ],
         benchmark=BenchmarkConfig(
             route=ROUTE,
-            dataset=benchmark_payloads(env, BENCHMARK_ROUNDS + 1),
+            dataset=benchmark_payloads(env, BENCHMARK_JOBS),
             rounds=BENCHMARK_ROUNDS,
             concurrency=1,
             timeout=3600.0,

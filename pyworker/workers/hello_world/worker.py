@@ -56,8 +56,6 @@ worker = WorkerConfig(
     benchmark=BenchmarkConfig(
         route="/v1/completions",
         dataset_file=str(HERE / "benchmark.jsonl"),
-        rounds=3,
-        concurrency=8,
     ),
 )
 

@@ -17,9 +17,9 @@ import struct
 import wave
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pyworker.config import JSONObject
+from pyworker.config import JSONObject, LimitProbe
 
 SAMPLE_RATE = 16_000
 """Whisper's rate: engines resample anything else to it."""
@@ -33,12 +33,19 @@ PAYLOADS = 8
 
 @dataclass(frozen=True, slots=True)
 class RouteBenchmark:
-    """A route's benchmark: how to make its payloads, how many at once, how many rounds."""
+    """A route's benchmark: how to make its payloads (the ramp finds how many at once)."""
 
     payloads: Callable[[list[str]], list[JSONObject]]
     """From the shipped prompt texts, the route's payloads (without `model`)."""
-    concurrency: int
-    rounds: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineBenchmark:
+    """What an engine adds to the benchmark: fields for its text payloads (`ignore_eos`, so
+    that answers are as long as asked), and where it declares how many it serves at once."""
+
+    text_fields: JSONObject = field(default_factory=dict)
+    limit_probe: LimitProbe | None = None
 
 
 def wav_clip(seed: int, seconds: float = CLIP_SECONDS) -> bytes:

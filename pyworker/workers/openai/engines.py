@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pyworker.backports import StrEnum
-from pyworker.config import ModelServerConfig, Pattern, PatternConfig
+from pyworker.config import LimitProbe, ModelServerConfig, Pattern, PatternConfig
 from pyworker.config.template_env import served_model
 from pyworker.workers.engine_profile import ServerProfile
+from pyworker.workers.openai.benchmarks import EngineBenchmark
 
 VAST_ENGINE_PORT = 18000
 """Where Vast's vLLM, SGLang and llama.cpp templates start the engine."""
@@ -146,6 +147,24 @@ def engine_model(kind: ServerKind, environ: Mapping[str, str]) -> str | None:
     """The served model: `OPENAI_MODEL`, else `MODEL_NAME`, else the engine's own variable."""
     explicit = environ.get("OPENAI_MODEL", "").strip()
     return explicit or served_model(environ, PROFILES[kind].model_variables)
+
+
+ENGINE_BENCHMARKS: dict[ServerKind, EngineBenchmark] = {
+    # vLLM, SGLang and llama-server accept `ignore_eos`: benchmark answers are as long as asked.
+    # vLLM does not say how many it schedules at once (`--max-num-seqs`) over HTTP.
+    ServerKind.VLLM: EngineBenchmark({"ignore_eos": True}),
+    ServerKind.SGLANG: EngineBenchmark(
+        {"ignore_eos": True}, LimitProbe(path="/get_server_info", field="max_running_requests")
+    ),
+    ServerKind.LLAMACPP: EngineBenchmark(
+        {"ignore_eos": True}, LimitProbe(path="/props", field="total_slots")
+    ),
+    ServerKind.TGI: EngineBenchmark(
+        limit_probe=LimitProbe(path="/info", field="max_concurrent_requests")
+    ),
+    ServerKind.GENERIC: EngineBenchmark(),
+}
+"""What each engine adds to the benchmark (pyworker.workers.openai.routes.EngineBenchmark)."""
 
 
 def engine_model_server(kind: ServerKind, environ: Mapping[str, str]) -> ModelServerConfig:

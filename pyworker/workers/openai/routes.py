@@ -21,6 +21,7 @@ from pyworker.config import BenchmarkConfig, JSONObject, ProducedWork, RouteConf
 from pyworker.config.encoded_body import BodyEncoder
 from pyworker.config.loader import ConfigError
 from pyworker.workers.openai import benchmarks
+from pyworker.workers.openai.benchmarks import EngineBenchmark
 from pyworker.workers.openai.uploads import (
     AUDIO_TYPES,
     IMAGE_TYPES,
@@ -214,18 +215,14 @@ def route_configs(paths: list[str], settings: RouteSettings) -> list[RouteConfig
 
 # --- which routes, which benchmark ------------------------------------------------------------
 ROUTE_BENCHMARKS: dict[str, benchmarks.RouteBenchmark] = {
-    CHAT: benchmarks.RouteBenchmark(benchmarks.chat, concurrency=8, rounds=3),
-    EMBEDDINGS: benchmarks.RouteBenchmark(benchmarks.embeddings, concurrency=8, rounds=3),
-    SPEECH: benchmarks.RouteBenchmark(benchmarks.speech, concurrency=4, rounds=2),
-    TRANSCRIPTIONS: benchmarks.RouteBenchmark(benchmarks.transcriptions, concurrency=4, rounds=2),
-    TRANSLATIONS: benchmarks.RouteBenchmark(benchmarks.transcriptions, concurrency=4, rounds=2),
-    IMAGE_GENERATIONS: benchmarks.RouteBenchmark(
-        benchmarks.image_generations, concurrency=2, rounds=1
-    ),
-    IMAGE_EDITS: benchmarks.RouteBenchmark(benchmarks.image_edits, concurrency=2, rounds=1),
-    IMAGE_VARIATIONS: benchmarks.RouteBenchmark(
-        benchmarks.image_variations, concurrency=2, rounds=1
-    ),
+    CHAT: benchmarks.RouteBenchmark(benchmarks.chat),
+    EMBEDDINGS: benchmarks.RouteBenchmark(benchmarks.embeddings),
+    SPEECH: benchmarks.RouteBenchmark(benchmarks.speech),
+    TRANSCRIPTIONS: benchmarks.RouteBenchmark(benchmarks.transcriptions),
+    TRANSLATIONS: benchmarks.RouteBenchmark(benchmarks.transcriptions),
+    IMAGE_GENERATIONS: benchmarks.RouteBenchmark(benchmarks.image_generations),
+    IMAGE_EDITS: benchmarks.RouteBenchmark(benchmarks.image_edits),
+    IMAGE_VARIATIONS: benchmarks.RouteBenchmark(benchmarks.image_variations),
 }
 
 
@@ -271,28 +268,32 @@ def benchmark_config(
     prompts: list[str],
     custom: bool = False,
     speech_voice: str | None = None,
+    engine: EngineBenchmark | None = None,
 ) -> BenchmarkConfig:
     """The benchmark of `path`: the completions dataset for completions, the route's own
     payloads made from the same prompts for the others, or a `custom` dataset as it is.
-    Speech payloads name `speech_voice` when given (engines disagree on voice names)."""
+    Speech payloads name `speech_voice` when given (engines disagree on voice names). The
+    `engine`'s text fields go into completions and chat payloads, its probe reads the ceiling."""
+    engine = engine or EngineBenchmark()
     hint = (
         f"if the model does not serve {path}, set BENCHMARK_ROUTE to a route it serves "
         f"(and OPENAI_ROUTES to the routes it serves)"
     )
+    probe = engine.limit_probe
     if path == COMPLETIONS or custom:
-        return BenchmarkConfig(
-            route=path, dataset=completions, rounds=3, concurrency=8, failure_hint=hint
-        )
+        dataset = completions if custom else [item | engine.text_fields for item in completions]
+        return BenchmarkConfig(route=path, dataset=dataset, failure_hint=hint, limit_probe=probe)
     spec = ROUTE_BENCHMARKS[path]
     fields: JSONObject = {"model": model} if model else {}
     if path == SPEECH and speech_voice:
         fields["voice"] = speech_voice
+    if path == CHAT:
+        fields |= engine.text_fields
     return BenchmarkConfig(
         route=path,
         generator=BenchmarkPayloads(spec, prompts, fields),
-        rounds=spec.rounds,
-        concurrency=spec.concurrency,
         failure_hint=hint,
+        limit_probe=probe,
     )
 
 

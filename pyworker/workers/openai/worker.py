@@ -23,7 +23,12 @@ import orjson
 from pyworker.config import JSONObject, WorkerConfig
 from pyworker.config.loader import ConfigError
 from pyworker.protocol.usage import processed_tokens
-from pyworker.workers.openai.engines import ServerKind, engine_model_server, server_kind
+from pyworker.workers.openai.engines import (
+    ENGINE_BENCHMARKS,
+    ServerKind,
+    engine_model_server,
+    server_kind,
+)
 
 # Re-exported: the route names live in routes.py.
 from pyworker.workers.openai.routes import CHAT as CHAT
@@ -163,7 +168,8 @@ def build_worker(
     benchmarked = benchmark_route(env)
     custom = bool(env.get("OPENAI_BENCHMARK_FILE"))
     voice = env.get("BENCHMARK_SPEECH_VOICE") or None
-    benchmark = benchmark_config(benchmarked, completions, model, prompts, custom, voice)
+    engine = ENGINE_BENCHMARKS[kind]
+    benchmark = benchmark_config(benchmarked, completions, model, prompts, custom, voice, engine)
     return WorkerConfig(
         name=f"openai-{kind.value}",
         model_server=model_server,

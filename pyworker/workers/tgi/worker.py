@@ -19,7 +19,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pyworker.config import BenchmarkConfig, JSONObject, PatternConfig, RouteConfig, WorkerConfig
+from pyworker.config import (
+    BenchmarkConfig,
+    JSONObject,
+    LimitProbe,
+    PatternConfig,
+    RouteConfig,
+    WorkerConfig,
+)
 from pyworker.workers.engine_profile import ServerProfile
 
 HERE = Path(__file__).resolve().parent
@@ -128,8 +135,8 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
         benchmark=BenchmarkConfig(
             route=ROUTES[0],
             dataset_file=str(BENCHMARK_FILE),
-            rounds=3,
-            concurrency=16,
+            # TGI answers 429 beyond this: the ramp stays within it.
+            limit_probe=LimitProbe(path="/info", field="max_concurrent_requests"),
         ),
     )
 

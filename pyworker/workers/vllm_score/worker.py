@@ -124,8 +124,6 @@ def build_worker(environ: Mapping[str, str] | None = None) -> WorkerConfig:
         benchmark=BenchmarkConfig(
             route=benchmark_route,
             dataset=benchmark_payloads(BENCHMARK_FILE, benchmark_route, model_server.model_id),
-            rounds=3,
-            concurrency=8,
         ),
     )
 

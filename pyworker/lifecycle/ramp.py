@@ -1,0 +1,333 @@
+"""The closed-loop ramp that finds a model server's capacity (docs/benchmark.md).
+
+N requests are kept in flight, a new one sent as soon as one ends (no rounds, so no idle tail
+counted as lost capacity). N doubles, 1, 2, 4, ..., while throughput grows by more than
+`GROWTH`, up to a ceiling. At each N a warm-up lets every request sent before the change end;
+then back-to-back time windows are measured until two agree within `SPREAD`. A window's
+throughput counts each finished request's work pro rata of the part of its life inside the
+window, so that a window of a few request latencies is exact for work done at a steady pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyworker.config import JSONObject
+
+logger = logging.getLogger(__name__)
+
+GROWTH = 0.05
+"""The ramp goes on while doubling N raises throughput by more than 5 %."""
+SPREAD = 0.03
+"""Two consecutive windows within 5 % of each other make a step's figure."""
+MAX_WINDOWS = 6
+"""Windows at most per step; an unsteady step takes their median."""
+MIN_WINDOW = 0.02
+WINDOW_LATENCIES = 2.0
+WINDOW_REQUESTS = 8
+"""A window lasts two mean request latencies, and long enough for eight requests to end
+(eight latencies with one in flight), at least 20 ms: a fast server is done in well under a
+second, a slow one measures over several requests."""
+FAILED_SHARE = 0.05
+"""A step where more than 5 % of the requests fail ends the ramp and is not chosen."""
+FAILURE_PAUSE = 0.05
+"""A failed request's sender waits this long before the next: a dead server is not hammered."""
+DRAIN_SECONDS = 30.0
+"""How long the ramp's last requests may take to end before they are cancelled."""
+MAX_LATENCIES = 50_000
+"""Latencies kept per step for its percentiles."""
+
+Send = Callable[[JSONObject], Awaitable[float | None]]
+"""Sends one payload; the work it did, or None when it failed."""
+
+
+@dataclass(slots=True)
+class Completion:
+    started: float
+    ended: float
+    work: float | None
+
+
+@dataclass(slots=True)
+class Step:
+    """What one N in flight gave: a point of the capacity curve."""
+
+    concurrency: int
+    perf: float = 0.0
+    p50: float = 0.0
+    p90: float = 0.0
+    requests: int = 0
+    failed: int = 0
+    windows: list[float] = field(default_factory=list)
+    steady: bool = False
+    """Two consecutive windows agreed within SPREAD."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "perf": self.perf,
+            "p50": self.p50,
+            "p90": self.p90,
+            "requests": self.requests,
+            "failed": self.failed,
+            "windows": len(self.windows),
+            "steady": self.steady,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RampSettings:
+    ceiling: int
+    deadline: float
+    """time.monotonic() past which the ramp ends with the best figure so far."""
+    latency_limit: float | None = None
+
+
+@dataclass(slots=True)
+class RampOutcome:
+    steps: list[Step]
+    chosen: Step | None
+    stopped: str
+    """Why the ramp ended, in words."""
+
+
+class BudgetSpent(Exception):
+    """The time budget ran out while waiting inside a step."""
+
+
+class ClosedLoop:
+    """Senders that each keep one request in flight; more are added as N grows."""
+
+    def __init__(self, send: Send, payloads: Iterator[JSONObject]) -> None:
+        self.send = send
+        self.payloads = payloads
+        self.tasks: list[asyncio.Task[None]] = []
+        self.records: list[Completion] = []
+        self.in_flight: dict[int, float] = {}
+        """Each busy sender's request start time."""
+        self.finished = asyncio.Event()
+        self.latest_end = 0.0
+        self.last_error = ""
+        self.stopping = False
+
+    def grow(self, target: int) -> None:
+        while len(self.tasks) < target:
+            self.tasks.append(asyncio.create_task(self._sender(len(self.tasks))))
+
+    def oldest_start(self) -> float:
+        return min(self.in_flight.values(), default=time.monotonic())
+
+    async def _sender(self, index: int) -> None:
+        while not self.stopping:
+            payload = next(self.payloads)
+            started = time.monotonic()
+            self.in_flight[index] = started
+            try:
+                work = await self.send(payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a timeout, a dropped connection: a failed request
+                self.last_error = error.__class__.__name__
+                work = None
+            self.latest_end = time.monotonic()
+            self.records.append(Completion(started, self.latest_end, work))
+            self.finished.set()
+            if work is None:
+                del self.in_flight[index]
+                await asyncio.sleep(FAILURE_PAUSE)
+            else:
+                await asyncio.sleep(0)  # a handler that never suspends must not starve the loop
+
+    async def wait_until_started_after(
+        self, moment: float, deadline: float, one_ended: bool = False
+    ) -> None:
+        """Until every request in flight started after `moment` (all older ones ended), and
+        with `one_ended` until at least one ended after it."""
+        while self.oldest_start() < moment or (one_ended and self.latest_end <= moment):
+            self.finished.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BudgetSpent
+            try:
+                await asyncio.wait_for(self.finished.wait(), left)
+            except asyncio.TimeoutError:
+                raise BudgetSpent from None
+
+    async def close(self) -> None:
+        """Send no more; let the requests in flight end (the engine would go on with them
+        anyway, under the worker's first real requests), cancelling what is left after
+        DRAIN_SECONDS."""
+        self.stopping = True
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=DRAIN_SECONDS)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+
+def prorata(records: list[Completion], start: float, end: float) -> float:
+    """Work per second in [start, end]: each request's work times its share of life inside."""
+    work = 0.0
+    for record in records:
+        if record.work is None or record.ended <= start or record.started >= end:
+            continue
+        duration = record.ended - record.started
+        if duration <= 0:
+            work += record.work
+            continue
+        inside = min(record.ended, end) - max(record.started, start)
+        work += record.work * inside / duration
+    return work / (end - start)
+
+
+def concurrency_steps(ceiling: int) -> Iterator[int]:
+    """1, 2, 4, ... below the ceiling, then the ceiling itself."""
+    concurrency = 1
+    while concurrency < ceiling:
+        yield concurrency
+        concurrency *= 2
+    yield ceiling
+
+
+async def ramp(send: Send, payloads: Iterator[JSONObject], settings: RampSettings) -> RampOutcome:
+    loop = ClosedLoop(send, payloads)
+    steps: list[Step] = []
+    best: Step | None = None
+    stopped = f"reached the ceiling of {settings.ceiling} in flight"
+    try:
+        for concurrency in concurrency_steps(settings.ceiling):
+            step = await measure_step(loop, concurrency, settings, first=best is None)
+            if step.windows:
+                steps.append(step)
+                log_step(step, loop.last_error)
+            verdict, best = judge(step, best, settings, steps[-2:-1])
+            if verdict:
+                stopped = verdict
+                break
+    finally:
+        await loop.close()
+    return RampOutcome(steps, best, stopped)
+
+
+def judge(
+    step: Step, best: Step | None, settings: RampSettings, before: list[Step]
+) -> tuple[str, Step | None]:
+    """Why the ramp ends after `step` ("" to go on), and the best step so far.
+
+    A step that did not grow ends the ramp when its windows agreed; an unsteady one (a noisy
+    machine) gets one more doubling, unless the step `before` it did not grow either.
+    """
+    n = step.concurrency
+    if not step.windows:
+        return "time budget spent", best
+    if step.failed > FAILED_SHARE * max(step.requests, 1):
+        return f"{step.failed} of {step.requests} requests failed at {n} in flight", best
+    limit = settings.latency_limit
+    if limit is not None and step.p90 > limit:
+        if best is None:
+            return f"p90 latency {step.p90:.3g} s over the limit {limit:g} s even at 1", step
+        return f"p90 latency {step.p90:.3g} s over the limit {limit:g} s at {n} in flight", best
+    grew = best is None or step.perf > best.perf * (1 + GROWTH)
+    stalled_before = bool(before) and before[0] is not best
+    if best is None or step.perf > best.perf:
+        best = step
+    if not grew and (step.steady or stalled_before or n >= settings.ceiling):
+        return f"throughput stopped growing at {n} in flight", best
+    if time.monotonic() >= settings.deadline:
+        return "time budget spent", best
+    if n >= settings.ceiling:
+        return f"reached the ceiling of {settings.ceiling} in flight", best
+    return "", best
+
+
+async def measure_step(
+    loop: ClosedLoop, concurrency: int, settings: RampSettings, first: bool = False
+) -> Step:
+    """Warm up at `concurrency`, then measure windows until two agree or the budget ends.
+
+    The `first` step with a figure measures one window whatever the budget, so that a model
+    slower than the budget (minutes a job) still gets a figure; windows then shrink to fit.
+    """
+    step = Step(concurrency)
+    changed = time.monotonic()
+    loop.grow(concurrency)
+    latencies: list[float] = []
+    patient = math.inf if first else settings.deadline
+    try:
+        await loop.wait_until_started_after(changed, patient, one_ended=True)
+        warm = [r.ended - r.started for r in loop.records if r.ended >= changed]
+        latency = statistics.fmean(warm or [0.0])
+        wanted = latency * max(WINDOW_LATENCIES, WINDOW_REQUESTS / concurrency)
+        left = (settings.deadline - time.monotonic()) / 3
+        window = max(MIN_WINDOW, min(wanted, left))
+        start = time.monotonic()
+        loop.records = [r for r in loop.records if r.ended > start]
+        while len(step.windows) < MAX_WINDOWS:
+            end = start + window
+            await asyncio.sleep(max(0.0, end - time.monotonic()))
+            await loop.wait_until_started_after(end, settings.deadline if step.windows else patient)
+            step.windows.append(prorata(loop.records, start, end))
+            _count(step, loop.records, end, latencies)
+            loop.records = [r for r in loop.records if r.ended > end]
+            if _agree(step.windows) or step.failed > FAILED_SHARE * max(step.requests, 1):
+                break
+            if time.monotonic() >= settings.deadline:
+                break
+            start = end
+    except BudgetSpent:
+        pass
+    _summarise(step, latencies)
+    return step
+
+
+def _count(step: Step, records: list[Completion], end: float, latencies: list[float]) -> None:
+    for record in records:
+        if record.ended > end:
+            continue
+        step.requests += 1
+        if record.work is None:
+            step.failed += 1
+        elif len(latencies) < MAX_LATENCIES:
+            latencies.append(record.ended - record.started)
+
+
+def _agree(windows: list[float]) -> bool:
+    if len(windows) < 2:
+        return False
+    low, high = sorted(windows[-2:])
+    return high > 0 and (high - low) <= SPREAD * high
+
+
+def _summarise(step: Step, latencies: list[float]) -> None:
+    if step.windows:
+        step.steady = _agree(step.windows)
+        step.perf = (
+            statistics.fmean(step.windows[-2:]) if step.steady else statistics.median(step.windows)
+        )
+    if latencies:
+        ordered = sorted(latencies)
+        step.p50 = ordered[len(ordered) // 2]
+        step.p90 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+
+
+def log_step(step: Step, last_error: str) -> None:
+    logger.info(
+        "benchmark: %d in flight: %.2f/s, p50 %.3f s, p90 %.3f s, %d requests%s%s",
+        step.concurrency,
+        step.perf,
+        step.p50,
+        step.p90,
+        step.requests,
+        f", {step.failed} failed" if step.failed else "",
+        "" if step.steady else " (windows did not agree)",
+    )
+    if step.failed and last_error:
+        logger.info("benchmark: last failure at %d in flight: %s", step.concurrency, last_error)
