@@ -471,10 +471,12 @@ def test_pip_and_uv_refuse_pyworker_on_python_3_9(
     python = python_3_9()
     wheels = pyworker_wheel(origin, wheelhouse, tmp_path / "pyworker-wheel")
     # PyPI has pyworker's dependencies for 3.9; stand-ins let the resolver get that far
+    # (every pin, whatever its marker: the markers are 3.9's there, not this Python's).
     for line in requirement_lines(ROOT / "requirements.txt"):
         needed = Requirement(line)
-        if needed.marker is None or needed.marker.evaluate():
-            stub_wheel(needed.name, importlib.metadata.version(needed.name), wheels)
+        pins = [spec.version for spec in needed.specifier if spec.operator == "=="]
+        version = pins[0] if pins else importlib.metadata.version(needed.name)
+        stub_wheel(needed.name, version, wheels)
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("pyworker-serverless==0.1.0\n")
     venv = tmp_path / "worker-env"
