@@ -111,13 +111,11 @@ async def test_lands_on_the_capacity_of_256_slots_declared_by_the_engine(
     engine = await _engine(engines, 256, 0.01)
     probe = LimitProbe(path="/props", field="total_slots")
     result = await _bench(engine.url, limit_probe=probe, max_seconds=60)
-    # Capped at the slots, each request's round trip idles its slot for a step: the model's
-    # closed-loop figure at 256 (2 % under the capacity) is what the worker can sustain.
-    mean = sum(TOKENS) / len(TOKENS)
-    assert result.perf == pytest.approx(engine.model.closed_loop(256, mean), rel=0.05)
-    assert result.ceiling == "256 (declared by the engine at /props)"
-    assert result.stopped == "reached the ceiling of 256 in flight"
-    assert result.concurrency == 256 and result.seconds < 60
+    # Up to twice the slots: the engine's queue keeps all 256 busy (at 256 in flight each
+    # request's round trip idles its slot for a step, 2 % under the capacity).
+    assert result.perf == pytest.approx(engine.model.capacity, rel=0.05)
+    assert result.ceiling == "512 (twice the 256 declared by the engine at /props)"
+    assert result.concurrency in (256, 512) and result.seconds < 60
 
 
 async def test_never_goes_over_the_configured_ceiling(

@@ -11,6 +11,9 @@ def test_doubles_up_to_the_ceiling_and_ends_on_it() -> None:
     assert list(concurrency_steps(1)) == [1]
     assert list(concurrency_steps(8)) == [1, 2, 4, 8]
     assert list(concurrency_steps(12)) == [1, 2, 4, 8, 12]
+    # Twice an engine's declared 6: its own limit is a step too.
+    assert list(concurrency_steps(12, declared=6)) == [1, 2, 4, 6, 8, 12]
+    assert list(concurrency_steps(32, declared=16)) == [1, 2, 4, 8, 16, 32]
 
 
 def test_a_window_counts_each_request_for_its_part_inside() -> None:

@@ -91,7 +91,7 @@ async def test_the_embeddings_benchmark_counts_tokens_from_usage_and_requests_pa
             # The work counted is the prompt tokens llama-server's own `usage` reports.
             benchmark = status["benchmark"]
             assert benchmark["counted"] == "produced work (from every answer)"
-            assert benchmark["ceiling"] == "4 (declared by the engine at /props)"
+            assert benchmark["ceiling"] == "8 (twice the 4 declared by the engine at /props)"
 
             # A client's request: the same answer as llama-server's own.
             payload = {"input": ["the worker relays", "embeddings"], "model": "tiny"}

@@ -200,10 +200,10 @@ async def test_ready_from_the_real_log_after_a_load_error_with_a_measured_benchm
             assert ready["max_perf"] == pytest.approx(status["benchmark"]["perf"])
 
             benchmark = status["benchmark"]
-            # The ramp's ceiling is llama-server's own slots (4, under the configured 8).
-            assert benchmark["ceiling"] == "4 (declared by the engine at /props)"
+            # The ramp's ceiling is twice llama-server's own slots (4), its queue kept full.
+            assert benchmark["ceiling"] == "8 (twice the 4 declared by the engine at /props)"
             levels = [step["concurrency"] for step in benchmark["curve"]]
-            assert levels and levels == [1, 2, 4][: len(levels)]
+            assert levels and levels == [1, 2, 4, 8][: len(levels)]
             # usage's prompt + completion tokens, not the workload estimated before the request
             assert benchmark["counted"] == "produced work (from every answer)"
         finally:
