@@ -24,6 +24,7 @@ class Model:
         self.received: list[tuple[str, bytes]] = []
         self.healthy = 200
         self.second_chunk = asyncio.Event()
+        self.silent_arrived = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -51,6 +52,7 @@ class Model:
         return response
 
     async def silent(self, request: web.Request) -> web.Response:
+        self.silent_arrived.set()
         await asyncio.sleep(30)
         return web.Response()
 
@@ -183,13 +185,13 @@ async def test_a_handler_gets_a_session_to_the_model_and_is_bounded(
     assert timed_out.value.status == 504
 
 
-async def test_close_fails_a_request_still_running(client: ModelClient) -> None:
+async def test_close_fails_a_request_still_running(client: ModelClient, model: Model) -> None:
     async def waiting() -> None:
         async with client.post("/silent", b"{}"):
             pass
 
     task = asyncio.create_task(waiting())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(model.silent_arrived.wait(), 10)
     await client.close()
     with pytest.raises(UpstreamError) as failed, model_errors():
         await asyncio.wait_for(task, 2)
