@@ -22,6 +22,7 @@ from pyworker.upstream.model import ModelClient
 class Model:
     def __init__(self) -> None:
         self.second_chunk = asyncio.Event()
+        self.break_stream = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -52,7 +53,7 @@ class Model:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b"data: 1\n\n")
-        await asyncio.sleep(0.05)
+        await self.break_stream.wait()  # the first chunk reached the client
         assert request.transport is not None
         request.transport.abort()
         return response
@@ -159,6 +160,8 @@ async def test_a_stream_broken_after_its_headers_cuts_the_client(scene: Scene) -
     await scene.start()
     async with scene.post("/broken", b"{}") as response:
         assert response.status == 200
+        assert await response.content.readuntil(b"\n\n") == b"data: 1\n\n"
+        scene.model.break_stream.set()
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     assert scene.statuses == [502]
