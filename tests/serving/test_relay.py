@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -167,11 +166,8 @@ async def test_a_stream_broken_after_its_headers_cuts_the_client(scene: Scene) -
     assert scene.statuses == [502]
 
 
-async def test_a_model_server_that_refuses_is_a_502(scene: Scene) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    await scene.start(f"http://127.0.0.1:{port}")
+async def test_a_model_server_that_refuses_is_a_502(scene: Scene, refused_port: int) -> None:
+    await scene.start(f"http://127.0.0.1:{refused_port}")
     async with scene.post("/echo", b"{}") as response:
         assert response.status == 502
         assert (await response.text()).startswith("model server unreachable")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -80,13 +79,6 @@ async def client(model: Model) -> AsyncIterator[ModelClient]:
     await server.close()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_a_post_gives_the_answer_status_headers_and_body(
     client: ModelClient, model: Model
 ) -> None:
@@ -118,11 +110,13 @@ async def test_the_health_probe_gives_the_status(client: ModelClient, model: Mod
     assert await client.probe("/health", timeout=2.0) == 503
 
 
-async def test_a_health_probe_without_answer_is_an_upstream_error(client: ModelClient) -> None:
+async def test_a_health_probe_without_answer_is_an_upstream_error(
+    client: ModelClient, refused_port: int
+) -> None:
     with pytest.raises(UpstreamError) as timed_out:
         await client.probe("/silent", timeout=0.2)
     assert timed_out.value.status == 504
-    unreachable = ModelClient(f"http://127.0.0.1:{closed_port()}", connect_timeout=2.0)
+    unreachable = ModelClient(f"http://127.0.0.1:{refused_port}", connect_timeout=2.0)
     with pytest.raises(UpstreamError) as refused:
         await unreachable.probe("/health", timeout=2.0)
     assert refused.value.status == 502
@@ -140,8 +134,8 @@ async def test_notify_delivers_the_body_and_gives_the_status(
     assert timed_out.value.status == 504
 
 
-async def test_a_refused_connection_is_a_502(client: ModelClient) -> None:
-    unreachable = ModelClient(f"http://127.0.0.1:{closed_port()}", connect_timeout=2.0)
+async def test_a_refused_connection_is_a_502(client: ModelClient, refused_port: int) -> None:
+    unreachable = ModelClient(f"http://127.0.0.1:{refused_port}", connect_timeout=2.0)
     with pytest.raises(ConnectFailed):
         async with unreachable.post("/echo", b"{}"):
             pass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -362,12 +361,11 @@ async def test_silence_past_the_read_timeout_is_an_error_but_a_slow_stream_is_no
             pass
 
 
-async def test_a_refused_connection_is_connect_failed(pools: PoolFixture) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+async def test_a_refused_connection_is_connect_failed(
+    pools: PoolFixture, refused_port: int
+) -> None:
     with pytest.raises(ConnectFailed):
-        async with pools(f"http://127.0.0.1:{port}").post("/", b"{}"):
+        async with pools(f"http://127.0.0.1:{refused_port}").post("/", b"{}"):
             pass
 
 
