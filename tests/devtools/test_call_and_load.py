@@ -245,11 +245,11 @@ def test_call_refuses_data_that_is_not_json(dev: DevRun) -> None:
 
 async def test_call_gives_up_when_no_worker_becomes_ready() -> None:
     async with LocalAutoscaler() as autoscaler:
-        started = time.monotonic()
+        # No wall-clock bound here: starting a Python process on a loaded machine takes seconds.
+        # The message says the 0.5 s deadline ended the wait; _pyworker fails a call that hangs.
         code, out, err = await _pyworker(
             "call", "/v1/completions", "--autoscaler", autoscaler.url, "--wait", "0.5"
         )
-        assert time.monotonic() - started < 15
     assert code == 1 and out == ""
     assert "no worker ready after 0.5 s" in err and "0 ready" in err
     assert autoscaler.fleet.workers == {}
