@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +18,25 @@ HANG_GUARD = 420
 
 
 def run_smoke(*extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", *extra],
+    """Run the smoke benchmark in a session of its own, so a hang leaves none of its servers."""
+    command = [sys.executable, "-m", "bench.run", "--smoke", *extra]
+    with subprocess.Popen(
+        command,
         cwd=REPOSITORY,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=HANG_GUARD,
         env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
-    )
+        start_new_session=True,
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=HANG_GUARD)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # bench.run and the servers it started
+            out, err = process.communicate()
+            hung = f"the smoke run hung past {HANG_GUARD} s:\n{err[-3000:]}"
+            raise AssertionError(hung) from None
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 @pytest.mark.timeout(HANG_GUARD + 60)
