@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
@@ -93,6 +94,19 @@ def illegal_transitions(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Illega
     monkeypatch.setattr(IllegalTransition, "__init__", record)
     yield raised
     assert not raised, f"illegal worker state transitions: {[str(e) for e in raised]}"
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test.
+
+    Bound and never listening, it is held: no other process can start listening on it
+    between picking it and using it, as one can on a port picked and then let go.
+    """
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port: int = holder.getsockname()[1]
+        yield port
 
 
 @pytest.fixture

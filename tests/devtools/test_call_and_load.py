@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -112,13 +111,6 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevRun]:
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
     assert not any(psutil.pid_exists(pid) for pid in state.children.values())
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 async def _pyworker(*arguments: str) -> tuple[int, str, str]:
@@ -235,8 +227,8 @@ def test_call_for_an_unknown_endpoint_says_so(dev: DevRun) -> None:
     assert "unknown endpoint 'other': this autoscaler serves 'hello_world'" in result.stderr
 
 
-def test_call_to_a_wrong_autoscaler_names_the_running_one(dev: DevRun) -> None:
-    wrong = f"http://127.0.0.1:{_closed_port()}"
+def test_call_to_a_wrong_autoscaler_names_the_running_one(dev: DevRun, refused_port: int) -> None:
+    wrong = f"http://127.0.0.1:{refused_port}"
     result = dev.pyworker("call", "/v1/completions", "--autoscaler", wrong)
     assert result.returncode == 1
     assert f"cannot reach the autoscaler at {wrong}" in result.stderr
@@ -253,18 +245,18 @@ def test_call_refuses_data_that_is_not_json(dev: DevRun) -> None:
 
 async def test_call_gives_up_when_no_worker_becomes_ready() -> None:
     async with LocalAutoscaler() as autoscaler:
-        started = time.monotonic()
+        # No wall-clock bound here: starting a Python process on a loaded machine takes seconds.
+        # The message says the 0.5 s deadline ended the wait; _pyworker fails a call that hangs.
         code, out, err = await _pyworker(
             "call", "/v1/completions", "--autoscaler", autoscaler.url, "--wait", "0.5"
         )
-        assert time.monotonic() - started < 15
     assert code == 1 and out == ""
     assert "no worker ready after 0.5 s" in err and "0 ready" in err
     assert autoscaler.fleet.workers == {}
 
 
-async def test_call_reports_an_autoscaler_that_is_not_there() -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
+async def test_call_reports_an_autoscaler_that_is_not_there(refused_port: int) -> None:
+    url = f"http://127.0.0.1:{refused_port}"
     code, _, err = await _pyworker("call", "/v1/completions", "--autoscaler", url)
     assert code == 1 and f"cannot reach the autoscaler at {url}" in err
     assert "no `pyworker dev` runs here: start one, or pass the --autoscaler URL" in err
@@ -319,8 +311,8 @@ async def test_load_counts_requests_that_were_never_routed() -> None:
     assert summary["reasons"]["routing"].startswith("no worker ready after 0.2 s")
 
 
-async def test_load_says_why_requests_were_not_routed() -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
+async def test_load_says_why_requests_were_not_routed(refused_port: int) -> None:
+    url = f"http://127.0.0.1:{refused_port}"
     code, out, _ = await _pyworker(
         "load", "-n", "3", "--rps", "100", "--autoscaler", url, "--data", "{}"
     )

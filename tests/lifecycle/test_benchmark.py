@@ -107,10 +107,8 @@ async def test_waits_out_connection_refused_while_the_port_opens() -> None:
     assert result.perf > 0 and len(recorder.payloads) > 1
 
 
-async def test_gives_up_when_the_port_never_opens() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+async def test_gives_up_when_the_port_never_opens(refused_port: int) -> None:
+    url = f"http://127.0.0.1:{refused_port}"
     with pytest.raises(BenchmarkError, match="refused connections"):
         await _run(url, _route(), dataset=[{}], connect_wait=0.5)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -70,12 +69,6 @@ async def autoscaler() -> AsyncIterator[Autoscaler]:
     await recorder.server.start_server()
     yield recorder
     await recorder.server.close()
-
-
-def _closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
 
 
 @contextlib.asynccontextmanager
@@ -162,8 +155,8 @@ async def test_counters_and_finished_requests_survive_an_outage(autoscaler: Auto
     assert statuses[99] == "Rejected" and statuses[0] == "Success"
 
 
-async def test_fails_over_to_the_next_address(autoscaler: Autoscaler) -> None:
-    reporter, status, ledger = make_reporter(_closed_port_url(), autoscaler.url)
+async def test_fails_over_to_the_next_address(autoscaler: Autoscaler, refused_port: int) -> None:
+    reporter, status, ledger = make_reporter(f"http://127.0.0.1:{refused_port}", autoscaler.url)
     async with running(reporter):
         ledger.finish(ledger.receive(1, "/r", 1), Outcome.ERROR, 500)
         status.set_state(WorkerState.LOADING)
@@ -172,10 +165,10 @@ async def test_fails_over_to_the_next_address(autoscaler: Autoscaler) -> None:
 
 
 async def test_the_master_token_never_reaches_the_logs(
-    autoscaler: Autoscaler, caplog: pytest.LogCaptureFixture
+    autoscaler: Autoscaler, caplog: pytest.LogCaptureFixture, refused_port: int
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    reporter, status, _ = make_reporter(_closed_port_url(), autoscaler.url)
+    reporter, status, _ = make_reporter(f"http://127.0.0.1:{refused_port}", autoscaler.url)
     async with running(reporter):
         status.set_state(WorkerState.LOADING)
         await wait_until(lambda: len(autoscaler.statuses) >= 1)

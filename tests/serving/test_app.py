@@ -414,12 +414,9 @@ async def test_model_dying_mid_stream_cuts_the_client_and_counts_error(
 
 # --- model server faults -------------------------------------------------------------------
 async def test_unreachable_model_server_is_502(
-    start_worker: WorkerFactory, keypair: KeyPair
+    start_worker: WorkerFactory, keypair: KeyPair, refused_port: int
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    worker = await start_worker(model_server={"base_url": f"http://127.0.0.1:{closed_port}"})
+    worker = await start_worker(model_server={"base_url": f"http://127.0.0.1:{refused_port}"})
     async with worker.post("/echo", envelope(keypair)) as response:
         assert response.status == 502
         assert (await response.json())["error"].startswith("model server unreachable")

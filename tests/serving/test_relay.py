@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from pyworker.upstream.model import ModelClient
 class Model:
     def __init__(self) -> None:
         self.second_chunk = asyncio.Event()
+        self.break_stream = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -52,7 +52,7 @@ class Model:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b"data: 1\n\n")
-        await asyncio.sleep(0.05)
+        await self.break_stream.wait()  # the first chunk reached the client
         assert request.transport is not None
         request.transport.abort()
         return response
@@ -159,16 +159,15 @@ async def test_a_stream_broken_after_its_headers_cuts_the_client(scene: Scene) -
     await scene.start()
     async with scene.post("/broken", b"{}") as response:
         assert response.status == 200
+        assert await response.content.readuntil(b"\n\n") == b"data: 1\n\n"
+        scene.model.break_stream.set()
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     assert scene.statuses == [502]
 
 
-async def test_a_model_server_that_refuses_is_a_502(scene: Scene) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    await scene.start(f"http://127.0.0.1:{port}")
+async def test_a_model_server_that_refuses_is_a_502(scene: Scene, refused_port: int) -> None:
+    await scene.start(f"http://127.0.0.1:{refused_port}")
     async with scene.post("/echo", b"{}") as response:
         assert response.status == 502
         assert (await response.text()).startswith("model server unreachable")

@@ -6,7 +6,6 @@ import asyncio
 import datetime
 import ipaddress
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -97,11 +96,8 @@ def public_key_bytes(certificate: x509.Certificate) -> bytes:
     )
 
 
-def closed_port_url() -> str:
-    """A loopback URL where nothing listens: the endpoint is down."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def closed_port_url(port: int) -> str:
+    """A loopback URL where nothing listens (pass the `refused_port`): the endpoint is down."""
     return f"http://127.0.0.1:{port}/api/v0/sign_cert/"
 
 
@@ -130,12 +126,12 @@ async def test_new_key_and_csr_are_signed_and_the_worker_can_serve_them(
 
 
 async def test_a_present_matching_certificate_is_reused_without_signing(
-    instance: Instance,
+    instance: Instance, refused_port: int
 ) -> None:
     assert (await instance.run()).status == 0
     certificate, key = instance.cert_file.read_bytes(), instance.key_file.read_bytes()
 
-    run = await instance.run(PYWORKER_SIGN_CERT_URL=closed_port_url())  # a reboot
+    run = await instance.run(PYWORKER_SIGN_CERT_URL=closed_port_url(refused_port))  # a reboot
 
     assert run.status == 0, run.output
     assert "reusing the TLS certificate" in run.output
@@ -196,11 +192,11 @@ async def test_failed_signing_is_reported_and_retried_with_growing_delays(
 
 @pytest.mark.parametrize("failure", ["down", "garbage", "another key"])
 async def test_signing_gives_up_after_its_attempts_and_writes_nothing(
-    instance: Instance, failure: str
+    instance: Instance, failure: str, refused_port: int
 ) -> None:
     extra = {"PYWORKER_SIGN_ATTEMPTS": "3"}
     if failure == "down":
-        extra["PYWORKER_SIGN_CERT_URL"] = closed_port_url()
+        extra["PYWORKER_SIGN_CERT_URL"] = closed_port_url(refused_port)
         expected = "the signing endpoint cannot be reached"
     elif failure == "garbage":
         instance.signer.answers = [Failure(body=b"\x00\xff garbage")] * 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -24,6 +23,7 @@ class Model:
         self.received: list[tuple[str, bytes]] = []
         self.healthy = 200
         self.second_chunk = asyncio.Event()
+        self.silent_arrived = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -51,6 +51,7 @@ class Model:
         return response
 
     async def silent(self, request: web.Request) -> web.Response:
+        self.silent_arrived.set()
         await asyncio.sleep(30)
         return web.Response()
 
@@ -76,13 +77,6 @@ async def client(model: Model) -> AsyncIterator[ModelClient]:
     model.second_chunk.set()
     await model_client.close()
     await server.close()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_a_post_gives_the_answer_status_headers_and_body(
@@ -116,11 +110,13 @@ async def test_the_health_probe_gives_the_status(client: ModelClient, model: Mod
     assert await client.probe("/health", timeout=2.0) == 503
 
 
-async def test_a_health_probe_without_answer_is_an_upstream_error(client: ModelClient) -> None:
+async def test_a_health_probe_without_answer_is_an_upstream_error(
+    client: ModelClient, refused_port: int
+) -> None:
     with pytest.raises(UpstreamError) as timed_out:
         await client.probe("/silent", timeout=0.2)
     assert timed_out.value.status == 504
-    unreachable = ModelClient(f"http://127.0.0.1:{closed_port()}", connect_timeout=2.0)
+    unreachable = ModelClient(f"http://127.0.0.1:{refused_port}", connect_timeout=2.0)
     with pytest.raises(UpstreamError) as refused:
         await unreachable.probe("/health", timeout=2.0)
     assert refused.value.status == 502
@@ -138,8 +134,8 @@ async def test_notify_delivers_the_body_and_gives_the_status(
     assert timed_out.value.status == 504
 
 
-async def test_a_refused_connection_is_a_502(client: ModelClient) -> None:
-    unreachable = ModelClient(f"http://127.0.0.1:{closed_port()}", connect_timeout=2.0)
+async def test_a_refused_connection_is_a_502(client: ModelClient, refused_port: int) -> None:
+    unreachable = ModelClient(f"http://127.0.0.1:{refused_port}", connect_timeout=2.0)
     with pytest.raises(ConnectFailed):
         async with unreachable.post("/echo", b"{}"):
             pass
@@ -183,13 +179,13 @@ async def test_a_handler_gets_a_session_to_the_model_and_is_bounded(
     assert timed_out.value.status == 504
 
 
-async def test_close_fails_a_request_still_running(client: ModelClient) -> None:
+async def test_close_fails_a_request_still_running(client: ModelClient, model: Model) -> None:
     async def waiting() -> None:
         async with client.post("/silent", b"{}"):
             pass
 
     task = asyncio.create_task(waiting())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(model.silent_arrived.wait(), 10)
     await client.close()
     with pytest.raises(UpstreamError) as failed, model_errors():
         await asyncio.wait_for(task, 2)
