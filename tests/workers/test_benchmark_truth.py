@@ -22,7 +22,8 @@ import pytest
 
 from bench.capacity import ClosedLoop, Sweep, Target
 from pyworker.protocol.usage import processed_tokens
-from pyworker.workers.openai.worker import BENCHMARK_FILE, benchmark_payloads, workload
+from pyworker.workers.llama.worker import worker as llama_worker
+from pyworker.workers.openai.worker import workload
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.llama import (
@@ -124,7 +125,7 @@ async def closed_loop(url: str, keypair: KeyPair, slots: int) -> Sweep:
     signed = keypair.auth_data(url=url)
     target = Target(
         url=url + "/v1/completions",
-        payloads=benchmark_payloads(BENCHMARK_FILE, None),
+        payloads=list(llama_worker.benchmark.dataset or []),  # as the worker sends them
         envelope=lambda payload: {"auth_data": signed, "payload": payload},
         produced=processed_tokens,
         requested=workload,

@@ -156,8 +156,12 @@ ENGINE_BENCHMARKS: dict[ServerKind, EngineBenchmark] = {
     ServerKind.SGLANG: EngineBenchmark(
         {"ignore_eos": True}, LimitProbe(path="/get_server_info", field="max_running_requests")
     ),
+    # llama-server would answer the benchmark's few cycled prompts from its slots' caches
+    # (`cache_prompt`) while `usage` still counts every prompt token: a figure that real,
+    # distinct prompts never reach. Each benchmark prompt is computed in full.
     ServerKind.LLAMACPP: EngineBenchmark(
-        {"ignore_eos": True}, LimitProbe(path="/props", field="total_slots")
+        {"ignore_eos": True, "cache_prompt": False},
+        LimitProbe(path="/props", field="total_slots"),
     ),
     ServerKind.TGI: EngineBenchmark(
         limit_probe=LimitProbe(path="/info", field="max_concurrent_requests")
