@@ -35,7 +35,8 @@ from bench.capacity import ClosedLoop, Step, Sweep, Target, concurrency_levels
 from bench.processes import Fleet, ServerProcess
 from bench.run import auth_data, stand_in_autoscaler, worker_environment
 from pyworker.protocol.usage import processed_tokens
-from pyworker.workers.openai.worker import BENCHMARK_FILE, benchmark_payloads, workload
+from pyworker.workers.llama.worker import worker as llama_worker
+from pyworker.workers.openai.worker import workload
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 MODEL_SHAPE = ("--n-embd", "256", "--n-layer", "4", "--n-ff", "1024", "--n-ctx", "512")
@@ -148,7 +149,7 @@ def client_target(worker: str, signer: autoscaler.Signer) -> Target:
     signed = auth_data(signer, worker)
     return Target(
         url=worker + ROUTE,
-        payloads=benchmark_payloads(BENCHMARK_FILE, None),
+        payloads=list(llama_worker.benchmark.dataset or []),  # as the worker sends them
         envelope=lambda payload: {"auth_data": signed, "payload": payload},
         produced=processed_tokens,
         requested=workload,
