@@ -96,9 +96,13 @@ async def test_lands_on_the_capacity_where_throughput_stops_growing(
     result = await _bench(engine.url, max_seconds=30)
     curve = [step.to_dict() for step in result.curve]
     assert result.perf == pytest.approx(engine.model.capacity, rel=0.05), curve
-    assert "stopped growing" in result.stopped and result.ceiling == "256 (default)"
+    # Past the plateau it takes two flat steps to stop; a loaded machine's longer windows may
+    # spend the budget first, with the same figure: the budget ends it, the log says so.
+    assert "stopped growing" in result.stopped or result.stopped == "time budget spent", curve
+    assert result.ceiling == "256 (default)"
     assert result.concurrency >= slots  # fewer in flight leave slots idle
-    assert result.seconds < 30 and result.counted == "produced work (from every answer)"
+    # The budget bounds the ramp; the first answer and the last requests' end come on top.
+    assert result.seconds < 30 + 5 and result.counted == "produced work (from every answer)"
     levels = [step.concurrency for step in result.curve]
     assert levels == [2**index for index in range(len(levels))]
     assert (await engine.stats())["peak_in_flight"] == levels[-1]

@@ -6,8 +6,8 @@ llama-server (the tiny random-weight model at 256x4, one thread) runs with 4 and
 slots; once the worker is READY, bench/capacity.py keeps slots / 2, slots and 2 x slots signed
 requests in flight through it, the worker's own benchmark payloads, and counts the tokens the
 answers' `usage` reports (the unit of the worker's benchmark) in time windows after a warm-up.
-The best of those is the truth the worker's figure must meet, within 10 % (CI machines are
-noisy). Fewer in flight never came near on any curve measured here (`python -m bench.truth`
+The best of those is the truth the worker's figure must meet, within 10 %, or within the
+scatter of that measurement's own windows where a loaded machine makes it larger (25 % at most). Fewer in flight never came near on any curve measured here (`python -m bench.truth`
 sweeps from 1); the time goes to longer windows at the levels that matter, which scatter less.
 """
 
@@ -40,6 +40,7 @@ pytestmark = pytest.mark.timeout(1800)
 
 SHAPE = ModelShape(n_embd=256, n_layer=4, n_ff=1024, n_ctx=512)
 TOLERANCE = 0.10
+MAX_TOLERANCE = 0.25
 READY_TIMEOUT = 150.0
 WARMUP = 2.0
 """Seconds at each N before its windows: enough for the lanes to fall out of step."""
@@ -99,7 +100,10 @@ async def test_max_perf_is_the_capacity_sustained_through_the_worker(
     assert all(step.failures == 0 and step.missing_usage == 0 for step in sweep.steps), curve
     best = sweep.best
     ratio = ready["max_perf"] / best.produced
-    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (
+    # Within 10 %, or within what this measurement scattered by itself at its best N (a
+    # loaded machine), up to 25 %: the figure before the ramp was off by 35 to 75 %.
+    tolerance = min(MAX_TOLERANCE, max(TOLERANCE, best.spread))
+    assert 1 - tolerance <= ratio <= 1 + tolerance, (
         f"{slots} slots: max_perf {ready['max_perf']:.0f} tokens/s, sustained"
         f" {best.produced:.0f} at {best.in_flight} in flight (ratio {ratio:.2f}; to the"
         f" requested tokens, {ready['max_perf'] / best.requested:.2f}){curve}"

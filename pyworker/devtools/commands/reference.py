@@ -110,7 +110,7 @@ def type_name(annotation: Any) -> str:
 def default_text(name: str, field: FieldInfo) -> str:
     if field.is_required():
         return "required"
-    value = field.get_default(call_default_factory=True)
+    value = field.get_default(call_default_factory=True, validated_data={})
     if isinstance(value, BaseModel):
         return "(table below)"
     if value is None:
