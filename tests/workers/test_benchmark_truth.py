@@ -7,7 +7,8 @@ slots; once the worker is READY, bench/capacity.py keeps slots / 2, slots and 2 
 requests in flight through it, the worker's own benchmark payloads, and counts the tokens the
 answers' `usage` reports (the unit of the worker's benchmark) in time windows after a warm-up.
 The best of those is the truth the worker's figure must meet, within 10 %, or within the
-scatter of that measurement's own windows where a loaded machine makes it larger (25 % at most). Fewer in flight never came near on any curve measured here (`python -m bench.truth`
+scatter of that measurement's own windows where a loaded machine makes it larger (25 % at
+most). Fewer in flight never came near on any curve measured here (`python -m bench.truth`
 sweeps from 1); the time goes to longer windows at the levels that matter, which scatter less.
 """
 
