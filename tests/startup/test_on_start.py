@@ -40,6 +40,10 @@ CLEARED_NAMES = frozenset(
 WITH_SIGINT = (
     "import os, signal, sys; "
     "signal.signal(signal.SIGINT, getattr(signal, sys.argv[1])); "
+    # As a container's entrypoint gets them, whatever this suite was started under (`nohup`
+    # ignores SIGHUP, and a non-interactive bash cannot trap a signal ignored on entry).
+    "[signal.signal(getattr(signal, name), signal.SIG_DFL)"
+    " for name in ('SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2')]; "
     "os.execv(sys.argv[2], sys.argv[2:])"
 )
 # Characters that break JSON pasted by hand: quotes, a backslash, a tab, a control character.
