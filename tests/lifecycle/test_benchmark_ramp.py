@@ -105,7 +105,9 @@ async def test_lands_on_the_capacity_where_throughput_stops_growing(
     assert result.seconds < 30 + 5 and result.counted == "produced work (from every answer)"
     levels = [step.concurrency for step in result.curve]
     assert levels == [2**index for index in range(len(levels))]
-    assert (await engine.stats())["peak_in_flight"] == levels[-1]
+    # A budget that ends during the next step's warm-up leaves that step off the curve.
+    peak = (await engine.stats())["peak_in_flight"]
+    assert peak == levels[-1] or (result.stopped == "time budget spent" and peak == 2 * levels[-1])
 
 
 @pytest.mark.slow

@@ -98,6 +98,8 @@ def type_name(annotation: Any) -> str:
         return " or ".join(f'`"{argument}"`' for argument in arguments)
     if origin is Callable:
         return "function"
+    if isinstance(origin, type):  # AbstractAsyncContextManager[Any]: its class, on every Python
+        return type_name(origin)
     if isinstance(annotation, type):
         if annotation.__module__ == "collections.abc":
             return "function"
