@@ -22,6 +22,7 @@ from pyworker.protocol.auth import reference_message
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.support.model_server import Recorder, create_app
+from tests.support.recording_host import Handler, HostFactory, RecordingHost
 
 
 class KeyPair:
@@ -229,3 +230,19 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
         if time.monotonic() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def hosts() -> AsyncIterator[HostFactory]:
+    """Recording hosts started on demand (a fake autoscaler, key server or signer), all
+    closed when the test ends."""
+    started: list[RecordingHost] = []
+
+    async def start(handler: Handler) -> RecordingHost:
+        host = await RecordingHost(handler).start()
+        started.append(host)
+        return host
+
+    yield start
+    for host in started:
+        await host.close()

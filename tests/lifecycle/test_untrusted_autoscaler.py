@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -29,25 +29,10 @@ from pyworker.serving.http_errors import JsonErrorRunner
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair, ModelServer, wait_until
 from tests.support.fake_autoscaler import FakeAutoscaler
-from tests.support.recording_host import Handler, RecordingHost, endless, redirect_to
+from tests.support.recording_host import HostFactory, endless, redirect_to
 from tests.support.states import advance
 
 TOKEN = "untrusted-autoscaler-token"
-HostFactory = Callable[[Handler], Awaitable[RecordingHost]]
-
-
-@pytest.fixture
-async def hosts() -> AsyncIterator[HostFactory]:
-    started: list[RecordingHost] = []
-
-    async def start(handler: Handler) -> RecordingHost:
-        host = await RecordingHost(handler).start()
-        started.append(host)
-        return host
-
-    yield start
-    for host in started:
-        await host.close()
 
 
 async def answer_ok(request: web.Request) -> web.Response:

@@ -8,7 +8,7 @@ followed, an answer read up to a bound.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -18,20 +18,6 @@ from pyworker.protocol.auth import AuthData, KeyFetch, SignatureVerifier, Verdic
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.recording_host import Handler, RecordingHost, endless, redirect_to
-
-
-@pytest.fixture
-async def hosts() -> AsyncIterator[Callable[[Handler], Awaitable[RecordingHost]]]:
-    started: list[RecordingHost] = []
-
-    async def start(handler: Handler) -> RecordingHost:
-        host = await RecordingHost(handler).start()
-        started.append(host)
-        return host
-
-    yield start
-    for host in started:
-        await host.close()
 
 
 def signed_by(verifier: SignatureVerifier, keypair: KeyPair) -> bool:

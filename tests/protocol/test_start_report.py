@@ -13,7 +13,7 @@ import json
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -22,20 +22,6 @@ from pyworker.protocol import messages
 from tests.protocol.test_messages import ENVIRON, MESSAGES
 from tests.support.fake_signer import write_certificate
 from tests.support.recording_host import Handler, RecordingHost, answer_ok, endless, redirect_to
-
-
-@pytest.fixture
-async def hosts() -> AsyncIterator[Callable[[Handler], Awaitable[RecordingHost]]]:
-    started: list[RecordingHost] = []
-
-    async def start(handler: Handler) -> RecordingHost:
-        host = await RecordingHost(handler).start()
-        started.append(host)
-        return host
-
-    yield start
-    for host in started:
-        await host.close()
 
 
 async def report_from_bare_python(report_addr: str, message: str) -> str:

@@ -73,3 +73,7 @@ def endless(sent: list[int]) -> Handler:
 
 async def answer_ok(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
+
+
+HostFactory = Callable[[Handler], Awaitable[RecordingHost]]
+"""Starts a RecordingHost answering with a handler (the `hosts` fixture, tests/conftest.py)."""
