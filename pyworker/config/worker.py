@@ -316,6 +316,10 @@ class BenchmarkConfig(_Model):
     latency_limit: float | None = Field(default=None, gt=0)
     """The 90th percentile of request latency, in seconds, a step may reach: the ramp keeps the
     highest number in flight within it. None: throughput alone decides."""
+    token_latency_limit: float | None = Field(default=None, gt=0)
+    """For LLM routes: the 90th percentile of seconds per output token a step may reach (a
+    request's time to its last byte over the `usage.completion_tokens` its answer reports);
+    the ramp keeps the highest number in flight within it. None: no such limit."""
     rounds: int = Field(default=3, ge=1, le=100)
     """Kept so that older configs validate: the ramp measures until two windows agree, so it
     only sizes a `generator`'s payloads (rounds * concurrency + 1, at least 64)."""

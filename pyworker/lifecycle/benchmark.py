@@ -22,28 +22,29 @@ import aiohttp
 import orjson
 
 from pyworker import backports
-from pyworker.config import BenchmarkConfig, JSONObject, LimitProbe, RouteConfig
+from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
 from pyworker.config.dataset import BenchmarkError
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.config.worker import MAX_BENCHMARK_CONCURRENCY
-from pyworker.lifecycle.ramp import RampOutcome, RampSettings, Step, ramp
+from pyworker.lifecycle.ramp import Done, RampOutcome, RampSettings, Step, ramp
 from pyworker.lifecycle.regular_files import (
     OnceWarnings,
     UnusableFile,
     read_regular,
     write_replacing,
 )
+from pyworker.protocol.usage import completion_tokens
 from pyworker.protocol.workload import WorkloadError
-from pyworker.upstream.errors import ConnectFailed, PoolError, UpstreamError
+from pyworker.upstream.errors import ConnectFailed, PoolError
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
-"""2: the closed-loop ramp (a figure of the rounds of version 1 is measured again)."""
+CACHE_VERSION = 3
+"""2: the closed-loop ramp (a figure of the rounds of version 1 is measured again); 3: the
+chosen N measured again, and the engine's declared limit kept with the figure."""
 DEFAULT_CEILING = 256
 """The ramp's ceiling when neither the engine nor the config says: vLLM's default batch."""
-LIMIT_PROBE_TIMEOUT = 5.0
 
 
 @dataclass(slots=True)
@@ -52,6 +53,10 @@ class BenchmarkResult:
     curve: list[Step] = field(default_factory=list)
     concurrency: int = 0
     """The number in flight that gave `perf`."""
+    confirmed: Step | None = None
+    """`concurrency` measured again after the ramp: `perf` is its figure (None: no time)."""
+    declared: int | None = None
+    """What the engine declared it runs at once when this was measured (None: it did not)."""
     stopped: str = ""
     """Why the ramp ended."""
     ceiling: str = ""
@@ -67,6 +72,8 @@ class BenchmarkResult:
         return {
             "perf": self.perf,
             "concurrency": self.concurrency,
+            "confirmed": self.confirmed.to_dict() if self.confirmed is not None else None,
+            "declared": self.declared,
             "stopped": self.stopped,
             "ceiling": self.ceiling,
             "counted": self.counted,
@@ -119,7 +126,11 @@ def read_cache(path: Path, key: str) -> BenchmarkResult | None:
     perf = document.get("perf")
     if not isinstance(perf, int | float) or perf <= 0:
         return None
-    return BenchmarkResult(float(perf), cached=True, key=key, gpu=document.get("gpu") or {})
+    declared = document.get("declared")
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int)):
+        return None
+    gpu = document.get("gpu") or {}
+    return BenchmarkResult(float(perf), cached=True, key=key, gpu=gpu, declared=declared)
 
 
 def write_cache(path: Path, result: BenchmarkResult, reference_file: Path | None) -> None:
@@ -174,6 +185,7 @@ class Benchmark:
         model: ModelClient,
         route: RouteConfig,
         config: BenchmarkConfig,
+        declared: int | None = None,
     ) -> None:
         self.model = model
         self.route = route
@@ -184,8 +196,9 @@ class Benchmark:
         self.produced = 0.0
         self.answers = 0
         self.answers_with_produced = 0
-        self.declared: int | None = None
-        """What the engine says it runs at once, where it says: a step of the ramp."""
+        self.declared = declared
+        """What the engine says it runs at once, where it says (`probe_declared`): a step of
+        the ramp."""
 
     async def run(self, payloads: list[JSONObject]) -> BenchmarkResult:
         started = time.monotonic()
@@ -194,22 +207,31 @@ class Benchmark:
             await self._wait_for_first_answer(next(cycle))
         ceiling, source = await self.ceiling()
         deadline = time.monotonic() + self.config.max_seconds
-        settings = RampSettings(ceiling, deadline, self.config.latency_limit, self.declared)
+        settings = RampSettings(
+            ceiling,
+            deadline,
+            self.config.latency_limit,
+            self.declared,
+            self.config.token_latency_limit,
+        )
         outcome = await ramp(self._one, cycle, settings)
         chosen = outcome.chosen
         if chosen is None or not any(step.requests > step.failed for step in outcome.steps):
             raise BenchmarkError(self._failure_message(outcome))
-        if chosen.perf <= 0:
+        if outcome.perf <= 0:
             raise BenchmarkError(self._no_work_message())
         result = BenchmarkResult(
-            chosen.perf,
+            outcome.perf,
             outcome.steps,
             chosen.concurrency,
+            outcome.confirmed,
+            self.declared,
             outcome.stopped,
             f"{ceiling} ({source})",
             self._counted(),
             time.monotonic() - started,
         )
+        self._warn_unchecked_token_limit(outcome)
         log_result(result)
         return result
 
@@ -219,8 +241,7 @@ class Benchmark:
             return 1, "fifo route"
         configured = self.config.max_concurrency or self.config.concurrency
         probe = self.config.limit_probe
-        declared = await declared_limit(self.model, probe) if probe else None
-        self.declared = declared
+        declared = self.declared
         if declared is not None:
             # Twice what the engine runs at once: its own queue then refills a slot the moment
             # a sequence ends, as a worker's share of real traffic does, where N = slots leaves
@@ -233,6 +254,16 @@ class Benchmark:
         if configured is not None:
             return configured, "configured"
         return DEFAULT_CEILING, "default"
+
+    def _warn_unchecked_token_limit(self, outcome: RampOutcome) -> None:
+        if self.config.token_latency_limit is None:
+            return
+        if all(step.p90_per_token is None for step in outcome.steps):
+            logger.warning(
+                "benchmark: token_latency_limit not applied: no answer of %s said how many"
+                " tokens it generated (usage.completion_tokens)",
+                self.route.model_path,
+            )
 
     def _failure_message(self, outcome: RampOutcome) -> str:
         if not outcome.steps:
@@ -293,7 +324,7 @@ class Benchmark:
                     ) from None
                 await asyncio.sleep(0.2)
 
-    async def _one(self, payload: JSONObject) -> float | None:
+    async def _one(self, payload: JSONObject) -> Done | None:
         """Work done by one request, timed to its last byte; None if it failed."""
         status, answer, content_type = await self._call(payload)
         if status >= 400:
@@ -307,18 +338,17 @@ class Benchmark:
         self.answers += 1
         self.requested += requested
         hook = self.route.produced_work
-        if hook is None:
-            return requested
         produced: float | None = None
+        tokens: float | None = None
         for document in produced_documents(answer, content_type):
-            value = hook(document)
-            if value is not None:
-                produced = value
+            value = hook(document) if hook is not None else None
+            produced = value if value is not None else produced
+            tokens = completion_tokens(document) or tokens
         if produced is None:
-            return requested
+            return Done(requested, tokens)
         self.answers_with_produced += 1
         self.produced += produced
-        return float(produced)
+        return Done(float(produced), tokens)
 
     async def _call(self, payload: JSONObject) -> tuple[int, bytes, str]:
         function = self.route.function
@@ -355,29 +385,6 @@ def _excerpt(answer: bytes) -> str:
 def _cycle(payloads: list[JSONObject]) -> Iterator[JSONObject]:
     while True:
         yield from payloads
-
-
-async def declared_limit(model: ModelClient, probe: LimitProbe) -> int | None:
-    """The engine's own number of requests served at once, or None when it does not say."""
-    try:
-        async with backports.timeout(LIMIT_PROBE_TIMEOUT), model.get(probe.path) as answer:
-            body = await answer.read()
-            status = answer.status
-    except (UpstreamError, PoolError, aiohttp.ClientError, OSError, TimeoutError) as error:
-        logger.info("benchmark: %s unread (%s)", probe.path, error.__class__.__name__)
-        return None
-    value: object = None
-    if status == 200:
-        try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            value = None
-        for name in probe.field.split("."):
-            value = value.get(name) if isinstance(value, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        logger.info("benchmark: %s gave no %s (HTTP %d)", probe.path, probe.field, status)
-        return None
-    return min(value, MAX_BENCHMARK_CONCURRENCY)
 
 
 def log_result(result: BenchmarkResult) -> None:

@@ -6,6 +6,10 @@ counted as lost capacity). N doubles, 1, 2, 4, ..., while throughput grows by mo
 then back-to-back time windows are measured until two agree within `SPREAD`. A window's
 throughput counts each finished request's work pro rata of the part of its life inside the
 window, so that a window of a few request latencies is exact for work done at a steady pace.
+
+The best step is then measured once more, with longer windows (`confirm`): the step was chosen
+because its figure was the highest, so on a noisy machine its own figure leans high; a fresh
+measurement at the same N does not.
 """
 
 from __future__ import annotations
@@ -44,9 +48,21 @@ DRAIN_SECONDS = 30.0
 """How long the ramp's last requests may take to end before they are cancelled."""
 MAX_LATENCIES = 50_000
 """Latencies kept per step for its percentiles."""
+CONFIRM_WINDOW_SCALE = 2.0
+"""The confirming measurement's windows are twice a step's: half the noise of a window."""
 
-Send = Callable[[JSONObject], Awaitable[float | None]]
-"""Sends one payload; the work it did, or None when it failed."""
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """What one request did: its work, and the output tokens its answer says it generated
+    (None where it does not say: only an LLM's answers do)."""
+
+    work: float
+    output_tokens: float | None = None
+
+
+Send = Callable[[JSONObject], Awaitable[Done | None]]
+"""Sends one payload; what it did, or None when it failed."""
 
 
 @dataclass(slots=True)
@@ -54,6 +70,14 @@ class Completion:
     started: float
     ended: float
     work: float | None
+    output_tokens: float | None = None
+
+    @property
+    def per_token(self) -> float | None:
+        """Seconds per output token: the request's time to its last byte over its tokens."""
+        if self.work is None or not self.output_tokens:
+            return None
+        return (self.ended - self.started) / self.output_tokens
 
 
 @dataclass(slots=True)
@@ -64,6 +88,8 @@ class Step:
     perf: float = 0.0
     p50: float = 0.0
     p90: float = 0.0
+    p90_per_token: float | None = None
+    """The 90th percentile of seconds per output token, where answers say their tokens."""
     requests: int = 0
     failed: int = 0
     windows: list[float] = field(default_factory=list)
@@ -76,6 +102,7 @@ class Step:
             "perf": self.perf,
             "p50": self.p50,
             "p90": self.p90,
+            "p90_per_token": self.p90_per_token,
             "requests": self.requests,
             "failed": self.failed,
             "windows": len(self.windows),
@@ -91,6 +118,8 @@ class RampSettings:
     latency_limit: float | None = None
     declared: int | None = None
     """The engine's own limit of sequences at once, measured as a step of its own."""
+    token_latency_limit: float | None = None
+    """The p90 seconds per output token a step may reach (LLM routes)."""
 
 
 @dataclass(slots=True)
@@ -99,6 +128,15 @@ class RampOutcome:
     chosen: Step | None
     stopped: str
     """Why the ramp ended, in words."""
+    confirmed: Step | None = None
+    """The chosen N measured again: its figure is the capacity (None: no time was left)."""
+
+    @property
+    def perf(self) -> float:
+        """The capacity: the confirming measurement's figure, else the chosen step's."""
+        if self.confirmed is not None and self.confirmed.windows:
+            return self.confirmed.perf
+        return self.chosen.perf if self.chosen is not None else 0.0
 
 
 class BudgetSpent(Exception):
@@ -106,12 +144,14 @@ class BudgetSpent(Exception):
 
 
 class ClosedLoop:
-    """Senders that each keep one request in flight; more are added as N grows."""
+    """Senders that each keep one request in flight; N of them at a time (`resize`)."""
 
     def __init__(self, send: Send, payloads: Iterator[JSONObject]) -> None:
         self.send = send
         self.payloads = payloads
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.target = 0
+        """How many senders keep a request in flight; one past it stops after its request."""
         self.records: list[Completion] = []
         self.in_flight: dict[int, float] = {}
         """Each busy sender's request start time."""
@@ -120,29 +160,41 @@ class ClosedLoop:
         self.last_error = ""
         self.stopping = False
 
-    def grow(self, target: int) -> None:
-        while len(self.tasks) < target:
-            self.tasks.append(asyncio.create_task(self._sender(len(self.tasks))))
+    def resize(self, target: int) -> None:
+        """Keep `target` in flight: new senders start now, surplus ones end after their
+        current request."""
+        self.target = target
+        for index in range(target):
+            task = self.tasks.get(index)
+            if task is None or task.done():
+                self.tasks[index] = asyncio.create_task(self._sender(index))
 
     def oldest_start(self) -> float:
         return min(self.in_flight.values(), default=time.monotonic())
 
     async def _sender(self, index: int) -> None:
-        while not self.stopping:
+        try:
+            await self._send_while_wanted(index)
+        finally:
+            self.in_flight.pop(index, None)  # a sender that ends has nothing in flight
+
+    async def _send_while_wanted(self, index: int) -> None:
+        while not self.stopping and index < self.target:
             payload = next(self.payloads)
             started = time.monotonic()
             self.in_flight[index] = started
             try:
-                work = await self.send(payload)
+                done = await self.send(payload)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a timeout, a dropped connection: a failed request
                 self.last_error = error.__class__.__name__
-                work = None
+                done = None
             self.latest_end = time.monotonic()
-            self.records.append(Completion(started, self.latest_end, work))
+            work, tokens = (None, None) if done is None else (done.work, done.output_tokens)
+            self.records.append(Completion(started, self.latest_end, work, tokens))
             self.finished.set()
-            if work is None:
+            if done is None:
                 del self.in_flight[index]
                 await asyncio.sleep(FAILURE_PAUSE)
             else:
@@ -168,11 +220,12 @@ class ClosedLoop:
         anyway, under the worker's first real requests), cancelling what is left after
         DRAIN_SECONDS."""
         self.stopping = True
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=DRAIN_SECONDS)
-        for task in self.tasks:
+        tasks = list(self.tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=DRAIN_SECONDS)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
 
 
@@ -218,9 +271,27 @@ async def ramp(send: Send, payloads: Iterator[JSONObject], settings: RampSetting
             if verdict:
                 stopped = verdict
                 break
+        confirmed = await confirm(loop, best, settings)
     finally:
         await loop.close()
-    return RampOutcome(steps, best, stopped)
+    return RampOutcome(steps, best, stopped, confirmed)
+
+
+async def confirm(loop: ClosedLoop, chosen: Step | None, settings: RampSettings) -> Step | None:
+    """The chosen N measured again with longer windows, within what is left of the budget."""
+    if chosen is None or time.monotonic() >= settings.deadline:
+        return None
+    step = await measure_step(loop, chosen.concurrency, settings, scale=CONFIRM_WINDOW_SCALE)
+    if not step.windows or step.failed > FAILED_SHARE * max(step.requests, 1):
+        return None
+    logger.info(
+        "benchmark: %d in flight again: %.2f/s over %d windows%s",
+        step.concurrency,
+        step.perf,
+        len(step.windows),
+        "" if step.steady else " (windows did not agree)",
+    )
+    return step
 
 
 def judge(
@@ -237,11 +308,11 @@ def judge(
         return "time budget spent", best
     if step.failed > FAILED_SHARE * max(step.requests, 1):
         return f"{step.failed} of {step.requests} requests failed at {n} in flight", best
-    limit = settings.latency_limit
-    if limit is not None and step.p90 > limit:
+    over = over_latency_limit(step, settings)
+    if over:
         if best is None:
-            return f"p90 latency {step.p90:.3g} s over the limit {limit:g} s even at 1", step
-        return f"p90 latency {step.p90:.3g} s over the limit {limit:g} s at {n} in flight", best
+            return f"{over} even at 1", step
+        return f"{over} at {n} in flight", best
     grew = best is None or step.perf > best.perf * (1 + GROWTH)
     stalled_before = bool(before) and before[0] is not best
     if best is None or step.perf > best.perf:
@@ -255,8 +326,23 @@ def judge(
     return "", best
 
 
+def over_latency_limit(step: Step, settings: RampSettings) -> str:
+    """Which latency limit `step` goes over, in words ("" for none)."""
+    limit = settings.latency_limit
+    if limit is not None and step.p90 > limit:
+        return f"p90 latency {step.p90:.3g} s over the limit {limit:g} s"
+    limit, per_token = settings.token_latency_limit, step.p90_per_token
+    if limit is not None and per_token is not None and per_token > limit:
+        return f"p90 time per output token {per_token:.3g} s over the limit {limit:g} s"
+    return ""
+
+
 async def measure_step(
-    loop: ClosedLoop, concurrency: int, settings: RampSettings, first: bool = False
+    loop: ClosedLoop,
+    concurrency: int,
+    settings: RampSettings,
+    first: bool = False,
+    scale: float = 1.0,
 ) -> Step:
     """Warm up at `concurrency`, then measure windows until two agree or the budget ends.
 
@@ -265,14 +351,15 @@ async def measure_step(
     """
     step = Step(concurrency)
     changed = time.monotonic()
-    loop.grow(concurrency)
+    loop.resize(concurrency)
     latencies: list[float] = []
+    per_token: list[float] = []
     patient = math.inf if first else settings.deadline
     try:
         await loop.wait_until_started_after(changed, patient, one_ended=True)
         warm = [r.ended - r.started for r in loop.records if r.ended >= changed]
         latency = statistics.fmean(warm or [0.0])
-        wanted = latency * max(WINDOW_LATENCIES, WINDOW_REQUESTS / concurrency)
+        wanted = scale * latency * max(WINDOW_LATENCIES, WINDOW_REQUESTS / concurrency)
         left = (settings.deadline - time.monotonic()) / 3
         window = max(MIN_WINDOW, min(wanted, left))
         start = time.monotonic()
@@ -282,7 +369,7 @@ async def measure_step(
             await asyncio.sleep(max(0.0, end - time.monotonic()))
             await loop.wait_until_started_after(end, settings.deadline if step.windows else patient)
             step.windows.append(prorata(loop.records, start, end))
-            _count(step, loop.records, end, latencies)
+            _count(step, loop.records, end, latencies, per_token)
             loop.records = [r for r in loop.records if r.ended > end]
             if _agree(step.windows) or step.failed > FAILED_SHARE * max(step.requests, 1):
                 break
@@ -291,11 +378,17 @@ async def measure_step(
             start = end
     except BudgetSpent:
         pass
-    _summarise(step, latencies)
+    _summarise(step, latencies, per_token)
     return step
 
 
-def _count(step: Step, records: list[Completion], end: float, latencies: list[float]) -> None:
+def _count(
+    step: Step,
+    records: list[Completion],
+    end: float,
+    latencies: list[float],
+    per_token: list[float],
+) -> None:
     for record in records:
         if record.ended > end:
             continue
@@ -304,6 +397,9 @@ def _count(step: Step, records: list[Completion], end: float, latencies: list[fl
             step.failed += 1
         elif len(latencies) < MAX_LATENCIES:
             latencies.append(record.ended - record.started)
+            seconds = record.per_token
+            if seconds is not None:
+                per_token.append(seconds)
 
 
 def _agree(windows: list[float]) -> bool:
@@ -313,16 +409,22 @@ def _agree(windows: list[float]) -> bool:
     return high > 0 and (high - low) <= SPREAD * high
 
 
-def _summarise(step: Step, latencies: list[float]) -> None:
+def _summarise(step: Step, latencies: list[float], per_token: list[float]) -> None:
     if step.windows:
         step.steady = _agree(step.windows)
         step.perf = (
             statistics.fmean(step.windows[-2:]) if step.steady else statistics.median(step.windows)
         )
     if latencies:
-        ordered = sorted(latencies)
-        step.p50 = ordered[len(ordered) // 2]
-        step.p90 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+        step.p50 = _percentile(latencies, 0.5)
+        step.p90 = _percentile(latencies, 0.9)
+    if per_token:
+        step.p90_per_token = _percentile(per_token, 0.9)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def log_step(step: Step, last_error: str) -> None:

@@ -36,6 +36,7 @@ from pyworker.lifecycle.benchmark import (
     write_cache,
     write_marker,
 )
+from pyworker.lifecycle.declared import probe_declared, still_declared
 from pyworker.lifecycle.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.lifecycle.in_process import InProcessModel, LoadFailed
 from pyworker.lifecycle.logfollow import LineKind, LogFollower, LogPattern
@@ -311,8 +312,9 @@ class Readiness:
         settings = self.config.benchmark
         route = self.route
         key, cache_file = self._cache_entry()
+        declared = await probe_declared(self.model, route, settings)
         cached = await asyncio.to_thread(read_cache, cache_file, key)
-        if cached is not None:
+        if cached is not None and still_declared(cached.declared, declared):
             logger.info("benchmark cache hit: perf %.2f/s", cached.perf)
             previous = self.benchmark
             if previous is not None and previous.key == key:
@@ -325,7 +327,7 @@ class Readiness:
         sampler = self.gpu.sampler()
         await asyncio.to_thread(sampler.start)
         try:
-            result = await Benchmark(self.model, route, settings).run(payloads)
+            result = await Benchmark(self.model, route, settings, declared).run(payloads)
         finally:
             summary: GpuSampleSummary = await sampler.astop()
         result.key = key

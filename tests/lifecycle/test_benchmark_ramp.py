@@ -12,22 +12,30 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from pyworker.config import BenchmarkConfig, LimitProbe, RouteConfig
+from pyworker.config import BenchmarkConfig, LimitProbe, RouteConfig, WorkerConfig
 from pyworker.config.dataset import BenchmarkError
+from pyworker.config.environment import Environment
 from pyworker.lifecycle.benchmark import Benchmark, BenchmarkResult
+from pyworker.lifecycle.declared import probe_declared
+from pyworker.lifecycle.gpu import GpuMonitor
 from pyworker.protocol.usage import completion_tokens
+from pyworker.serving.compose import compose_worker
 from pyworker.upstream.model import ModelClient
+from tests.fakes.nvml import FakeNvml
 from tests.support.batching_engine import BatchingEngine
 from tests.support.processes import spawn, stop
 
 TOKENS = (6, 12, 8, 14, 7, 10, 13, 10)
 """Answer lengths, in turn: they vary, and average 10 tokens."""
 DATASET = [{"max_tokens": n} for n in TOKENS]
+SILENT = [{"max_tokens": n, "usage": False} for n in TOKENS]
+"""Answers without `usage`: they do not say how many tokens they generated."""
 
 
 @dataclass
@@ -83,7 +91,9 @@ async def _bench(url: str, route: RouteConfig | None = None, **config: Any) -> B
     try:
         settings = BenchmarkConfig.model_validate({"dataset": DATASET, **config})
         payloads = settings.dataset or DATASET
-        return await Benchmark(model, route or _route(), settings).run(payloads)
+        route = route or _route()
+        declared = await probe_declared(model, route, settings)  # as the worker does
+        return await Benchmark(model, route, settings, declared).run(payloads)
     finally:
         await model.close()
 
@@ -96,6 +106,11 @@ async def test_lands_on_the_capacity_where_throughput_stops_growing(
     result = await _bench(engine.url, max_seconds=30)
     curve = [step.to_dict() for step in result.curve]
     assert result.perf == pytest.approx(engine.model.capacity, rel=0.05), curve
+    # The figure is the chosen N measured again, unless the budget left no time for it.
+    confirmed = result.confirmed
+    assert confirmed is not None or result.stopped == "time budget spent", curve
+    if confirmed is not None:
+        assert confirmed.concurrency == result.concurrency and result.perf == confirmed.perf
     # Past the plateau it takes two flat steps to stop; a loaded machine's longer windows may
     # spend the budget first, with the same figure: the budget ends it, the log says so.
     assert "stopped growing" in result.stopped or result.stopped == "time budget spent", curve
@@ -151,7 +166,29 @@ async def test_keeps_the_highest_concurrency_within_the_latency_limit(
     assert all(step.p90 <= 0.4 for step in within) and over.p90 > 0.4
     assert result.concurrency == within[-1].concurrency < over.concurrency <= 8
     assert f"over the limit 0.4 s at {over.concurrency} in flight" in result.stopped
-    assert result.perf == max(step.perf for step in within)
+    assert result.confirmed is not None and result.confirmed.concurrency == result.concurrency
+    assert result.perf == result.confirmed.perf  # the chosen N measured again
+
+
+async def test_keeps_the_highest_concurrency_within_the_token_latency_limit(
+    engines: list[asyncio.subprocess.Process], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = await _engine(engines, 4, 0.004)
+    # Each token takes one step: 0.008 s with 1 in flight, 0.02 s with 4 (every slot busy),
+    # about twice that with 8 (half of them queued). 0.03 s a token lies between 4 and 8.
+    result = await _bench(engine.url, token_latency_limit=0.03)
+    *within, over = result.curve
+    assert all(s.p90_per_token is not None and s.p90_per_token <= 0.03 for s in within)
+    assert over.p90_per_token is not None and over.p90_per_token > 0.03
+    assert result.concurrency == within[-1].concurrency < over.concurrency <= 8
+    assert f"over the limit 0.03 s at {over.concurrency} in flight" in result.stopped
+    assert "p90 time per output token" in result.stopped
+
+    # Answers that do not say their tokens leave the limit unchecked, and the log says so.
+    caplog.set_level(logging.WARNING, "pyworker.lifecycle")
+    silent = _route(produced_work=None)
+    await _bench(engine.url, silent, max_concurrency=2, token_latency_limit=0.03, dataset=SILENT)
+    assert "token_latency_limit not applied" in caplog.text
 
 
 async def test_a_fifo_route_stays_at_one_in_flight(
@@ -174,6 +211,8 @@ async def test_ends_at_its_time_budget_with_the_best_figure_so_far(
     # Each step needs about six request latencies: 1.5 s is a few steps of the eight.
     assert result.stopped == "time budget spent"
     assert 1 <= len(result.curve) < 8
+    # No time is left to measure the best step again: its own figure stands.
+    assert result.confirmed is None
     assert result.perf == max(step.perf for step in result.curve) > 0
     # The budget starts after the first answer, and a step waits out its requests.
     assert result.seconds < 1.5 + 2.0
@@ -199,3 +238,42 @@ async def test_a_benchmark_of_no_work_is_an_error_naming_the_cause(
     result = await _bench(engine.url, silent, max_concurrency=2)
     assert result.counted == "requested workload (no answer said what it produced)"
     assert result.perf > 0
+
+
+async def test_a_cached_figure_holds_while_the_engine_declares_the_same(
+    engines: list[asyncio.subprocess.Process], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An engine restarted with more slots (llama-server's --parallel) is measured again."""
+    four = await _engine(engines, 4, 0.002)
+    eight = await _engine(engines, 8, 0.002)
+    caplog.set_level(logging.INFO, "pyworker.lifecycle")
+    measured = await _start(four.url, tmp_path)
+    assert not measured.cached and measured.declared == 4
+    again = await _start(four.url, tmp_path)
+    assert again.cached and again.perf == measured.perf
+    assert "measured again" not in caplog.text
+    more = await _start(eight.url, tmp_path)
+    assert not more.cached and more.declared == 8
+    assert "measured when the engine declared 4 at once, now 8: measured again" in caplog.text
+    assert (await _start(eight.url, tmp_path)).cached
+
+
+async def _start(url: str, tmp_path: Path) -> BenchmarkResult:
+    """A worker's benchmark at start, with its cache in `tmp_path`, as `pyworker run` runs it."""
+    raw: dict[str, Any] = {
+        "name": "ramp-cache",
+        "model_server": {"base_url": url},
+        "routes": [{"path": "/v1/completions", "workload": "max_tokens"}],
+        "benchmark": {
+            "dataset": DATASET,
+            "max_seconds": 2,
+            "limit_probe": {"path": "/props", "field": "total_slots"},
+            "cache_file": str(tmp_path / "benchmark.json"),
+        },
+    }
+    config = WorkerConfig.model_validate(raw)
+    worker = compose_worker(config, Environment.from_env({}), GpuMonitor(FakeNvml([])))
+    try:
+        return await worker.readiness._benchmark()
+    finally:
+        await worker.model.close()

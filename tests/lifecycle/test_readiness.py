@@ -136,8 +136,12 @@ async def test_loading_ready_error_recovery_and_benchmark_cache(scene: Scene) ->
         curve = measured["curve"]
         assert [step["concurrency"] for step in curve] == [1, 2, 4][: len(curve)]
         assert all(step["perf"] > 0 and 0 < step["p50"] <= step["p90"] for step in curve)
-        assert measured["perf"] == ready["max_perf"] == max(step["perf"] for step in curve)
-        assert measured["concurrency"] in (1, 2, 4) and measured["stopped"]
+        # The best step is measured again: that figure is max_perf.
+        best = max(curve, key=lambda step: step["perf"])
+        assert measured["concurrency"] == best["concurrency"] and measured["stopped"]
+        again = measured["confirmed"]
+        assert again["concurrency"] == best["concurrency"] and again["windows"] >= 1
+        assert measured["perf"] == ready["max_perf"] == again["perf"] > 0
         assert measured["ceiling"] == "4 (configured)" and not measured["cached"]
 
         # The log is rotated; the model then fails, in the new file.

@@ -6,7 +6,8 @@ seconds (a fixed cost, and a cost per sequence), so throughput grows with what i
 up to `slots` (by 20 % or more at each doubling) and is flat beyond: the capacity is
 `slots / (5 * step)` tokens/s. Steps are scheduled
 on absolute times, so a late wake-up of a loaded machine shortens the next step instead of
-losing tokens. `POST /v1/completions {"max_tokens": n}` answers after n tokens, with `usage`;
+losing tokens. `POST /v1/completions {"max_tokens": n}` answers after n tokens, with `usage`
+(unless the payload says `"usage": false`);
 `GET /props` says `total_slots` as llama-server does; `GET /stats` what it saw.
 
 Run it in its own process (`python -m tests.support.batching_engine --slots 64 --step 0.005`,
@@ -94,8 +95,14 @@ class BatchingEngine:
             await done
         finally:
             self.in_flight -= 1
-        usage = {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}
-        return web.json_response({"choices": [{"text": "x" * tokens}], "usage": usage})
+        answer: dict[str, object] = {"choices": [{"text": "x" * tokens}]}
+        if payload.get("usage", True):  # `"usage": false` asks for an answer without it
+            answer["usage"] = {
+                "prompt_tokens": 0,
+                "completion_tokens": tokens,
+                "total_tokens": tokens,
+            }
+        return web.json_response(answer)
 
     async def props(self, request: web.Request) -> web.Response:
         return web.json_response({"total_slots": self.slots})

@@ -22,6 +22,7 @@ from pyworker.config.environment import Environment, InvalidEnvironment
 from pyworker.config.loader import ConfigError, load_config
 from pyworker.devtools.commands.arguments import add_command
 from pyworker.lifecycle.benchmark import Benchmark, BenchmarkResult
+from pyworker.lifecycle.declared import probe_declared
 from pyworker.upstream.model import ModelClient
 
 
@@ -67,7 +68,8 @@ async def bench(config: WorkerConfig) -> BenchmarkResult:
     model = ModelClient(server.base_url, server.connect_timeout)
     try:
         payloads = await asyncio.to_thread(load_dataset, settings)
-        return await Benchmark(model, route, settings).run(payloads)
+        declared = await probe_declared(model, route, settings)
+        return await Benchmark(model, route, settings, declared).run(payloads)
     finally:
         await model.close()
 
@@ -82,6 +84,12 @@ def print_curve(config: WorkerConfig, result: BenchmarkResult, out: TextIO) -> N
         out.write(
             f"{step.concurrency:>9}  {step.perf:>12.2f}  {step.p50:>8.3f}  {step.p90:>8.3f}"
             f"  {step.requests:>8}{failed}{mark}\n"
+        )
+    confirmed = result.confirmed
+    if confirmed is not None:
+        out.write(
+            f"measured again at {confirmed.concurrency} in flight: {confirmed.perf:.2f}/s"
+            f" over {len(confirmed.windows)} windows\n"
         )
     out.write(f"max_perf {result.perf:.2f}/s at {result.concurrency} in flight\n")
     out.write(f"stopped: {result.stopped}\n")

@@ -237,7 +237,8 @@ def questions() -> list[str]:
         "- **How the benchmark measures.** A closed-loop ramp: 1, 2, 4, ... requests in flight "
         "while throughput grows, up to the engine's declared limit (`benchmark.limit_probe`) or "
         "`benchmark.max_concurrency`, within `benchmark.max_seconds`, optionally within a p90 "
-        "`benchmark.latency_limit`. docs/benchmark.md defines `max_perf` and each ready "
+        "`benchmark.latency_limit` or `benchmark.token_latency_limit`; the best N is then "
+        "measured again. docs/benchmark.md defines `max_perf` and each ready "
         "worker's unit; `pyworker bench WORKER` prints the curve.",
         "- **No limit.** `max_concurrency` unset: every admitted request is forwarded at once, "
         "with no queue. `max_queue_time` unset: no wait estimate refuses a request. "
