@@ -56,7 +56,9 @@ class WorkerState(StrEnum):
 
 
 class LifecycleEvent(StrEnum):
-    """What happened to the worker, said by the part that saw it."""
+    """What happened to the worker, said by the part that saw it: readiness
+    (`lifecycle/readiness/`: its coordinator, the load watch in `loading.py`, the health watch
+    in `health.py`), the supervisor's failure handler (`serving/compose.py`) and the drain."""
 
     GPUS_HEALTHY = "gpus_healthy"
     """Readiness starts (or starts again after a crash): the GPUs pass their check."""
@@ -113,8 +115,9 @@ FIRST_ERROR_STANDS = frozenset(
         LifecycleEvent.HEALTH_FAILED,
     }
 )
-"""Failures ignored while errored; the others (the GPU check and an in-process load at a
-(re)start, a crashed task) say what failed last."""
+"""Failures ignored while errored: the first error since the worker was last ready is usually
+the root cause. The other three say what failed last: the GPU check of a restarted readiness,
+the in-process lifecycle (the cause even over the load deadline's error), a crashed task."""
 IGNORED = None
 """The outcome of an event that changes nothing in that state."""
 
