@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
-from pyworker.lifecycle.state import IllegalTransition, WorkerState
+from pyworker.lifecycle.state import IllegalTransition, LifecycleEvent, WorkerState
 from pyworker.protocol.auth import reference_message
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
@@ -88,8 +88,8 @@ def illegal_transitions(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Illega
     raised: list[IllegalTransition] = []
     original = IllegalTransition.__init__
 
-    def record(error: IllegalTransition, source: WorkerState, target: WorkerState) -> None:
-        original(error, source, target)
+    def record(error: IllegalTransition, state: WorkerState, event: LifecycleEvent) -> None:
+        original(error, state, event)
         raised.append(error)
 
     monkeypatch.setattr(IllegalTransition, "__init__", record)

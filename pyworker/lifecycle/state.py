@@ -1,13 +1,36 @@
-"""The worker's readiness state machine and the figures that go with it.
+"""The worker's state machine: events in, the next state out of one table.
 
-Every state change goes through `TRANSITIONS`; a move it does not list raises
-`IllegalTransition`. Raising is safe in production: the table lets every live state go to
-ERRORED and every state to DRAINING, so the handlers an illegal move lands in (a readiness
-pass failing, a supervised task crashing) can always report it, and no move of the worker's
-own code is illegal (tests/lifecycle/test_state.py walks each caller's moves).
+The parts that drive the worker (readiness and its load watch, the benchmark, the health
+watch, the supervisor, the drain) say what happened: they hand `WorkerStatus.handle` a
+`LifecycleEvent`, with an `error_msg` when something failed. `TRANSITIONS` says what each
+event does in each state; every rule is there, DRAINING's finality included:
 
-DRAINING is final, and a move out of it is refused without a word: readiness keeps running
-while the worker drains, and its late updates must not bring a stopping worker back.
+| event                  | starting | loading      | benchmarking | ready    | errored  | draining |
+|------------------------|----------|--------------|--------------|----------|----------|----------|
+| `gpus_healthy`         | loading  | -            | -            | -        | loading  | draining |
+| `gpus_failed`          | errored  | errored      | errored      | errored  | errored  | draining |
+| `pass_started`         | -        | loading      | -            | loading  | loading  | draining |
+| `benchmark_started`    | -        | benchmarking | -            | -        | -        | draining |
+| `pass_done`            | -        | -            | ready        | -        | -        | draining |
+| `fatal_line_seen`      | errored  | errored      | errored      | errored  | ignored  | draining |
+| `load_deadline_passed` | errored  | errored      | errored      | errored  | ignored  | draining |
+| `load_failed`          | errored  | errored      | errored      | errored  | errored  | draining |
+| `key_missing`          | errored  | errored      | errored      | errored  | ignored  | draining |
+| `benchmark_failed`     | errored  | errored      | errored      | errored  | ignored  | draining |
+| `pass_failed`          | errored  | errored      | errored      | errored  | ignored  | draining |
+| `health_failed`        | errored  | errored      | errored      | errored  | ignored  | draining |
+| `task_failed`          | errored  | errored      | errored      | errored  | errored  | draining |
+| `drain_requested`      | draining | draining     | draining     | draining | draining | draining |
+
+A state names the next one: the same state means the worker stays, and the `error_msg` the
+event brings replaces the last (a crashed task while errored says what failed last; so does
+an error while draining, so the final report says why the model server went away).
+"ignored" changes nothing: while errored, the first error since the worker was last ready is
+usually the root cause, and its cause decides how the worker recovers. "-" raises
+`IllegalTransition`: a bug in whoever posted the event. Raising is safe: every failure event
+moves every live state to ERRORED and `drain_requested` every state to DRAINING, so the
+handlers an illegal event lands in (a failed readiness pass, a supervised task crashing) can
+always report it; tests/lifecycle/test_state.py checks this table against `TRANSITIONS`.
 """
 
 from __future__ import annotations
@@ -32,78 +55,122 @@ class WorkerState(StrEnum):
     DRAINING = "draining"
 
 
-_DRAIN = "SIGTERM: the worker drains (serving.drain)"
-_CRASH = "the readiness task crashed (serving.app `_report_failure`)"
+class LifecycleEvent(StrEnum):
+    """What happened to the worker, said by the part that saw it: readiness
+    (`lifecycle/readiness/`: its coordinator, the load watch in `loading.py`, the health watch
+    in `health.py`), the supervisor's failure handler (`serving/compose.py`) and the drain."""
 
-TRANSITIONS: Mapping[WorkerState, Mapping[WorkerState, str]] = MappingProxyType(
+    GPUS_HEALTHY = "gpus_healthy"
+    """Readiness starts (or starts again after a crash): the GPUs pass their check."""
+    GPUS_FAILED = "gpus_failed"
+    """The GPU check found a problem (too little free VRAM, throttling, ...)."""
+    PASS_STARTED = "pass_started"
+    """A readiness pass begins: the model loaded (its load line, its health answering, its
+    in-process lifecycle entered), or it is tried again (a retry, health back, the key)."""
+    BENCHMARK_STARTED = "benchmark_started"
+    """The pass measures the model, or takes its cached figure."""
+    PASS_DONE = "pass_done"
+    """The benchmark, the health check and the public key are done."""
+    FATAL_LINE_SEEN = "fatal_line_seen"
+    """The model's log said it broke (a fatal error pattern)."""
+    LOAD_DEADLINE_PASSED = "load_deadline_passed"
+    """No load signal within the load deadline."""
+    LOAD_FAILED = "load_failed"
+    """The in-process model's lifecycle failed to enter."""
+    KEY_MISSING = "key_missing"
+    """The pass is done but for the public key, which no REPORT_ADDR gave."""
+    BENCHMARK_FAILED = "benchmark_failed"
+    """The benchmark failed, or the health path did not answer 200 in time."""
+    PASS_FAILED = "pass_failed"
+    """Anything else the engine or a hook made the pass raise."""
+    HEALTH_FAILED = "health_failed"
+    """While ready, the health path failed `health_failures` times in a row."""
+    TASK_FAILED = "task_failed"
+    """A supervised task the worker cannot serve without crashed (it is restarted)."""
+    DRAIN_REQUESTED = "drain_requested"
+    """SIGTERM (serving.drain): the worker stops taking requests, for good."""
+
+
+FAILURES = frozenset(
     {
-        WorkerState.STARTING: MappingProxyType(
-            {
-                WorkerState.LOADING: "readiness starts: the GPUs are healthy",
-                WorkerState.ERRORED: f"the GPU health check failed, or {_CRASH}",
-                WorkerState.DRAINING: _DRAIN,
-            }
-        ),
-        WorkerState.LOADING: MappingProxyType(
-            {
-                WorkerState.BENCHMARKING: (
-                    "the model loaded (its load line, its health, or its in-process lifecycle "
-                    "entered): a readiness pass begins"
-                ),
-                WorkerState.ERRORED: (
-                    "a fatal log line, the load deadline passed, the in-process lifecycle "
-                    f"failed to load, or {_CRASH}"
-                ),
-                WorkerState.DRAINING: _DRAIN,
-            }
-        ),
-        WorkerState.BENCHMARKING: MappingProxyType(
-            {
-                WorkerState.READY: "the benchmark, health check and public key are done",
-                WorkerState.ERRORED: (
-                    "the pass failed (no public key from any REPORT_ADDR included), a fatal log "
-                    f"line, or {_CRASH}"
-                ),
-                WorkerState.DRAINING: _DRAIN,
-            }
-        ),
-        WorkerState.READY: MappingProxyType(
-            {
-                WorkerState.LOADING: "the model server loaded again (its load line seen anew)",
-                WorkerState.ERRORED: f"its health check failing, a fatal log line, or {_CRASH}",
-                WorkerState.DRAINING: _DRAIN,
-            }
-        ),
-        WorkerState.ERRORED: MappingProxyType(
-            {
-                WorkerState.LOADING: (
-                    "recovery: a load line, health back, a retry, the public key loaded, a restart,"
-                    " or the in-process lifecycle entered after its load deadline"
-                ),
-                WorkerState.DRAINING: _DRAIN,
-            }
-        ),
-        WorkerState.DRAINING: MappingProxyType({}),
+        LifecycleEvent.GPUS_FAILED,
+        LifecycleEvent.FATAL_LINE_SEEN,
+        LifecycleEvent.LOAD_DEADLINE_PASSED,
+        LifecycleEvent.LOAD_FAILED,
+        LifecycleEvent.KEY_MISSING,
+        LifecycleEvent.BENCHMARK_FAILED,
+        LifecycleEvent.PASS_FAILED,
+        LifecycleEvent.HEALTH_FAILED,
+        LifecycleEvent.TASK_FAILED,
     }
 )
-"""From-state -> to-state -> why the worker's code makes that move; no other move is legal.
+"""The events that say what went wrong: each brings the `error_msg`."""
+FIRST_ERROR_STANDS = frozenset(
+    {
+        LifecycleEvent.FATAL_LINE_SEEN,
+        LifecycleEvent.LOAD_DEADLINE_PASSED,
+        LifecycleEvent.KEY_MISSING,
+        LifecycleEvent.BENCHMARK_FAILED,
+        LifecycleEvent.PASS_FAILED,
+        LifecycleEvent.HEALTH_FAILED,
+    }
+)
+"""Failures ignored while errored: the first error since the worker was last ready is usually
+the root cause. The other three say what failed last: the GPU check of a restarted readiness,
+the in-process lifecycle (the cause even over the load deadline's error), a crashed task."""
+IGNORED = None
+"""The outcome of an event that changes nothing in that state."""
 
-Setting the current state again is always allowed: it updates `error_msg` (a second error
-while errored says what failed last).
-"""
+Outcome = WorkerState | None
+
+
+def _live(**own: Outcome) -> MappingProxyType[LifecycleEvent, Outcome]:
+    """A live state's row: every failure to ERRORED, the drain to DRAINING, then its own."""
+    row: dict[LifecycleEvent, Outcome] = {
+        event: WorkerState.ERRORED for event in LifecycleEvent if event in FAILURES
+    }
+    row[LifecycleEvent.DRAIN_REQUESTED] = WorkerState.DRAINING
+    row |= {LifecycleEvent(name): following for name, following in own.items()}
+    return MappingProxyType(row)
+
+
+TRANSITIONS: Mapping[WorkerState, Mapping[LifecycleEvent, Outcome]] = MappingProxyType(
+    {
+        WorkerState.STARTING: _live(gpus_healthy=WorkerState.LOADING),
+        WorkerState.LOADING: _live(
+            pass_started=WorkerState.LOADING, benchmark_started=WorkerState.BENCHMARKING
+        ),
+        WorkerState.BENCHMARKING: _live(pass_done=WorkerState.READY),
+        WorkerState.READY: _live(pass_started=WorkerState.LOADING),
+        WorkerState.ERRORED: _live(
+            gpus_healthy=WorkerState.LOADING,
+            pass_started=WorkerState.LOADING,
+            **{event: IGNORED for event in FIRST_ERROR_STANDS},
+        ),
+        WorkerState.DRAINING: MappingProxyType(
+            {event: WorkerState.DRAINING for event in LifecycleEvent}
+        ),
+    }
+)
+"""State -> event -> the next state (the same: it stays), or IGNORED; a pair not listed is
+illegal. The table in this module's docstring is the same, for reading."""
 
 
 class IllegalTransition(RuntimeError):
-    """A move `TRANSITIONS` does not list: a bug in whoever asked for it."""
+    """An event `TRANSITIONS` does not allow in the current state: a bug in who posted it."""
 
-    def __init__(self, source: WorkerState, target: WorkerState) -> None:
-        super().__init__(f"illegal worker state transition {source} -> {target}")
-        self.source = source
-        self.target = target
+    def __init__(self, state: WorkerState, event: LifecycleEvent) -> None:
+        super().__init__(f"illegal worker state transition: {event} while {state}")
+        self.state = state
+        self.event = event
 
 
-def is_legal(source: WorkerState, target: WorkerState) -> bool:
-    return source is target or target in TRANSITIONS[source]
+def outcome(state: WorkerState, event: LifecycleEvent) -> Outcome:
+    """The state `event` leads to from `state` (IGNORED: none); IllegalTransition if none."""
+    row = TRANSITIONS[state]
+    if event not in row:
+        raise IllegalTransition(state, event)
+    return row[event]
 
 
 class WorkerStatus:
@@ -133,24 +200,25 @@ class WorkerStatus:
         """How many changes (state, error_msg or perf) there have been."""
         return self._version
 
-    def set_state(self, state: WorkerState, error_msg: str | None = None) -> None:
-        """Move to `state` (raises IllegalTransition if not allowed), `error_msg` if given.
+    def handle(self, event: LifecycleEvent, error_msg: str | None = None) -> bool:
+        """Apply `event` as `TRANSITIONS` says, recording `error_msg` if given.
 
-        While draining, other states are ignored; an error message is still recorded, so the
-        final report says why the model server went away.
+        False when the table ignores it here; raises IllegalTransition, changing nothing,
+        when the table does not allow it.
         """
-        moves = state is not self.state and self.state is not WorkerState.DRAINING
-        if moves and state not in TRANSITIONS[self.state]:
-            raise IllegalTransition(self.state, state)
+        following = outcome(self.state, event)
+        if following is IGNORED:
+            return False
         changed = False
         if error_msg is not None and error_msg != self.error_msg:
             self.error_msg = error_msg
             changed = True
-        if moves:
-            self._enter(state)
+        if following is not self.state:
+            self._enter(following)
             changed = True
         if changed:
             self._notify()
+        return True
 
     def _enter(self, state: WorkerState) -> None:
         logger.info("worker state %s -> %s", self.state, state)

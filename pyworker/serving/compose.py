@@ -23,7 +23,7 @@ from pyworker.lifecycle.in_process import InProcessModel
 from pyworker.lifecycle.metrics import RequestMetrics
 from pyworker.lifecycle.readiness import Readiness
 from pyworker.lifecycle.reporter import Reporter
-from pyworker.lifecycle.state import WorkerState, WorkerStatus
+from pyworker.lifecycle.state import LifecycleEvent, WorkerStatus
 from pyworker.lifecycle.supervision import Supervisor, describe
 from pyworker.protocol import outbound
 from pyworker.protocol.auth import KeyFetch, SignatureVerifier, Verifier, fetch_public_key
@@ -227,8 +227,8 @@ def _on_startup(worker: Worker) -> AppSignal:
 
     def report_failure(name: str, error: BaseException) -> None:
         """A crashed task the worker cannot serve without: the autoscaler is told why."""
-        worker.status.set_state(
-            WorkerState.ERRORED, f"worker task {name} failed: {describe(error)}"
+        worker.status.handle(
+            LifecycleEvent.TASK_FAILED, f"worker task {name} failed: {describe(error)}"
         )
 
     async def load_key() -> None:

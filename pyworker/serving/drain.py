@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from pyworker.lifecycle.state import WorkerState, WorkerStatus
+from pyworker.lifecycle.state import LifecycleEvent, WorkerStatus
 from pyworker.serving.inflight import InFlight
 from pyworker.serving.sessions import SessionStore
 
@@ -44,7 +44,7 @@ class Drainable:
 
 
 async def drain(parts: Drainable, grace: float) -> None:
-    parts.status.set_state(WorkerState.DRAINING)
+    parts.status.handle(LifecycleEvent.DRAIN_REQUESTED)
     in_flight = parts.in_flight
     logger.info("draining: %d request(s) in flight, grace %.1f s", len(in_flight), grace)
     if not await in_flight.wait_idle(grace):

@@ -28,6 +28,7 @@ from tests.fakes.nvml import FakeGpu, FakeNvml
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.logging_model_server import LOADED_LINE
 from tests.support.processes import spawn, stop
+from tests.support.states import advance
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CONFIG = """
@@ -199,13 +200,13 @@ async def test_the_benchmark_cache_tells_a_restart_from_a_first_start(tmp_path: 
     from pyworker.lifecycle.benchmark import BenchmarkResult, write_cache
 
     seen = _worker(tmp_path, "seen-model", None)
-    key, cache_file = seen.readiness._cache_entry()
+    key, cache_file = seen.readiness.benchmarks.cache_entry()
     write_cache(cache_file, BenchmarkResult(12.5, key=key), None)
-    assert seen.readiness.loaded_here_before()
-    assert not _worker(tmp_path, "another-model", None).readiness.loaded_here_before()
+    assert seen.readiness.benchmarks.loaded_here_before()
+    assert not _worker(tmp_path, "another-model", None).readiness.benchmarks.loaded_here_before()
     other_gpu = _worker(tmp_path, "seen-model", None)
-    other_gpu.readiness.inventory = await GpuMonitor(FakeNvml([FakeGpu()])).ainventory()
-    assert not other_gpu.readiness.loaded_here_before()
+    other_gpu.readiness.benchmarks.inventory = await GpuMonitor(FakeNvml([FakeGpu()])).ainventory()
+    assert not other_gpu.readiness.benchmarks.loaded_here_before()
 
 
 async def test_the_deadline_in_process_and_zero_turns_it_off(tmp_path: Path) -> None:
@@ -218,8 +219,8 @@ async def test_the_deadline_in_process_and_zero_turns_it_off(tmp_path: Path) -> 
         task.cancel()
     # A deadline of 0 is none: the watch ends at once and leaves the state alone.
     off = _worker(tmp_path, "m", None)
-    off.status.set_state(WorkerState.LOADING)
-    watch = off.readiness._enforce_load_deadline(LoadDeadline(first_start=0, restart=0))
+    advance(off.status, WorkerState.LOADING)
+    watch = off.readiness.loading.enforce_deadline(LoadDeadline(first_start=0, restart=0))
     await asyncio.wait_for(watch, 5)
     assert off.status.state is WorkerState.LOADING and off.status.error_msg == ""
 

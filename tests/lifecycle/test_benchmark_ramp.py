@@ -274,6 +274,6 @@ async def _start(url: str, tmp_path: Path) -> BenchmarkResult:
     config = WorkerConfig.model_validate(raw)
     worker = compose_worker(config, Environment.from_env({}), GpuMonitor(FakeNvml([])))
     try:
-        return await worker.readiness._benchmark()
+        return await worker.readiness.benchmarks.measure()
     finally:
         await worker.model.close()

@@ -245,7 +245,7 @@ async def test_the_final_report_waits_for_the_one_in_flight_and_counts_once(
             status.set_perf(float(round_number + 1))  # a change: a periodic report at once
             await asyncio.wait_for(autoscaler.entered.wait(), 5)
             ledger.finish(record, Outcome.SUCCESS, 200)
-            status.set_state(WorkerState.DRAINING)
+            advance(status, WorkerState.DRAINING)
             await reporter.final_report()  # races the periodic report in flight
             assert autoscaler.total("new_load") == 7 * (round_number + 1)
             assert autoscaler.total("cur_perf") == 7 * (round_number + 1)

@@ -103,7 +103,7 @@ def make_reporter(*addresses: str) -> tuple[Reporter, WorkerStatus, Ledger]:
 async def test_reports_while_loading_then_ready_at_once(autoscaler: Autoscaler) -> None:
     reporter, status, _ = make_reporter(autoscaler.url)
     async with running(reporter):
-        status.set_state(WorkerState.LOADING)
+        advance(status, WorkerState.LOADING)
         await wait_until(lambda: len(autoscaler.statuses) >= 1)
         first = autoscaler.statuses[0]
         assert set(first) == STATUS_FIELDS
@@ -159,7 +159,7 @@ async def test_fails_over_to_the_next_address(autoscaler: Autoscaler, refused_po
     reporter, status, ledger = make_reporter(f"http://127.0.0.1:{refused_port}", autoscaler.url)
     async with running(reporter):
         ledger.finish(ledger.receive(1, "/r", 1), Outcome.ERROR, 500)
-        status.set_state(WorkerState.LOADING)
+        advance(status, WorkerState.LOADING)
         await wait_until(lambda: len(autoscaler.statuses) >= 1 and bool(autoscaler.finished_idxs()))
     assert autoscaler.finished_idxs() == [1]
 
@@ -170,7 +170,7 @@ async def test_the_master_token_never_reaches_the_logs(
     caplog.set_level(logging.DEBUG)
     reporter, status, _ = make_reporter(f"http://127.0.0.1:{refused_port}", autoscaler.url)
     async with running(reporter):
-        status.set_state(WorkerState.LOADING)
+        advance(status, WorkerState.LOADING)
         await wait_until(lambda: len(autoscaler.statuses) >= 1)
         autoscaler.up = False
         await wait_until(lambda: reporter.failed_reports >= 1)

@@ -22,9 +22,9 @@ from aiohttp.test_utils import TestServer
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
-from pyworker.lifecycle import readiness as readiness_module
 from pyworker.lifecycle.gpu import GpuMonitor, GpuSampler
 from pyworker.lifecycle.logfollow import LogFollower
+from pyworker.lifecycle.readiness import health as health_module
 from pyworker.lifecycle.supervision import Backoff, Supervisor, run_all
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
@@ -199,7 +199,7 @@ async def test_an_engine_that_always_drops_the_warm_up_is_a_reported_error(scene
 async def test_after_a_failed_benchmark_readiness_tries_again_and_recovers(scene: Scene) -> None:
     scene.engine.drops = 10**9
     worker = await scene.start(benchmark={"connect_wait": 0.3})
-    worker.readiness.retry_first = 0.2
+    worker.readiness.retry.first = 0.2
     await scene.report_where(lambda r: "dropped the warm-up connection" in r["error_msg"])
     scene.engine.drops = 0  # the engine recovers by itself: no load line, no restart
     await scene.ready_report()
@@ -244,9 +244,9 @@ async def test_a_crashed_health_watch_is_reported_and_readiness_starts_again(
 ) -> None:
     worker = await scene.start(model_server={"health_path": "/health", "health_interval": 0.05})
     await scene.ready_report()
-    probe = readiness_module.probe_health
+    probe = health_module.probe_health
     monkeypatch.setattr(
-        readiness_module,
+        health_module,
         "probe_health",
         fail_once(probe, ValueError("bad health answer")),
     )

@@ -23,6 +23,7 @@ from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from pyworker.protocol import messages
 from pyworker.protocol.messages import DeleteRequests, FinishedItem, RouteRequest
+from tests.support.states import advance
 
 MESSAGES = Path(messages.__file__)
 ENVIRON = {
@@ -41,7 +42,7 @@ def reporter_message(error_msg: str) -> dict[str, Any]:
     """The JSON the worker's reporter sends for an errored worker with no load, as received."""
     environment = Environment.from_env(ENVIRON)
     status = WorkerStatus()
-    status.set_state(WorkerState.ERRORED, error_msg)
+    advance(status, WorkerState.ERRORED, error_msg)
     reporter = Reporter(environment, status, Ledger(), lambda: environment.public_url())
     report: dict[str, Any] = orjson.loads(
         orjson.dumps(reporter.build_status(Interval(), 0).to_wire())

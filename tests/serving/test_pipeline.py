@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pyworker.lifecycle.state import WorkerState
+from pyworker.lifecycle.state import LifecycleEvent
 from tests.conftest import KeyPair, RunningWorker, WorkerFactory
 
 LIMIT = 4096
@@ -61,7 +61,7 @@ async def test_a_bad_signature_is_the_same_401_before_readiness(
     worker: RunningWorker, keypair: KeyPair
 ) -> None:
     forged = keypair.auth_data(signature=KeyPair().sign("http://127.0.0.1:1"))
-    worker.worker.status.set_state(WorkerState.DRAINING)  # 401 comes before 503
+    worker.worker.status.handle(LifecycleEvent.DRAIN_REQUESTED)  # 401 comes before 503
     answers = await _answers(worker, SIGNED_ROUTES, {"auth_data": forged, "payload": {}})
     assert answers[0][0] == 401 and answers[0] == answers[1], answers
 
@@ -69,7 +69,7 @@ async def test_a_bad_signature_is_the_same_401_before_readiness(
 async def test_a_worker_that_is_not_ready_answers_the_same_503(
     worker: RunningWorker, keypair: KeyPair
 ) -> None:
-    worker.worker.status.set_state(WorkerState.DRAINING)
+    worker.worker.status.handle(LifecycleEvent.DRAIN_REQUESTED)
     body = {"auth_data": keypair.auth_data(), "payload": {}}
     answers = await _answers(worker, SIGNED_ROUTES, body)
     assert answers[0][0] == 503 and answers[0] == answers[1], answers
