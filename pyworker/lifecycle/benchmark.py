@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 from pyworker import backports
@@ -34,7 +33,7 @@ from pyworker.lifecycle.regular_files import (
     write_replacing,
 )
 from pyworker.protocol.workload import WorkloadError
-from pyworker.upstream.errors import ConnectFailed, PoolError, UpstreamError
+from pyworker.upstream.errors import ConnectFailed, UpstreamError
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -282,10 +281,10 @@ class Benchmark:
             try:
                 await self._one(payload)
                 return
-            except (aiohttp.ClientError, PoolError, OSError) as error:
+            except (UpstreamError, OSError) as error:
                 # Refused while its port opens, or dropped while it warms up: try again.
                 if time.monotonic() > deadline:
-                    refused = isinstance(error, aiohttp.ClientConnectorError | ConnectFailed)
+                    refused = isinstance(error, ConnectFailed)
                     what = "refused connections" if refused else "dropped the warm-up connection"
                     raise BenchmarkError(
                         f"model server {what} for {self.config.connect_wait:.0f} s"
@@ -363,7 +362,7 @@ async def declared_limit(model: ModelClient, probe: LimitProbe) -> int | None:
         async with backports.timeout(LIMIT_PROBE_TIMEOUT), model.get(probe.path) as answer:
             body = await answer.read()
             status = answer.status
-    except (UpstreamError, PoolError, aiohttp.ClientError, OSError, TimeoutError) as error:
+    except (UpstreamError, TimeoutError) as error:
         logger.info("benchmark: %s unread (%s)", probe.path, error.__class__.__name__)
         return None
     value: object = None
