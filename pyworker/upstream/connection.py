@@ -6,7 +6,8 @@ the answer: its status and headers first, then its body handed over as the chunk
 streamed body is buffered up to a high-water mark, then the socket is paused. If the model
 server answers before it has the whole body, the rest is not sent and the connection is not
 reused. Connections are made, reused and closed by pyworker.upstream.pool. Every failure ends
-the answer with one of upstream's own errors (pyworker.upstream.errors).
+the answer with one of upstream's own errors (pyworker.upstream.errors); a write that fails is
+one too, as the transport reports it: the connection lost (`Disconnected`).
 
 The answer's framing is enforced, so that what one answer's bytes say can never become another
 answer (RFC 9112 section 6): a byte past its end (after its Content-Length, its last chunk, or
@@ -132,13 +133,10 @@ class Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes, read_timeout: float | None) -> asyncio.Future[Answer]:
         answer = self._begin(read_timeout)
         assert self.transport is not None
-        try:
-            if len(body) <= JOIN_LIMIT:
-                self.transport.write(head + body)  # one segment; copying a small body is cheap
-            else:
-                self.transport.writelines((head, body))
-        except (OSError, RuntimeError):  # uvloop's closed transport raises
-            self._fail(Disconnected("the connection closed before the request was written"))
+        if len(body) <= JOIN_LIMIT:
+            self.transport.write(head + body)  # one segment; copying a small body is cheap
+        else:
+            self.transport.writelines((head, body))
         return answer
 
     def send_parts(
@@ -147,11 +145,7 @@ class Connection(asyncio.Protocol):
         """Send a body in parts, a slice at a time as the socket drains; see the module doc."""
         answer = self._begin(read_timeout)
         assert self.transport is not None
-        try:
-            self.transport.write(head)
-        except (OSError, RuntimeError):  # uvloop's closed transport raises
-            self._fail(Disconnected("the connection closed before the request was written"))
-            return answer
+        self.transport.write(head)
         self._body_unsent = True
         self._writer = self._loop.create_task(self._write_parts(parts))
         return answer

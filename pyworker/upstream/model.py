@@ -35,9 +35,10 @@ class ModelClient:
 
     Every call, and every read of an answer it gives, fails with an `UpstreamError`
     (pyworker.upstream.errors): its class says what failed, its `status` and `message` what
-    the client is told. What goes through as it is: a path that is not one (ValueError), and
-    the template's own code, a handler's exceptions and a function's streamed chunks (its
-    iterator's exceptions, TimeoutError past the timeout, as `collect_function` too).
+    the client is told. Only what is the caller's or the template's own goes through as it
+    is: a path that is not one (ValueError), a custom handler's own exceptions, and what a
+    function's streamed chunks raise (its iterator's exceptions; TimeoutError past the
+    timeout, in `collect_function` too).
     """
 
     __slots__ = ("_base_url", "_connect_timeout", "_functions", "_pool", "_session")

@@ -584,28 +584,3 @@ async def test_an_answer_before_the_whole_body_stops_the_upload_and_drops_the_co
         for writer in connections:
             writer.close()
         server.close()
-
-
-class ClosedTransport(asyncio.Transport):
-    """uvloop's transport once closed: a write raises."""
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        raise RuntimeError("unable to perform operation: the handler is closed")
-
-    def abort(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize("body", [b"{}", EncodedBody("text/plain", [b"in parts"])])
-async def test_a_request_that_cannot_be_written_is_a_dropped_connection(
-    body: bytes | EncodedBody,
-) -> None:
-    client = connection.Connection(asyncio.get_running_loop())
-    client.connection_made(ClosedTransport())
-    if isinstance(body, EncodedBody):
-        answer = client.send_parts(b"POST / HTTP/1.1\r\n\r\n", body.parts, None)
-    else:
-        answer = client.send(b"POST / HTTP/1.1\r\n\r\n", body, None)
-    with pytest.raises(Disconnected, match="before the request was written"):
-        await answer
-    assert not client.reusable()
