@@ -5,11 +5,12 @@ answer's bytes, a timeout, a custom handler's aiohttp session or a route's funct
 the caller as one of the `UpstreamError`s below: its class says which part failed (for callers
 that must tell them apart, as the benchmark tells a refused connection from a dropped one), its
 `status` and `message` are what the client is told. Nothing above this package sees the pool's,
-the connection's, aiohttp's or a timeout's own exceptions.
+the connection's or aiohttp's exceptions, nor the timeout of a call.
 
 The connection raises these errors itself; a foreign exception becomes one here and nowhere
 else: `connect_errors` where a socket is opened, `model_errors` around every other call the
-facade makes. Exceptions of a template's own code (a handler's bug) go through as they are.
+facade makes. What a template's own code raises goes through as it is: a handler's bug, and
+what a function's streamed chunks raise (pyworker.upstream.functions).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class UpstreamError(Exception):
 
     status: int = 502
     summary = "model server failed"
+    """The message's start; a detail, if any, follows it."""
 
     def __init__(self, detail: str | None = None) -> None:
         message = self.summary if detail is None else f"{self.summary}: {detail}"
