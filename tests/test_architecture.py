@@ -46,6 +46,10 @@ APART: dict[str, frozenset[str]] = {
 """Parts above the layers, and what each may not import: devtools and compat are apart; the
 ready workers are templates on the public API (their client and load scripts use devtools)."""
 RUN_ENTRY_POINTS = ("pyworker.__main__", "pyworker.cli", "pyworker.entry")
+UPSTREAM_PRIVATE = frozenset({"pyworker.upstream.pool", "pyworker.upstream.connection"})
+"""upstream's own modules: everything else (tests of other parts, the bench and the ready
+workers included) reaches the model server through the public ones, the facade (`model.py`),
+its errors (`errors.py`) and a route's functions (`functions.py`)."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,39 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
     assert not wrong, (
         "imports against the layering (tests/test_architecture.py LAYERS): move the code used "
         "down a layer, or pass it in from the composition root:\n  " + "\n  ".join(wrong)
+    )
+
+
+def _absolute_imports(path: Path) -> Iterator[tuple[str, int]]:
+    """Every module a file outside the package imports (all absolute), with its line."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module, node.lineno
+            yield from ((f"{node.module}.{alias.name}", node.lineno) for alias in node.names)
+
+
+def test_only_upstream_sees_its_connections() -> None:
+    """Above upstream, a failure is one of upstream's errors and a request one call of the
+    facade: no module there may depend on how the connections work (docs/architecture.md)."""
+    wrong = [
+        found.where()
+        for found in _imports()
+        if found.imported in UPSTREAM_PRIVATE and _part(found.importer) != "upstream"
+    ]
+    own_tests = ROOT / "tests" / "upstream"
+    for folder in ("tests", "bench", "workers"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if own_tests not in path.parents:
+                wrong.extend(
+                    f"{path.relative_to(ROOT)}:{line} imports {name}"
+                    for name, line in _absolute_imports(path)
+                    if name in UPSTREAM_PRIVATE
+                )
+    assert not wrong, (
+        "imports of upstream's private modules (pool, connection) outside pyworker/upstream and"
+        " tests/upstream: use ModelClient and pyworker.upstream.errors:\n  " + "\n  ".join(wrong)
     )
 
 

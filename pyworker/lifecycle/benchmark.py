@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 from pyworker import backports
@@ -35,7 +34,7 @@ from pyworker.lifecycle.regular_files import (
 )
 from pyworker.protocol.usage import completion_tokens
 from pyworker.protocol.workload import WorkloadError
-from pyworker.upstream.errors import ConnectFailed, PoolError
+from pyworker.upstream.errors import ConnectFailed, UpstreamError
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -313,10 +312,10 @@ class Benchmark:
             try:
                 await self._one(payload)
                 return
-            except (aiohttp.ClientError, PoolError, OSError) as error:
+            except (UpstreamError, OSError) as error:
                 # Refused while its port opens, or dropped while it warms up: try again.
                 if time.monotonic() > deadline:
-                    refused = isinstance(error, aiohttp.ClientConnectorError | ConnectFailed)
+                    refused = isinstance(error, ConnectFailed)
                     what = "refused connections" if refused else "dropped the warm-up connection"
                     raise BenchmarkError(
                         f"model server {what} for {self.config.connect_wait:.0f} s"

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from pyworker.config import JSONObject, ModelHandler, ResponseHook, RouteConfig
 from pyworker.config.encoded_body import EncodedBody
-from pyworker.upstream.errors import PoolError, model_errors
+from pyworker.upstream.errors import UpstreamError
 from pyworker.upstream.functions import FunctionAnswer
 from pyworker.upstream.model import Answer, ModelClient
 
@@ -67,11 +67,10 @@ async def relay(
 
     Raises `UpstreamError` when the model server gives no answer, `ClientGone` when the client
     leaves while a stream is written."""
-    with model_errors():
-        async with model.post(path, body, read_timeout) as upstream:
-            if _is_stream(upstream):
-                return await _relay_stream(request, upstream)
-            answer = await upstream.read()
+    async with model.post(path, body, read_timeout) as upstream:
+        if _is_stream(upstream):
+            return await _relay_stream(request, upstream)
+        answer = await upstream.read()
     answer = await _apply_hook(response_hook, upstream.status, answer)
     response = web.Response(
         status=upstream.status, body=answer, headers=_relayed_headers(upstream.headers)
@@ -87,8 +86,7 @@ async def relay_handler(
     response_hook: ResponseHook | None = None,
 ) -> Relayed:
     """The answer of a route's custom handler, run bounded by `timeout` in all."""
-    with model_errors():
-        result = await model.call_handler(handler, payload, timeout)
+    result = await model.call_handler(handler, payload, timeout)
     answer = await _apply_hook(response_hook, result.status, result.body)
     response = web.Response(
         status=result.status, body=answer, headers={"Content-Type": result.content_type}
@@ -177,7 +175,7 @@ async def _relay_stream(request: web.Request, upstream: Answer) -> Relayed:
             await response.write(chunk)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise ClientGone from None
-    except PoolError as error:
+    except UpstreamError as error:
         # Headers are gone already: the only honest signal left is to cut the connection.
         logger.warning("model server stream broke after headers: %s", error.__class__.__name__)
         if request.transport is not None:

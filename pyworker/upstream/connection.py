@@ -5,7 +5,9 @@ drains, so it is never copied whole into the transport's buffer), and httptools 
 the answer: its status and headers first, then its body handed over as the chunks arrive. A
 streamed body is buffered up to a high-water mark, then the socket is paused. If the model
 server answers before it has the whole body, the rest is not sent and the connection is not
-reused. Connections are made, reused and closed by pyworker.upstream.pool.
+reused. Connections are made, reused and closed by pyworker.upstream.pool. Every failure ends
+the answer with one of upstream's own errors (pyworker.upstream.errors); a write that fails is
+one too, as the transport reports it: the connection lost (`Disconnected`).
 
 The answer's framing is enforced, so that what one answer's bytes say can never become another
 answer (RFC 9112 section 6): a byte past its end (after its Content-Length, its last chunk, or
@@ -29,7 +31,7 @@ from typing import cast
 import httptools
 
 from pyworker.config.encoded_body import BodyPart
-from pyworker.upstream.errors import BadAnswer, Disconnected, PoolError, ReadTimedOut
+from pyworker.upstream.errors import BadAnswer, Disconnected, ReadTimedOut, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ class Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._error: PoolError | None = None
+        self._error: UpstreamError | None = None
         self._read_timeout: float | None = None
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -123,7 +125,7 @@ class Connection(asyncio.Protocol):
         self._body_unsent = False
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
-        self._refusal: PoolError | None = None
+        self._refusal: UpstreamError | None = None
         """Why a callback stopped the parser: the answer fails with it (None: bytes past the
         answer's end, which is kept)."""
 
@@ -353,12 +355,12 @@ class Connection(asyncio.Protocol):
         self._stop_timer()
         self._wake()
 
-    def _fail(self, error: PoolError) -> None:
+    def _fail(self, error: UpstreamError) -> None:
         if self.transport is not None and self.state is not State.CLOSED:
             self.transport.abort()
         self._closed(error)
 
-    def _closed(self, error: PoolError) -> None:
+    def _closed(self, error: UpstreamError) -> None:
         """The connection is gone; an answer still coming fails with `error`."""
         self._stop_timer()
         if self.state is State.CLOSED:
@@ -385,7 +387,7 @@ class Connection(asyncio.Protocol):
             return
         silent_until = self._last_data + timeout
         if self._loop.time() >= silent_until:
-            self._fail(ReadTimedOut(f"no byte from the model server in {timeout:g}s"))
+            self._fail(ReadTimedOut())  # no byte for the whole read timeout
         else:
             self._timer = self._loop.call_at(silent_until, self._check_timeout)
 

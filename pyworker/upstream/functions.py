@@ -6,7 +6,8 @@ which DNS lookups and file reads share), so that a CPU-bound function never stal
 reports or the other routes. A thread cannot be interrupted: a request cut while its function
 runs waits for it (its route's slot stays taken), one past its timeout is answered at once
 and the function runs on, counted until it ends (`wait_idle`, before the model is freed).
-What the function returns becomes a `FunctionAnswer`: a whole body, or chunks to stream.
+What the function returns becomes a `FunctionAnswer`: a whole body, or chunks to stream. A
+function with no answer is a `FunctionFailed`, one of upstream's errors (pyworker.upstream.errors).
 """
 
 from __future__ import annotations
@@ -23,19 +24,13 @@ import orjson
 
 from pyworker import backports
 from pyworker.config import HandlerResult, JSONObject, RouteFunction
+from pyworker.upstream.errors import FunctionFailed
+
+__all__ = ["FunctionAnswer", "FunctionFailed", "FunctionRunner", "encode_chunk", "is_async"]
 
 JSON_TYPE = "application/json"
 BYTES_TYPE = "application/octet-stream"
 EVENT_STREAM = "text/event-stream"
-
-
-class FunctionFailed(Exception):
-    """The function raised, or returned something that cannot be sent; `status` says which."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(slots=True)

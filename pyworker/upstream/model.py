@@ -5,7 +5,8 @@
 concurrent generations. Answers come back as the model server sent them (no decompression),
 bodies chunk by chunk as they arrive; relaying them to the client is the serving layer's work
 (pyworker.serving.relay). A route's custom handler gets an aiohttp session to the same server,
-made only when first needed. Nothing outside this package sees the pool or that session.
+made only when first needed. Nothing outside this package sees the pool or that session, nor
+their exceptions: every failure is one of upstream's own errors (pyworker.upstream.errors).
 A model in the worker's own process is called the same way, through `call_function`
 (pyworker.upstream.functions), with no model server at all.
 """
@@ -32,10 +33,12 @@ only the status matters, and a model server must not make the worker read on for
 class ModelClient:
     """The worker's client of the model server.
 
-    `post`, `get` and `call_handler` raise the model server's failures as they come (the
-    pool's errors, aiohttp's client errors, timeouts): callers that must tell them apart can,
-    and `pyworker.upstream.errors.model_errors` turns any of them into the `UpstreamError` the
-    client gets. `probe` and `notify`, whole calls, raise that `UpstreamError` themselves.
+    Every call, and every read of an answer it gives, fails with an `UpstreamError`
+    (pyworker.upstream.errors): its class says what failed, its `status` and `message` what
+    the client is told. Only what is the caller's or the template's own goes through as it
+    is: a path that is not one (ValueError), a custom handler's own exceptions, and what a
+    function's streamed chunks raise (its iterator's exceptions; TimeoutError past the
+    timeout, in `collect_function` too).
     """
 
     __slots__ = ("_base_url", "_connect_timeout", "_functions", "_pool", "_session")
@@ -81,8 +84,9 @@ class ModelClient:
         self, handler: ModelHandler, payload: JSONObject, timeout: float | None
     ) -> HandlerResult:
         """Run a route's custom handler with the aiohttp session, bounded by `timeout` in all."""
-        async with backports.timeout(timeout):
-            return await handler(self._client_session(), self._base_url, payload)
+        with model_errors():
+            async with backports.timeout(timeout):
+                return await handler(self._client_session(), self._base_url, payload)
 
     async def call_function(
         self,

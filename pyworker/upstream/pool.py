@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from pyworker import backports
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.upstream.connection import Answer, Connection, State
-from pyworker.upstream.errors import ConnectFailed, ConnectTimedOut
+from pyworker.upstream.errors import connect_errors
 
 IDLE_TIMEOUT = 4.0
 """Seconds an idle connection is kept: under the 5 s keep-alive of uvicorn and llama.cpp."""
@@ -63,7 +63,8 @@ class Origin:
 
 @dataclass(slots=True, eq=False)
 class Exchange:
-    """`async with pool.post(...) as answer`: the connection goes back to the pool after."""
+    """`async with Exchange(pool, "POST", path, body, read_timeout) as answer` (what
+    `ModelClient.post` and `get` return): the connection goes back to the pool after."""
 
     _pool: ConnectionPool
     _method: str
@@ -130,16 +131,6 @@ class ConnectionPool:
     def idle(self) -> int:
         return len(self._idle)
 
-    def post(
-        self, path: str, body: bytes | EncodedBody, read_timeout: float | None = None
-    ) -> Exchange:
-        """POST `body` (JSON, or an `EncodedBody`) to the model server's `path`, under the base
-        URL's path."""
-        return Exchange(self, "POST", path, body, read_timeout)
-
-    def get(self, path: str, read_timeout: float | None = None) -> Exchange:
-        return Exchange(self, "GET", path, b"", read_timeout)
-
     def head(self, method: str, path: str, length: int, content_type: str | None = None) -> bytes:
         """The request's head; all of it but the length is built once per method and path
         (a body of another type than JSON gets a head of its own: its boundary differs)."""
@@ -184,17 +175,11 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         origin = self.origin
         tls = self._tls_context() if origin.tls else None
-        try:
+        with connect_errors():
             async with backports.timeout(self.connect_timeout):
                 _, connection = await loop.create_connection(
                     lambda: Connection(loop), origin.host, origin.port, ssl=tls
                 )
-        except (TimeoutError, asyncio.TimeoutError):
-            raise ConnectTimedOut(
-                f"no connection to {origin.host_header} in {self.connect_timeout:g}s"
-            ) from None
-        except OSError as error:
-            raise ConnectFailed(error.strerror or str(error)) from None
         self.opened += 1
         self._busy.add(connection)
         return connection

@@ -11,8 +11,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from pyworker.config import HandlerResult, JSONObject
-from pyworker.upstream.errors import ConnectFailed, ReadTimedOut, UpstreamError, model_errors
+from pyworker.config import HandlerResult, JSONObject, ModelHandler
+from pyworker.upstream.errors import (
+    BadAnswer,
+    ConnectFailed,
+    Disconnected,
+    ReadTimedOut,
+    UpstreamError,
+)
 from pyworker.upstream.model import ModelClient
 
 
@@ -33,6 +39,7 @@ class Model:
         app.router.add_get("/silent", self.silent)
         app.router.add_get("/health", self.health)
         app.router.add_post("/closed", self.closed)
+        app.router.add_post("/drop", self.drop)
         return app
 
     async def echo(self, request: web.Request) -> web.Response:
@@ -57,6 +64,12 @@ class Model:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=self.healthy, text="state")
+
+    async def drop(self, request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.close()  # no answer at all
+        await asyncio.sleep(30)
+        return web.Response()
 
     async def closed(self, request: web.Request) -> web.Response:
         self.received.append((request.path, await request.read()))
@@ -139,7 +152,7 @@ async def test_a_refused_connection_is_a_502(client: ModelClient, refused_port: 
     with pytest.raises(ConnectFailed):
         async with unreachable.post("/echo", b"{}"):
             pass
-    with pytest.raises(UpstreamError) as refused, model_errors():
+    with pytest.raises(UpstreamError) as refused:
         async with unreachable.post("/echo", b"{}"):
             pass
     assert refused.value.status == 502
@@ -150,7 +163,7 @@ async def test_silence_past_the_read_timeout_is_a_504(client: ModelClient) -> No
     with pytest.raises(ReadTimedOut):
         async with client.post("/silent", b"{}", read_timeout=0.2):
             pass
-    with pytest.raises(UpstreamError) as timed_out, model_errors():
+    with pytest.raises(UpstreamError) as timed_out:
         async with client.post("/silent", b"{}", read_timeout=0.2):
             pass
     assert timed_out.value.status == 504
@@ -174,7 +187,7 @@ async def test_a_handler_gets_a_session_to_the_model_and_is_bounded(
         async with session.post(base_url + "/silent", json=payload) as response:
             return HandlerResult(response.status, await response.read())
 
-    with pytest.raises(UpstreamError) as timed_out, model_errors():
+    with pytest.raises(UpstreamError) as timed_out:
         await client.call_handler(slow, {}, timeout=0.2)
     assert timed_out.value.status == 504
 
@@ -187,6 +200,61 @@ async def test_close_fails_a_request_still_running(client: ModelClient, model: M
     task = asyncio.create_task(waiting())
     await asyncio.wait_for(model.silent_arrived.wait(), 10)
     await client.close()
-    with pytest.raises(UpstreamError) as failed, model_errors():
+    with pytest.raises(UpstreamError) as failed:
         await asyncio.wait_for(task, 2)
     assert failed.value.status == 502
+
+
+async def test_a_handler_s_session_failures_are_upstream_errors(
+    client: ModelClient, refused_port: int
+) -> None:
+    """The client is told what it is told for the pool's own failures; a handler's own bug
+    goes through as it is."""
+
+    def calling(url: str, check: bool = False) -> ModelHandler:
+        async def handler(
+            session: aiohttp.ClientSession, base_url: str, payload: JSONObject
+        ) -> HandlerResult:
+            async with session.post(url.format(base_url=base_url), json=payload) as response:
+                if check:
+                    response.raise_for_status()
+                return HandlerResult(response.status, await response.read())
+
+        return handler
+
+    with pytest.raises(ConnectFailed) as refused:
+        await client.call_handler(calling(f"http://127.0.0.1:{refused_port}/"), {}, 2.0)
+    assert refused.value.status == 502
+    assert refused.value.message.startswith("model server unreachable: ")
+    with pytest.raises(Disconnected) as dropped:
+        await client.call_handler(calling("{base_url}/drop"), {}, 5.0)
+    assert (dropped.value.status, dropped.value.message) == (
+        502,
+        "model server failed: ServerDisconnectedError",
+    )
+    with pytest.raises(BadAnswer) as refused_answer:
+        await client.call_handler(calling("{base_url}/closed", check=True), {}, 5.0)
+    assert refused_answer.value.message == "model server failed: ClientResponseError"
+
+    async def buggy(
+        session: aiohttp.ClientSession, base_url: str, payload: JSONObject
+    ) -> HandlerResult:
+        return HandlerResult(200, orjson.dumps(payload["missing"]))
+
+    with pytest.raises(KeyError):
+        await client.call_handler(buggy, {}, 2.0)
+
+
+async def test_each_failure_says_what_the_client_is_told(client: ModelClient) -> None:
+    with pytest.raises(ReadTimedOut) as timed_out:
+        async with client.post("/silent", b"{}", read_timeout=0.2):
+            pass
+    assert (timed_out.value.status, timed_out.value.message) == (504, "model server timed out")
+    async with client.post("/stream", b"{}") as answer:
+        await client.close()  # the worker's own close cuts the answer
+        with pytest.raises(Disconnected) as cut:
+            await answer.read()
+    assert (cut.value.status, cut.value.message) == (
+        502,
+        "model server failed: connection closed by the worker",
+    )

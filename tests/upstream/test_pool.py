@@ -1,5 +1,8 @@
 """The request path's HTTP/1.1 client, against model servers that answer scripted bytes.
 
+Requests go through the facade (`ModelClient.post` and `get`), the pool under it read for what
+only it knows.
+
 Every test runs on the default asyncio loop and on uvloop (what `pyworker run` uses); see
 `pytest_asyncio_loop_factories` in conftest.py.
 """
@@ -17,6 +20,7 @@ from pyworker.config.encoded_body import EncodedBody
 from pyworker.upstream import connection
 from pyworker.upstream.connection import HIGH_WATER
 from pyworker.upstream.errors import BadAnswer, ConnectFailed, Disconnected, ReadTimedOut
+from pyworker.upstream.model import ModelClient
 from pyworker.upstream.pool import ConnectionPool
 from tests.conftest import wait_until
 
@@ -101,35 +105,42 @@ async def serve() -> AsyncIterator[Callable[[Script], Awaitable[tuple[ScriptedSe
 
 
 @pytest.fixture
-async def pools() -> AsyncIterator[Callable[..., ConnectionPool]]:
-    made: list[ConnectionPool] = []
+async def models() -> AsyncIterator[Callable[..., ModelClient]]:
+    made: list[ModelClient] = []
 
-    def make(base_url: str, **options: float) -> ConnectionPool:
-        pool = ConnectionPool(base_url, connect_timeout=2.0, **options)  # type: ignore[arg-type]
-        made.append(pool)
-        return pool
+    def make(base_url: str, **options: float) -> ModelClient:
+        model = ModelClient(base_url, connect_timeout=2.0)
+        model._pool = ConnectionPool(base_url, 2.0, **options)  # type: ignore[arg-type]
+        made.append(model)
+        return model
 
     yield make
-    for pool in made:
-        pool.close()
+    for model in made:
+        await model.close()
+
+
+def pool_of(model: ModelClient) -> ConnectionPool:
+    """The pool under the facade: what only it knows (connections opened, idle ones)."""
+    return model._pool
 
 
 ServeFixture = Callable[[Script], Awaitable[tuple[ScriptedServer, str]]]
-PoolFixture = Callable[..., ConnectionPool]
+ModelFixture = Callable[..., ModelClient]
 
 
 async def test_sequential_requests_share_one_connection(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(answer(b'{"echo": ' + exchange.body + b"}", "Content-Type: a/b"))
         return True
 
     server, url = await serve(script)
-    pool = pools(url + "/v1")
+    model = models(url + "/v1")
+    pool = pool_of(model)
     for number in range(3):
         body = b'{"n": %d}' % number
-        async with pool.post("/generate", body) as upstream:
+        async with model.post("/generate", body) as upstream:
             assert upstream.status == 200
             assert upstream.content_type == "a/b"
             assert ("Content-Type", "a/b") in upstream.headers
@@ -149,7 +160,7 @@ async def test_sequential_requests_share_one_connection(
 
 @pytest.mark.parametrize("size", [0, 64 * 1024, 64 * 1024 + 1, 3 * 1024 * 1024])
 async def test_bodies_of_any_size_arrive_whole(
-    serve: ServeFixture, pools: PoolFixture, size: int
+    serve: ServeFixture, models: ModelFixture, size: int
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(answer(b"%d" % len(exchange.body)))
@@ -157,13 +168,13 @@ async def test_bodies_of_any_size_arrive_whole(
 
     server, url = await serve(script)
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    async with pools(url).post("/", body) as upstream:
+    async with models(url).post("/", body) as upstream:
         assert await upstream.read() == b"%d" % size
     assert server.requests[0].body == body
 
 
 async def test_concurrent_requests_each_get_a_connection(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     release = asyncio.Event()
 
@@ -173,10 +184,11 @@ async def test_concurrent_requests_each_get_a_connection(
         return True
 
     server, url = await serve(script)
-    pool = pools(url)
+    model = models(url)
+    pool = pool_of(model)
 
     async def post(number: int) -> bytes:
-        async with pool.post("/", b"%d" % number) as upstream:
+        async with model.post("/", b"%d" % number) as upstream:
             return await upstream.read()
 
     tasks = [asyncio.create_task(post(number)) for number in range(50)]
@@ -187,7 +199,7 @@ async def test_concurrent_requests_each_get_a_connection(
 
 
 async def test_a_chunked_answer_arrives_chunk_by_chunk(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     go_on = asyncio.Event()
 
@@ -199,10 +211,10 @@ async def test_a_chunked_answer_arrives_chunk_by_chunk(
         return True
 
     server, url = await serve(script)
-    pool = pools(url)
+    model = models(url)
     for _ in range(2):
         go_on.clear()
-        async with pool.post("/stream", b"{}") as upstream:
+        async with model.post("/stream", b"{}") as upstream:
             assert upstream.content_type == "text/event-stream"
             assert upstream.content_length is None
             assert await upstream.next_chunk() == b"data: 0\n\n"
@@ -213,16 +225,17 @@ async def test_a_chunked_answer_arrives_chunk_by_chunk(
 
 
 async def test_a_body_that_ends_with_the_connection_is_whole_and_not_reused(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
         return False
 
     server, url = await serve(script)
-    pool = pools(url)
+    model = models(url)
+    pool = pool_of(model)
     for _ in range(2):
-        async with pool.post("/", b"{}") as upstream:
+        async with model.post("/", b"{}") as upstream:
             assert upstream.content_length is None
             assert await upstream.read() == b"all of it"
     assert server.connections == 2 and pool.idle == 0
@@ -230,7 +243,7 @@ async def test_a_body_that_ends_with_the_connection_is_whole_and_not_reused(
 
 @pytest.mark.parametrize("closing", ["Connection: close", "HTTP/1.0"])
 async def test_an_answer_that_closes_the_connection_is_not_reused(
-    serve: ServeFixture, pools: PoolFixture, closing: str
+    serve: ServeFixture, models: ModelFixture, closing: str
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         if closing == "HTTP/1.0":
@@ -240,71 +253,77 @@ async def test_an_answer_that_closes_the_connection_is_not_reused(
         return True  # the server would keep it: the client must not
 
     server, url = await serve(script)
-    pool = pools(url)
+    model = models(url)
+    pool = pool_of(model)
     for _ in range(2):
-        async with pool.post("/", b"{}") as upstream:
+        async with model.post("/", b"{}") as upstream:
             assert await upstream.read() == b"ok"
     assert server.connections == 2 and pool.opened == 2
     await wait_until(lambda: server.closed_by_peer == 2)
 
 
 async def test_a_connection_the_server_closed_while_idle_is_not_used(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(answer(b"ok"))
         return False  # closes after answering, without saying so
 
     server, url = await serve(script)
-    pool = pools(url)
-    async with pool.post("/", b"{}") as upstream:
+    model = models(url)
+    pool = pool_of(model)
+    async with model.post("/", b"{}") as upstream:
         assert await upstream.read() == b"ok"
     await wait_until(lambda: pool.take_idle() is None)
-    async with pool.post("/", b"{}") as upstream:
+    async with model.post("/", b"{}") as upstream:
         assert await upstream.read() == b"ok"
     assert server.connections == 2
 
 
-async def test_an_informational_answer_is_skipped(serve: ServeFixture, pools: PoolFixture) -> None:
+async def test_an_informational_answer_is_skipped(
+    serve: ServeFixture, models: ModelFixture
+) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b"final", status="201 Made"))
         return True
 
     _, url = await serve(script)
-    async with pools(url).post("/", b"{}") as upstream:
+    async with models(url).post("/", b"{}") as upstream:
         assert upstream.status == 201
         assert await upstream.read() == b"final"
 
 
-async def test_a_truncated_body_is_an_error(serve: ServeFixture, pools: PoolFixture) -> None:
+async def test_a_truncated_body_is_an_error(serve: ServeFixture, models: ModelFixture) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
         return False
 
     _, url = await serve(script)
-    pool = pools(url)
-    async with pool.post("/", b"{}") as upstream:
+    model = models(url)
+    pool = pool_of(model)
+    async with model.post("/", b"{}") as upstream:
         with pytest.raises(Disconnected):
             await upstream.read()
     assert pool.idle == 0
 
 
 async def test_a_close_before_any_answer_is_an_error(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         return False
 
     _, url = await serve(script)
-    pool = pools(url)
+    model = models(url)
+    pool = pool_of(model)
     with pytest.raises(Disconnected):
-        async with pool.post("/", b"{}"):
+        async with model.post("/", b"{}"):
             pass
     assert pool.idle == 0
 
 
 async def test_bytes_that_are_not_http_are_an_error(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
@@ -312,12 +331,12 @@ async def test_bytes_that_are_not_http_are_an_error(
 
     server, url = await serve(script)
     with pytest.raises(BadAnswer):
-        async with pools(url).post("/", b"{}"):
+        async with models(url).post("/", b"{}"):
             pass
     await wait_until(lambda: server.closed_by_peer == 1)
 
 
-async def test_endless_headers_are_an_error(serve: ServeFixture, pools: PoolFixture) -> None:
+async def test_endless_headers_are_an_error(serve: ServeFixture, models: ModelFixture) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 200 OK\r\n")
         with contextlib.suppress(ConnectionError):
@@ -326,15 +345,16 @@ async def test_endless_headers_are_an_error(serve: ServeFixture, pools: PoolFixt
         return False
 
     _, url = await serve(script)
-    pool = pools(url)
+    model = models(url)
+    pool = pool_of(model)
     with pytest.raises(BadAnswer, match="head is over"):
-        async with pool.post("/", b"{}"):
+        async with model.post("/", b"{}"):
             pass
     assert pool.idle == 0
 
 
 async def test_silence_past_the_read_timeout_is_an_error_but_a_slow_stream_is_not(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         if exchange.body == b"mute":
@@ -350,37 +370,38 @@ async def test_silence_past_the_read_timeout_is_an_error_but_a_slow_stream_is_no
         return True
 
     _, url = await serve(script)
-    pool = pools(url)
-    async with pool.post("/", b"slow", read_timeout=0.5) as upstream:
+    model = models(url)
+    async with model.post("/", b"slow", read_timeout=0.5) as upstream:
         assert await upstream.read() == b"x" * 10
-    async with pool.post("/", b"silent", read_timeout=0.3) as upstream:
+    async with model.post("/", b"silent", read_timeout=0.3) as upstream:
         with pytest.raises(ReadTimedOut):
             await upstream.read()
     with pytest.raises(ReadTimedOut):  # silence before the headers counts too
-        async with pool.post("/", b"mute", read_timeout=0.3):
+        async with model.post("/", b"mute", read_timeout=0.3):
             pass
 
 
 async def test_a_refused_connection_is_connect_failed(
-    pools: PoolFixture, refused_port: int
+    models: ModelFixture, refused_port: int
 ) -> None:
     with pytest.raises(ConnectFailed):
-        async with pools(f"http://127.0.0.1:{refused_port}").post("/", b"{}"):
+        async with models(f"http://127.0.0.1:{refused_port}").post("/", b"{}"):
             pass
 
 
 async def test_a_cancelled_request_closes_its_connection(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n")
         return True
 
     server, url = await serve(script)
-    pool = pools(url)
+    model = models(url)
+    pool = pool_of(model)
 
     async def read_forever() -> None:
-        async with pool.post("/", b"{}") as upstream:
+        async with model.post("/", b"{}") as upstream:
             while await upstream.next_chunk():
                 pass
 
@@ -394,7 +415,7 @@ async def test_a_cancelled_request_closes_its_connection(
 
 
 async def test_a_slow_reader_pauses_the_model_server(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     chunk = b"y" * 65536
     total = 64 * len(chunk)  # 4 MiB
@@ -407,8 +428,8 @@ async def test_a_slow_reader_pauses_the_model_server(
         return True
 
     server, url = await serve(script)
-    pool = pools(url)
-    async with pool.post("/", b"{}") as upstream:
+    model = models(url)
+    async with model.post("/", b"{}") as upstream:
         received = len(await upstream.next_chunk())
         # The client stopped reading: the model server's data backs up behind it ...
         await wait_until(lambda: server.writers[0].transport.get_write_buffer_size() > 0)
@@ -422,7 +443,7 @@ async def test_a_slow_reader_pauses_the_model_server(
 
 
 async def test_a_connection_paused_under_an_unread_answer_reads_the_next_one(
-    serve: ServeFixture, pools: PoolFixture, monkeypatch: pytest.MonkeyPatch
+    serve: ServeFixture, models: ModelFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The answer must arrive whole in one read and be over the high-water mark: reading pauses
     # with the answer complete. A few KB sent in one write arrive in one read on loopback
@@ -435,17 +456,18 @@ async def test_a_connection_paused_under_an_unread_answer_reads_the_next_one(
         return True
 
     server, url = await serve(script)
-    pool = pools(url)
-    async with pool.post("/", b"big") as upstream:
+    model = models(url)
+    pool = pool_of(model)
+    async with model.post("/", b"big") as upstream:
         await wait_until(lambda: upstream.complete)  # arrived, never read
     assert pool.idle == 1
-    async with backports.timeout(5), pool.post("/", b"next") as upstream:
+    async with backports.timeout(5), model.post("/", b"next") as upstream:
         assert await upstream.read() == b"small"
     assert server.connections == 1
 
 
 async def test_idle_connections_are_capped_and_expire(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     release = asyncio.Event()
 
@@ -455,10 +477,11 @@ async def test_idle_connections_are_capped_and_expire(
         return True
 
     server, url = await serve(script)
-    pool = pools(url, max_idle=2, idle_timeout=1.0)  # outlasts a stall of a loaded machine
+    model = models(url, max_idle=2, idle_timeout=1.0)  # outlasts a stall of a loaded machine
+    pool = pool_of(model)
 
     async def post() -> bytes:
-        async with pool.post("/", b"{}") as upstream:
+        async with model.post("/", b"{}") as upstream:
             return await upstream.read()
 
     tasks = [asyncio.create_task(post()) for _ in range(3)]
@@ -472,22 +495,23 @@ async def test_idle_connections_are_capped_and_expire(
 
 
 async def test_a_get_has_no_body_and_a_path_cannot_inject_headers(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(answer(b"healthy"))
         return True
 
     server, url = await serve(script)
-    pool = pools(url)
-    async with pool.get("/health") as upstream:
+    model = models(url)
+    pool = pool_of(model)
+    async with model.get("/health") as upstream:
         assert (upstream.status, await upstream.read()) == (200, b"healthy")
     head = server.requests[0].head.decode()
     assert head.startswith("GET /health HTTP/1.1\r\n")
     assert "Content-Type" not in head and "Content-Length: 0\r\n" in head
     for path in ("/x\r\nX-Injected: 1", "/a b", "no-slash", "/caf\u00e9"):
         with pytest.raises(ValueError, match="not a request path"):
-            async with pool.post(path, b"{}"):
+            async with model.post(path, b"{}"):
                 pass
     assert len(server.requests) == 1
     assert pool.idle == 1  # the connection was not taken for the refused paths
@@ -495,14 +519,14 @@ async def test_a_get_has_no_body_and_a_path_cannot_inject_headers(
 
 # --- bodies in parts (multipart uploads) ------------------------------------------------------
 async def test_a_body_in_parts_arrives_whole_under_its_own_content_type(
-    serve: ServeFixture, pools: PoolFixture
+    serve: ServeFixture, models: ModelFixture
 ) -> None:
     async def script(exchange: Exchange) -> bool:
         await exchange.send(answer(b"%d" % len(exchange.body)))
         return True
 
     server, url = await serve(script)
-    pool = pools(url)
+    model = models(url)
     large = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # many slices, past the socket buffer
     parts: list[bytes | bytearray | memoryview] = [
         b"--b\r\n",
@@ -511,9 +535,9 @@ async def test_a_body_in_parts_arrives_whole_under_its_own_content_type(
         memoryview(b"tail"),
     ]
     body = EncodedBody("multipart/form-data; boundary=b", parts)
-    async with pool.post("/v1/audio/transcriptions", body) as upstream:
+    async with model.post("/v1/audio/transcriptions", body) as upstream:
         assert await upstream.read() == b"%d" % body.length
-    async with pool.post("/v1/completions", b"{}") as upstream:
+    async with model.post("/v1/completions", b"{}") as upstream:
         assert await upstream.read() == b"2"
     first, second = server.requests
     assert first.body == b"".join(bytes(part) for part in parts)
@@ -524,7 +548,7 @@ async def test_a_body_in_parts_arrives_whole_under_its_own_content_type(
 
 
 async def test_an_answer_before_the_whole_body_stops_the_upload_and_drops_the_connection(
-    pools: PoolFixture,
+    models: ModelFixture,
 ) -> None:
     """An engine that refuses an upload from its headers (413) and never reads the rest."""
     connections: list[asyncio.StreamWriter] = []
@@ -547,9 +571,10 @@ async def test_an_answer_before_the_whole_body_stops_the_upload_and_drops_the_co
     server = await asyncio.start_server(refuse, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
-        pool = pools(url)
+        model = models(url)
+        pool = pool_of(model)
         body = EncodedBody("multipart/form-data; boundary=b", [bytes(64 * 1024 * 1024)])
-        async with pool.post("/upload", body) as upstream:
+        async with model.post("/upload", body) as upstream:
             assert upstream.status == 413
             assert await upstream.read() == b'{"error": "too large"}'
         assert pool.idle == 0  # half a request went out: the connection cannot carry another
