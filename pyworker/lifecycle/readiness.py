@@ -39,9 +39,9 @@ from pyworker.lifecycle.benchmark import (
 from pyworker.lifecycle.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.lifecycle.in_process import InProcessModel, LoadFailed
 from pyworker.lifecycle.logfollow import LineKind, LogFollower, LogPattern
+from pyworker.lifecycle.public_key import KeyFetch
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
 from pyworker.lifecycle.supervision import Backoff, describe, run_all
-from pyworker.protocol.auth import KeyFetch
 from pyworker.upstream.errors import UpstreamError
 from pyworker.upstream.model import ModelClient
 
