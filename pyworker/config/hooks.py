@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, cast, overload
 
 Result = TypeVar("Result")
+
+
+@overload
+async def call_hook(hook: Callable[..., Awaitable[Result]], *arguments: Any) -> Result: ...
+
+
+@overload
+async def call_hook(hook: Callable[..., Result | Awaitable[Result]], *arguments: Any) -> Result: ...
 
 
 async def call_hook(hook: Callable[..., Result | Awaitable[Result]], *arguments: Any) -> Result:
