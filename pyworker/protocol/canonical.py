@@ -10,12 +10,16 @@ are one number, whatever their size).
 
 from __future__ import annotations
 
-import json
 import math
 from decimal import Decimal
+from json.encoder import encode_basestring as encode_string
+from typing import Any
 
 MAX_SAFE_INTEGER = 2**53 - 1
 """Beyond it a JSON number is not exact in every language, so it cannot be signed portably."""
+
+
+NUMBERS = (int, float)
 
 
 class CanonicalError(ValueError):
@@ -24,35 +28,35 @@ class CanonicalError(ValueError):
 
 def canonical_json(value: object, *, exact_integers: bool = False) -> str:
     """The canonical text of a JSON value (None, bool, str, int, float, list, dict by str)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
     if isinstance(value, str):
         return canonical_string(value)
-    if isinstance(value, int | float):
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "true" if value else "false"
+    if isinstance(value, NUMBERS):
         return canonical_number(value, exact_integers=exact_integers)
     if isinstance(value, list):
-        items = (canonical_json(item, exact_integers=exact_integers) for item in value)
+        items = [canonical_json(item, exact_integers=exact_integers) for item in value]
         return "[" + ",".join(items) + "]"
     if isinstance(value, dict):
-        members = sorted(value.items(), key=lambda member: _sort_key(member[0]))
-        return (
-            "{"
-            + ",".join(
-                f"{canonical_string(name)}:{canonical_json(item, exact_integers=exact_integers)}"
-                for name, item in members
-            )
-            + "}"
-        )
+        members = [
+            f"{canonical_string(name)}:{canonical_json(value[name], exact_integers=exact_integers)}"
+            for name in _sorted_names(value)
+        ]
+        return "{" + ",".join(members) + "}"
     raise CanonicalError(f"a {type(value).__name__} is not a JSON value")
 
 
-def _sort_key(name: object) -> bytes:
-    """RFC 8785 sorts member names by their UTF-16 code units."""
-    if not isinstance(name, str):
-        raise CanonicalError("a member name must be a string")
-    return name.encode("utf-16-be", "surrogatepass")
+def _sorted_names(members: dict[Any, object]) -> list[str]:
+    """RFC 8785 sorts member names by their UTF-16 code units: code point order, but for
+    characters past U+FFFF, which only a name that is not ASCII can hold."""
+    ascii_only = True
+    for name in members:
+        if not isinstance(name, str):
+            raise CanonicalError("a member name must be a string")
+        ascii_only = ascii_only and name.isascii()
+    if ascii_only:
+        return sorted(members)
+    return sorted(members, key=lambda name: name.encode("utf-16-be", "surrogatepass"))
 
 
 def canonical_number(value: int | float, *, exact_integers: bool = False) -> str:
@@ -96,8 +100,9 @@ def canonical_number(value: int | float, *, exact_integers: bool = False) -> str
 
 def canonical_string(value: str) -> str:
     """A string as RFC 8785 writes it: UTF-8, only `"`, `\\` and controls escaped."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CanonicalError("string holds a lone surrogate") from None
-    return json.dumps(value, ensure_ascii=False)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CanonicalError("string holds a lone surrogate") from None
+    return encode_string(value)
