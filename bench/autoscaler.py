@@ -6,30 +6,25 @@ signature (`UNSECURED=false`); its status reports land here, counted, the latest
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from pyworker.protocol.auth import reference_message
+from pyworker.protocol.messages import DELETE_REQUESTS_PATH, PUBKEY_PATH, STATUS_PATH
+from pyworker.protocol.signing import SigningKey
 
 
 class Signer:
     """The autoscaler's RSA key pair and the reference signature over a worker url."""
 
     def __init__(self) -> None:
-        self._private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.pem = self._private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        self._key = SigningKey.generate()
+        self.pem = self._key.public_pem
 
     def sign(self, url: str) -> str:
-        signature = self._private.sign(reference_message(url), padding.PKCS1v15(), hashes.SHA256())
-        return base64.b64encode(signature).decode()
+        return self._key.sign(url)
 
 
 @dataclass
@@ -46,7 +41,7 @@ def create_app(signer: Signer, reports: Reports) -> web.Application:
     async def report(request: web.Request) -> web.Response:
         body = await request.read()
         reports.counts[request.path] = reports.counts.get(request.path, 0) + 1
-        if request.path == "/worker_status/":
+        if request.path == STATUS_PATH:
             try:
                 document = orjson.loads(body)
             except orjson.JSONDecodeError:
@@ -56,7 +51,7 @@ def create_app(signer: Signer, reports: Reports) -> web.Application:
         return web.json_response({})
 
     app = web.Application()
-    app.router.add_get("/pubkey/", pubkey)
-    app.router.add_post("/worker_status/", report)
-    app.router.add_post("/delete_requests/", report)
+    app.router.add_get(PUBKEY_PATH, pubkey)
+    app.router.add_post(STATUS_PATH, report)
+    app.router.add_post(DELETE_REQUESTS_PATH, report)
     return app

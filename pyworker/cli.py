@@ -40,7 +40,8 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--log-level", default=os.environ.get("PYWORKER_LOG_LEVEL", "INFO"))
     run.set_defaults(handler=command_run)
     if tools:
-        from pyworker.devtools.commands import bench, call, dev, load
+        from pyworker.devtools.commands import bench, call, load
+        from pyworker.devtools.commands.dev import command as dev
 
         for command in (dev, call, load, bench):
             command.add_parser(commands)

@@ -19,6 +19,7 @@ from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.lifecycle.state import IllegalTransition, LifecycleEvent, WorkerState
 from pyworker.protocol.auth import reference_message
+from pyworker.protocol.messages import PUBKEY_PATH
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.support.model_server import Recorder, create_app
@@ -144,7 +145,7 @@ async def pubkey_server(keypair: KeyPair) -> AsyncIterator[str]:
         return web.Response(body=keypair.pem, content_type="text/plain")
 
     app = web.Application()
-    app.router.add_get("/pubkey/", pubkey)
+    app.router.add_get(PUBKEY_PATH, pubkey)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     yield str(server.make_url("")).rstrip("/")

@@ -138,7 +138,7 @@ def _imports() -> tuple[Import, ...]:
 
 
 def _part(module: str) -> str:
-    """`serving` for pyworker.serving.app; `cli` for pyworker.cli; "" for the root package."""
+    """`serving` for pyworker.serving.routes; `cli` for pyworker.cli; "" for the root package."""
     return module.split(".")[1] if "." in module else ""
 
 
@@ -289,6 +289,35 @@ def test_pyworker_run_never_loads_the_developer_tools() -> None:
             f"{start} loads developer tools at import time; import them inside the command "
             "that needs them:\n  " + "\n  ".join(dict.fromkeys(chains))
         )
+
+
+NETWORK_LIBRARIES = frozenset({"aiohttp", "http", "socket", "ssl", "urllib.request"})
+"""What a module imports to reach the network."""
+WIRE_LAYER_CALLS = frozenset({"pyworker.protocol.messages"})
+"""The start report's blocking `post`: it runs by file path, before pyworker is installed."""
+
+
+def test_the_wire_layer_does_no_network_io() -> None:
+    """protocol/ is the wire format and its verification: calls live above it (lifecycle/)."""
+    calling = []
+    for module, path in _modules().items():
+        if _part(module) != "protocol" or module in WIRE_LAYER_CALLS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            calling += [
+                f"{_path(module)}:{node.lineno} imports {name}"
+                for name in names
+                if name.split(".")[0] in NETWORK_LIBRARIES or name in NETWORK_LIBRARIES
+            ]
+    assert not calling, "network I/O in protocol/; move it to lifecycle/:\n  " + "\n  ".join(
+        calling
+    )
 
 
 def _cycle_from(graph: dict[str, set[str]]) -> list[str] | None:

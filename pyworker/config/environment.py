@@ -21,7 +21,7 @@ from pyworker.config.load_deadline import (
     RELOAD_VARIABLE,
     LoadDeadline,
 )
-from pyworker.protocol.messages import DEFAULT_REPORT_ADDR, TRUE_WORDS
+from pyworker.protocol.messages import DEFAULT_REPORT_ADDR, PUBKEY_PATH, TRUE_WORDS, public_url
 
 CONFIG_VARIABLES = {
     "MODEL_SERVER_URL": "model_server.base_url",
@@ -182,7 +182,7 @@ class Environment(BaseModel):
         if not unsecured and not report_addr:
             setting = "PYWORKER_STRICT_AUTH=true" if strict_auth else "UNSECURED=false"
             raise InvalidEnvironment(
-                f"{setting} needs REPORT_ADDR: the public key comes from its /pubkey/"
+                f"{setting} needs REPORT_ADDR: the public key comes from its {PUBKEY_PATH}"
             )
         port = _port(env, "WORKER_PORT")
         if port is None:
@@ -227,8 +227,8 @@ class Environment(BaseModel):
         return LoadDeadline(first_start=self.load_timeout, restart=self.reload_timeout)
 
     def public_url(self, bound_port: int | None = None) -> str:
-        """The worker's address as the autoscaler hands it to clients."""
-        scheme = "https" if self.use_ssl else "http"
+        """The worker's address as the autoscaler hands it to clients: PUBLIC_IPADDR, or where
+        it listens (loopback for any address), and VAST_TCP_PORT_<port>, or the bound port."""
         host = self.public_ipaddr or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
         port = self.public_port or bound_port or self.worker_port
-        return f"{scheme}://{host}:{port}"
+        return public_url(host, port, use_ssl=self.use_ssl)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pyworker import backports
 from pyworker.config import BenchmarkConfig, JSONObject, RouteConfig
 from pyworker.config.dataset import BenchmarkError
 from pyworker.config.encoded_body import EncodedBody
+from pyworker.config.hooks import call_hook
 from pyworker.config.worker import MAX_BENCHMARK_CONCURRENCY
 from pyworker.lifecycle.ramp import Done, RampOutcome, RampSettings, Step, ramp
 from pyworker.lifecycle.regular_files import (
@@ -360,8 +360,7 @@ class Benchmark:
             return result.status, result.body, result.content_type.split(";")[0].strip()
         body: bytes | EncodedBody
         if self.route.body_encoder is not None:
-            encoded = self.route.body_encoder(payload)
-            body = await encoded if inspect.isawaitable(encoded) else encoded
+            body = await call_hook(self.route.body_encoder, payload)
         else:
             body = orjson.dumps(payload)
         async with (

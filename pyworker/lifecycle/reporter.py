@@ -16,7 +16,7 @@ What the autoscaler receives is counted once (docs/reporting.md):
 - `/delete_requests/` is retried until acknowledged, across addresses; the autoscaler treats
   it by `request_idx`, so a repeat after a lost answer is harmless.
 - A redirect is never followed (reports carry `MASTER_TOKEN`), and an answer is read only up
-  to a small bound (pyworker.protocol.outbound): a 3xx is a report not delivered, sent again
+  to a small bound (pyworker.lifecycle.outbound): a 3xx is a report not delivered, sent again
   to the next address.
 - One report of each kind is in flight at a time, the drain's final one included, and each
   attempt may take `attempt_timeout` seconds (an autoscaler under load answers slowly).
@@ -38,10 +38,10 @@ import orjson
 
 from pyworker import __version__
 from pyworker.config.environment import Environment
+from pyworker.lifecycle import outbound
 from pyworker.lifecycle.accounting import Interval, Ledger
 from pyworker.lifecycle.state import WorkerStatus
 from pyworker.lifecycle.supervision import run_all
-from pyworker.protocol import outbound
 from pyworker.protocol.messages import (
     DELETE_REQUESTS_PATH,
     STATUS_PATH,
@@ -235,7 +235,7 @@ class Reporter:
 
         Without `failover` (a report that must not arrive twice) it moves on only while the
         report certainly did not arrive, and stops at the first answer of unknown effect.
-        A redirect is not followed (pyworker.protocol.outbound): the next address is tried.
+        A redirect is not followed (pyworker.lifecycle.outbound): the next address is tried.
         """
         session = self._session
         if session is None:

@@ -1,1 +1,2 @@
-"""The wire formats: the client's envelope, signatures, workload, the autoscaler's messages."""
+"""The wire formats and their verification, no network I/O: the client's envelope, signatures
+and keys, canonical JSON, workload, the autoscaler's messages."""

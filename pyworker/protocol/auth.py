@@ -8,22 +8,13 @@ verifies a signature per request instead; both verifiers answer the same `Verifi
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import contextlib
 import functools
 import json
-import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import urlsplit
 
-import aiohttp
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,13 +25,12 @@ from pydantic import (
 )
 
 from pyworker.backports import StrEnum
-from pyworker.protocol import outbound
+from pyworker.protocol.keys import PublicKey, load_public_key, verify_message
 from pyworker.protocol.workload import MAX_WORKLOAD
 
-logger = logging.getLogger(__name__)
-
-
 NUMBER_FIELDS = ("cost", "reqnum", "request_idx")
+STRICT_FIELDS = ("expires", "sig_v", "strict_signature")
+"""What strict mode adds to auth_data (pyworker.protocol.strict), in this order."""
 MAX_INDEX = 2**63 - 1
 """The largest `request_idx` or `reqnum`: what a signed 64-bit integer, and so every report
 and every JSON encoder on the way, can carry."""
@@ -70,7 +60,7 @@ class AuthData(BaseModel):
     sig_v: int | None = None
     strict_signature: str | None = None
 
-    @field_validator("expires", "sig_v", "strict_signature", mode="wrap")
+    @field_validator(*STRICT_FIELDS, mode="wrap")
     @classmethod
     def _ignore_invalid(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
         try:
@@ -95,7 +85,8 @@ class Verdict(StrEnum):
 
 
 class Verifier(Protocol):
-    """A signature check the worker's routes can use; the key arrives later, from /pubkey/."""
+    """A signature check the worker's routes can use; the key arrives later, from the
+    autoscaler's `PUBKEY_PATH` (pyworker.lifecycle.public_key)."""
 
     @property
     def has_key(self) -> bool: ...
@@ -167,7 +158,7 @@ class SignatureVerifier:
 
     def __init__(self, cache_size: int = 4096, audience: Callable[[], str] | None = None) -> None:
         self.audience = audience
-        self._key: rsa.RSAPublicKey | None = None
+        self._key: PublicKey | None = None
         self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._cache_size = cache_size
 
@@ -180,13 +171,7 @@ class SignatureVerifier:
         return self._key is not None
 
     def load_pem(self, pem: bytes) -> None:
-        try:
-            key = serialization.load_pem_public_key(pem)
-        except UnsupportedAlgorithm as error:
-            raise ValueError(f"unsupported public key: {error}") from None
-        if not isinstance(key, rsa.RSAPublicKey):
-            raise ValueError("the autoscaler's public key is not an RSA key")
-        self._key = key
+        self._key = load_public_key(pem, ed25519_too=False)
         self._cache.clear()
 
     def check(self, auth: AuthData) -> Verdict:
@@ -201,12 +186,7 @@ class SignatureVerifier:
         if pair in self._cache:
             self._cache.move_to_end(pair)
             return True
-        try:
-            signature = base64.b64decode(auth.signature, validate=True)
-            self._key.verify(
-                signature, reference_message(auth.url), padding.PKCS1v15(), hashes.SHA256()
-            )
-        except (InvalidSignature, binascii.Error, ValueError):
+        if not verify_message(self._key, reference_message(auth.url), auth.signature):
             return False
         if len(auth.url) + len(auth.signature) > MAX_CACHED_PAIR:
             return True  # signed, but too large to keep: checked again next time
@@ -214,69 +194,3 @@ class SignatureVerifier:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return True
-
-
-PUBKEY_PATH = "/pubkey/"
-KEY_ATTEMPT_TIMEOUT = 5.0
-KEY_FIRST_DELAY = 0.5
-KEY_MAX_DELAY = 30.0
-"""Rounds over REPORT_ADDR are 0.5 s apart at first, doubling up to 30 s."""
-MAX_KEY_PROBLEM = 500
-"""Characters of `KeyFetch.problem`: it becomes the report's `error_msg`."""
-
-
-class KeyFetch:
-    """How fetching the public key goes: readiness waits on it, and reports its problem."""
-
-    def __init__(self) -> None:
-        self.loaded = asyncio.Event()
-        self.failed = asyncio.Event()
-        """Set once a whole round over the addresses failed (and never cleared)."""
-        self.problem = ""
-        """What the last failed round met at each address."""
-
-
-async def fetch_public_key(
-    session: aiohttp.ClientSession,
-    addresses: Sequence[str],
-    verifier: Verifier,
-    fetch: KeyFetch | None = None,
-    *,
-    first_delay: float | None = None,
-) -> None:
-    """Fetch `/pubkey/` from each address in turn until one loads, as reports fail over
-    (pyworker.protocol.outbound: no redirect, a bounded answer); after a round that found none,
-    say why in `fetch` and back off exponentially."""
-    fetch = fetch or KeyFetch()
-    delay = KEY_FIRST_DELAY if first_delay is None else first_delay
-    while True:
-        problems: list[str] = []
-        replies = outbound.attempts(
-            session, addresses, PUBKEY_PATH, method="GET", timeout=KEY_ATTEMPT_TIMEOUT
-        )
-        async with contextlib.aclosing(replies):
-            async for reply in replies:
-                problem = _load_key(reply, verifier)
-                if not problem:
-                    logger.info("public key loaded from %s", reply.url)
-                    fetch.loaded.set()
-                    return
-                logger.warning("public key from %s: %s", reply.url, problem)
-                problems.append(f"{reply.url}: {problem}")
-        fetch.problem = "; ".join(problems)[:MAX_KEY_PROBLEM]
-        fetch.failed.set()
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, KEY_MAX_DELAY)
-
-
-def _load_key(reply: outbound.Reply, verifier: Verifier) -> str:
-    """Why `reply` gave no key; "" once the verifier loaded it."""
-    if reply.status != 200:
-        return reply.problem or f"HTTP {reply.status}"
-    if reply.truncated:
-        return f"the answer is over {outbound.MAX_ANSWER} bytes"
-    try:
-        verifier.load_pem(reply.body)
-    except ValueError as error:
-        return str(error)[:200]
-    return ""

@@ -10,7 +10,7 @@ file path, which never imports the `pyworker` package:
     python3 pyworker/protocol/messages.py "why the worker cannot start"
 
 Its `post` is the blocking call of start-up steps (this report, the certificate request). Like
-the worker's own calls (pyworker/protocol/outbound.py) it never follows a redirect, reads an
+the worker's own calls (pyworker/lifecycle/outbound.py) it never follows a redirect, reads an
 answer up to a bound, and has a deadline for the whole call, not for each read.
 """
 
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 STATUS_PATH = "/worker_status/"
 DELETE_REQUESTS_PATH = "/delete_requests/"
+PUBKEY_PATH = "/pubkey/"
+"""The autoscaler's paths a worker calls: reports, finished requests, its public key."""
 DEFAULT_REPORT_ADDR = "https://run.vast.ai"
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 MAX_ERROR_MESSAGE = 2000
@@ -140,13 +142,22 @@ def start_report(message: str, environ: Mapping[str, str]) -> WorkerStatusReport
     port = environ.get("WORKER_PORT") or "3000"
     public_port = environ.get(f"VAST_TCP_PORT_{port}") or port
     address = environ.get("PUBLIC_IPADDR")
-    scheme = "https" if environ.get("USE_SSL", "").strip().lower() in TRUE_WORDS else "http"
+    use_ssl = environ.get("USE_SSL", "").strip().lower() in TRUE_WORDS
     return WorkerStatusReport(
         id=worker_id,
         mtoken=environ.get("MASTER_TOKEN", ""),
         error_msg=message[:MAX_ERROR_MESSAGE],
-        url=f"{scheme}://{address}:{public_port}" if address else "",
+        url=public_url(address, public_port, use_ssl=use_ssl) if address else "",
     )
+
+
+def public_url(address: str, port: int | str, *, use_ssl: bool) -> str:
+    """The worker's address as the autoscaler hands it to clients (a report's `url`):
+    `http[s]://PUBLIC_IPADDR:VAST_TCP_PORT_<WORKER_PORT>`.
+
+    Without PUBLIC_IPADDR the start report sends no url (nothing listens yet), while a running
+    worker names its listen address (pyworker.config.environment)."""
+    return f"{'https' if use_ssl else 'http'}://{address}:{port}"
 
 
 def report_start_error(message: str, environ: Mapping[str, str]) -> None:

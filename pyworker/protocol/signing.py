@@ -8,13 +8,11 @@ RSA alone, so its reference `signature` is left empty.
 
 from __future__ import annotations
 
-import base64
-
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from pyworker.protocol.auth import reference_message
-from pyworker.protocol.strict import PrivateKey
+from pyworker.protocol.keys import PrivateKey, sign_message
 
 KEY_SIZE = 2048
 
@@ -40,7 +38,4 @@ class SigningKey:
         """base64 of RSA-PKCS1v15-SHA256 over the reference message for `url` ("" for Ed25519)."""
         if not isinstance(self.private_key, rsa.RSAPrivateKey):
             return ""
-        signature = self.private_key.sign(
-            reference_message(url), padding.PKCS1v15(), hashes.SHA256()
-        )
-        return base64.b64encode(signature).decode()
+        return sign_message(self.private_key, reference_message(url))

@@ -17,24 +17,18 @@ docs/security.md describes the scheme for autoscaler authors.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import hashlib
 import heapq
-import json
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-
-from pyworker.protocol.auth import AuthData, Verdict, same_worker
+from pyworker.protocol.auth import STRICT_FIELDS, AuthData, Verdict, same_worker
+from pyworker.protocol.canonical import CanonicalError, canonical_json
+from pyworker.protocol.keys import PrivateKey, PublicKey, load_public_key, sign_message
+from pyworker.protocol.keys import verify_message as verify_signature
 
 SCHEME_VERSION = 1
 """The `sig_v` this worker verifies; it is part of the signed message."""
@@ -45,60 +39,9 @@ DEFAULT_MAX_LIFETIME = 300.0
 DEFAULT_REPLAY_CAPACITY = 100_000
 MAX_SIGNATURE_TEXT = 2048
 """base64 characters; an RSA-8192 signature takes 1368."""
-MAX_SAFE_INTEGER = 2**53 - 1
-"""Beyond it a JSON number is not exact in every language, so it cannot be signed portably."""
-
-PublicKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-
-
-class CanonicalError(ValueError):
-    """A value that has no canonical JSON form (not finite, unsafe integer, lone surrogate)."""
 
 
 # --- the canonical message ------------------------------------------------------------------
-
-
-def canonical_number(value: int | float) -> str:
-    """A number as RFC 8785 writes it (ECMAScript's Number.prototype.toString)."""
-    if isinstance(value, bool):
-        raise CanonicalError("a boolean is not a number")
-    if isinstance(value, int):
-        if abs(value) > MAX_SAFE_INTEGER:
-            raise CanonicalError(f"integer {value} is beyond 2**53 - 1")
-        return str(value)
-    if not math.isfinite(value):
-        raise CanonicalError(f"{value} has no JSON form")
-    if value == 0:
-        return "0"  # -0 too
-    sign = "-" if value < 0 else ""
-    # repr() gives the shortest digits that round-trip, as ECMAScript requires.
-    _, digit_tuple, exponent = Decimal(repr(abs(value))).as_tuple()
-    assert isinstance(exponent, int)
-    digits = "".join(map(str, digit_tuple)).rstrip("0")
-    exponent += len(digit_tuple) - len(digits)
-    count = len(digits)
-    point = exponent + count  # the decimal point sits after this many digits
-    if count <= point <= 21:
-        text = digits + "0" * (point - count)
-    elif 0 < point <= 21:
-        text = f"{digits[:point]}.{digits[point:]}"
-    elif -6 < point <= 0:
-        text = "0." + "0" * -point + digits
-    else:
-        power = point - 1
-        mantissa = digits if count == 1 else f"{digits[0]}.{digits[1:]}"
-        text = f"{mantissa}e{'+' if power >= 0 else '-'}{abs(power)}"
-    return sign + text
-
-
-def canonical_string(value: str) -> str:
-    """A string as RFC 8785 writes it: UTF-8, only `"`, `\\` and controls escaped."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CanonicalError("string holds a lone surrogate") from None
-    return json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -124,12 +67,7 @@ SIGNED_FIELDS = tuple(field.name for field in dataclasses.fields(SignedRequest))
 
 def canonical_message(request: SignedRequest) -> bytes:
     """The exact bytes an autoscaler signs in strict mode (RFC 8785 of exactly these fields)."""
-    members = []
-    for name in sorted(SIGNED_FIELDS):
-        value = getattr(request, name)
-        text = canonical_string(value) if isinstance(value, str) else canonical_number(value)
-        members.append(f'"{name}":{text}')
-    return ("{" + ",".join(members) + "}").encode("utf-8")
+    return canonical_json({name: getattr(request, name) for name in SIGNED_FIELDS}).encode()
 
 
 def message_for(auth: AuthData) -> bytes:
@@ -139,50 +77,18 @@ def message_for(auth: AuthData) -> bytes:
     return canonical_message(SignedRequest.from_fields(vars(auth)))
 
 
-# --- keys and signatures --------------------------------------------------------------------
-
-
-def load_public_key(pem: bytes) -> PublicKey:
-    """An RSA or Ed25519 public key from PEM; ValueError for anything else."""
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except UnsupportedAlgorithm as error:
-        raise ValueError(f"unsupported public key: {error}") from None
-    if not isinstance(key, rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
-        raise ValueError("the autoscaler's public key is neither RSA nor Ed25519")
-    return key
-
-
-def sign_message(key: PrivateKey, message: bytes) -> str:
-    """base64 of the signature: RSA PKCS#1 v1.5 over SHA-256, or Ed25519."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        raw = key.sign(message, padding.PKCS1v15(), hashes.SHA256())
-    else:
-        raw = key.sign(message)
-    return base64.b64encode(raw).decode()
+# --- signatures -----------------------------------------------------------------------------
 
 
 def verify_message(key: PublicKey, message: bytes, signature: str) -> bool:
-    if len(signature) > MAX_SIGNATURE_TEXT:
-        return False
-    try:
-        raw = base64.b64decode(signature, validate=True)
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(raw, message, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            key.verify(raw, message)
-    except (InvalidSignature, binascii.Error, ValueError):
-        return False
-    return True
+    """Whether `signature` is `key`'s over `message`; a text longer than any key signs is not."""
+    return len(signature) <= MAX_SIGNATURE_TEXT and verify_signature(key, message, signature)
 
 
 def strict_fields(key: PrivateKey, request: SignedRequest) -> dict[str, Any]:
     """What an autoscaler adds to its `/route/` answer to make it strict."""
-    return {
-        "expires": request.expires,
-        "sig_v": request.sig_v,
-        "strict_signature": sign_message(key, canonical_message(request)),
-    }
+    signature = sign_message(key, canonical_message(request))
+    return dict(zip(STRICT_FIELDS, (request.expires, request.sig_v, signature), strict=True))
 
 
 # --- the replay cache -----------------------------------------------------------------------

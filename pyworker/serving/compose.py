@@ -17,16 +17,17 @@ from aiohttp import web
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
+from pyworker.lifecycle import outbound
 from pyworker.lifecycle.accounting import Ledger
 from pyworker.lifecycle.gpu import GpuMonitor
 from pyworker.lifecycle.in_process import InProcessModel
 from pyworker.lifecycle.metrics import RequestMetrics
+from pyworker.lifecycle.public_key import KeyFetch, fetch_public_key
 from pyworker.lifecycle.readiness import Readiness
 from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import LifecycleEvent, WorkerStatus
 from pyworker.lifecycle.supervision import Supervisor, describe
-from pyworker.protocol import outbound
-from pyworker.protocol.auth import KeyFetch, SignatureVerifier, Verifier, fetch_public_key
+from pyworker.protocol.auth import SignatureVerifier, Verifier
 from pyworker.protocol.strict import StrictVerifier
 from pyworker.serving.admin import UPDATE_PATH, update_handler
 from pyworker.serving.admission import RouteGate

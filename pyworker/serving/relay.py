@@ -8,7 +8,6 @@ go as the model server sent them (no decompression); headers of one hop are drop
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from multidict import CIMultiDict
 
 from pyworker.config import JSONObject, ModelHandler, ResponseHook, RouteConfig
 from pyworker.config.encoded_body import EncodedBody
+from pyworker.config.hooks import call_hook
 from pyworker.upstream.errors import UpstreamError
 from pyworker.upstream.functions import FunctionAnswer
 from pyworker.upstream.model import Answer, ModelClient
@@ -142,8 +142,7 @@ def describe(error: BaseException) -> str:
 async def _apply_hook(hook: ResponseHook | None, status: int, answer: bytes) -> bytes:
     if hook is None:
         return answer
-    changed = hook(status, answer)
-    return await changed if inspect.isawaitable(changed) else changed
+    return await call_hook(hook, status, answer)
 
 
 def _is_stream(upstream: Answer) -> bool:

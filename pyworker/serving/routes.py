@@ -11,17 +11,16 @@ A request whose client hangs up is accounted Cancelled with 499.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from aiohttp import web
 
 from pyworker.config import JSONObject, RouteConfig
 from pyworker.config.encoded_body import EncodedBody, PayloadRefused
+from pyworker.config.hooks import call_hook
 from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.lifecycle.state import WorkerStatus
 from pyworker.protocol.auth import AuthData
@@ -142,7 +141,7 @@ async def _prepare(
     if route.body_encoder is None:
         return payload, forwarded
     try:
-        encoded: EncodedBody = await _call(route.body_encoder, payload)
+        encoded: EncodedBody = await call_hook(route.body_encoder, payload)
     except PayloadRefused as error:
         return json_response(error.status, error.body())
     except Exception:
@@ -159,16 +158,11 @@ async def _apply_request_hook(
     bits and the client's spelling reach the model server as sent."""
     assert route.request_hook is not None
     before = orjson.dumps(payload) if route.body_encoder is None else b""
-    hooked = await _call(route.request_hook, payload)
+    hooked = await call_hook(route.request_hook, payload)
     if route.body_encoder is not None:
         return hooked, b""  # the encoder makes the body from the payload
     after = orjson.dumps(hooked)
     return hooked, forwarded if after == before else after
-
-
-async def _call(hook: Callable[[Any], Any], value: Any) -> Any:
-    result = hook(value)
-    return await result if inspect.isawaitable(result) else result
 
 
 def _refused(refusal: Refusal, gate: RouteGate, perf: float) -> web.Response:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import re
 import secrets
@@ -31,6 +30,7 @@ from pyworker.config import SessionConfig
 from pyworker.lifecycle.accounting import Ledger, Outcome, RequestRecord
 from pyworker.lifecycle.supervision import logged
 from pyworker.protocol.auth import AuthData
+from pyworker.protocol.canonical import canonical_json
 from pyworker.upstream.errors import UpstreamError
 from pyworker.upstream.model import ModelClient
 
@@ -65,22 +65,7 @@ def auth_digest(auth_fields: object) -> bytes:
     Two values have the same fingerprint when they are equal as JSON: objects with the same
     keys (in any order) and equal values, numbers equal in value; a boolean is not a number.
     """
-    return hashlib.sha256(_canonical(auth_fields).encode()).digest()
-
-
-def _canonical(value: object) -> str:
-    if value is None or isinstance(value, bool | str):
-        return json.dumps(value)  # ASCII only: whatever the string holds
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, dict):
-        members = sorted((_canonical(str(key)), _canonical(item)) for key, item in value.items())
-        return "{" + ",".join(f"{key}:{item}" for key, item in members) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(_canonical(item) for item in value) + "]"
-    return "?" + repr(value)
+    return hashlib.sha256(canonical_json(auth_fields, exact_integers=True).encode()).digest()
 
 
 @dataclass(slots=True, eq=False)

@@ -20,7 +20,7 @@ import orjson
 import psutil
 import pytest
 
-from pyworker.devtools.commands.devstate import (
+from pyworker.devtools.commands.dev.state import (
     DEFAULT_AUTOSCALER,
     STATE_FILE,
     DevState,

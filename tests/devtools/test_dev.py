@@ -20,9 +20,9 @@ import pytest
 
 from pyworker.config.loader import load_config
 from pyworker.devtools.commands.children import Children
-from pyworker.devtools.commands.devplan import DevOptions
-from pyworker.devtools.commands.devsession import DevSession
-from pyworker.devtools.commands.devstate import STATE_FILE, read_state
+from pyworker.devtools.commands.dev.plan import DevOptions
+from pyworker.devtools.commands.dev.session import DevSession
+from pyworker.devtools.commands.dev.state import STATE_FILE, read_state
 from pyworker.devtools.commands.progress import ProgressBar, Spinner
 from pyworker.devtools.demo.model_server import LOADED_LINE
 

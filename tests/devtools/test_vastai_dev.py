@@ -30,7 +30,7 @@ pytest.importorskip(
 from vastai.serverless.client import CoroutineServerless, Endpoint, Serverless
 from vastai.serverless.client.session import Session
 
-from pyworker.devtools.commands.devstate import STATE_FILE, DevState, read_state
+from pyworker.devtools.commands.dev.state import STATE_FILE, DevState, read_state
 
 API_KEY = "local-test-key"
 ENDPOINT = "hello_world"

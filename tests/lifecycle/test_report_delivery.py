@@ -21,6 +21,7 @@ from pyworker.config.environment import Environment
 from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
+from pyworker.protocol.messages import DELETE_REQUESTS_PATH, STATUS_PATH
 from tests.conftest import wait_until
 from tests.support.states import advance
 
@@ -73,8 +74,8 @@ class Autoscaler:
             return await self._answer(idxs, self.deleted, track=False)
 
         app = web.Application()
-        app.router.add_post("/worker_status/", status)
-        app.router.add_post("/delete_requests/", delete)
+        app.router.add_post(STATUS_PATH, status)
+        app.router.add_post(DELETE_REQUESTS_PATH, delete)
         return app
 
     async def _answer(self, item: Any, into: list[Any], track: bool) -> web.Response:

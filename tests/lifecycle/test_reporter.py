@@ -17,6 +17,7 @@ from pyworker.config.environment import Environment
 from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
+from pyworker.protocol.messages import DELETE_REQUESTS_PATH, STATUS_PATH
 from tests.conftest import wait_until
 from tests.support.states import advance
 
@@ -49,8 +50,8 @@ class Autoscaler:
             return web.json_response({})
 
         app = web.Application()
-        app.router.add_post("/worker_status/", status)
-        app.router.add_post("/delete_requests/", delete)
+        app.router.add_post(STATUS_PATH, status)
+        app.router.add_post(DELETE_REQUESTS_PATH, delete)
         return app
 
     @property

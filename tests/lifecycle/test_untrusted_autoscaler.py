@@ -20,10 +20,10 @@ from aiohttp import web
 
 from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
+from pyworker.lifecycle import public_key
 from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
-from pyworker.protocol import auth
 from pyworker.serving.compose import compose_worker
 from pyworker.serving.http_errors import JsonErrorRunner
 from pyworker.serving.server import RUNNER_OPTIONS
@@ -122,7 +122,7 @@ async def test_an_endless_answer_is_cut_at_the_bound_and_reporting_goes_on(
 async def test_a_worker_without_the_public_key_says_so_then_recovers_when_it_comes(
     keypair: KeyPair, model_server: ModelServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(auth, "KEY_MAX_DELAY", 0.2)
+    monkeypatch.setattr(public_key, "KEY_MAX_DELAY", 0.2)
     config = WorkerConfig.model_validate(
         {"model_server": {"base_url": model_server.url}, "routes": [{"path": "/echo"}], "perf": 50}
     )

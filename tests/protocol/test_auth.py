@@ -1,12 +1,8 @@
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -14,7 +10,6 @@ from pyworker.protocol.auth import (
     AuthData,
     SignatureVerifier,
     Verdict,
-    fetch_public_key,
     reference_message,
 )
 from tests.conftest import KeyPair
@@ -72,29 +67,3 @@ def test_non_rsa_and_garbage_keys_are_refused() -> None:
     with pytest.raises(ValueError):
         verifier.load_pem(b"not a key")
     assert not verifier.has_key
-
-
-async def test_fetch_retries_with_backoff_until_the_key_loads(keypair: KeyPair) -> None:
-    attempts = 0
-
-    async def pubkey(request: web.Request) -> web.Response:
-        nonlocal attempts
-        attempts += 1
-        if attempts < 3:
-            return web.Response(status=503)
-        return web.Response(body=keypair.pem)
-
-    app = web.Application()
-    app.router.add_get("/pubkey/", pubkey)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    verifier = SignatureVerifier()
-    try:
-        async with aiohttp.ClientSession() as session:
-            base = str(server.make_url("")).rstrip("/")
-            await asyncio.wait_for(
-                fetch_public_key(session, [base], verifier, first_delay=0.01), timeout=10
-            )
-    finally:
-        await server.close()
-    assert attempts == 3 and verifier.has_key

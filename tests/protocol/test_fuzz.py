@@ -35,14 +35,9 @@ from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment
 from pyworker.lifecycle.logfollow import LogFollower, _LineSplitter
 from pyworker.protocol.auth import AuthData, SignatureVerifier, Verdict
+from pyworker.protocol.canonical import canonical_number
 from pyworker.protocol.envelope import Envelope, EnvelopeError, parse_envelope
-from pyworker.protocol.strict import (
-    SignedRequest,
-    StrictVerifier,
-    canonical_message,
-    canonical_number,
-    strict_fields,
-)
+from pyworker.protocol.strict import SignedRequest, StrictVerifier, canonical_message, strict_fields
 from pyworker.serving.compose import Worker, compose_worker
 from pyworker.serving.server import RUNNER_OPTIONS
 from tests.conftest import KeyPair

@@ -62,6 +62,15 @@ def test_the_start_report_is_the_reporters_message_for_the_same_values() -> None
     assert start["url"] == URL and start["id"] == 42 and start["mtoken"] == "secret-token"
 
 
+def test_without_public_ipaddr_only_a_running_worker_names_a_url() -> None:
+    """One url format (messages.public_url); only a running worker has an address to fall
+    back on: where it listens, loopback for any address."""
+    environ = {name: value for name, value in ENVIRON.items() if name != "PUBLIC_IPADDR"}
+    assert messages.start_report("no GPU", environ).url == ""
+    assert Environment.from_env(environ).public_url() == "https://127.0.0.1:41234"
+    assert Environment.from_env(ENVIRON).public_url() == URL
+
+
 def test_what_the_worker_sends_the_local_autoscaler_accepts_as_sent() -> None:
     sent = reporter_message("")
     received = WORKER_REPORT.validate_python(sent)

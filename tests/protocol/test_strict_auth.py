@@ -18,19 +18,17 @@ from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment, InvalidEnvironment
 from pyworker.devtools.local.autoscaler import LocalAutoscaler, build_parser
 from pyworker.protocol.auth import AuthData, SignatureVerifier, Verdict
+from pyworker.protocol.canonical import CanonicalError, canonical_number
+from pyworker.protocol.keys import PrivateKey, load_public_key, sign_message
+from pyworker.protocol.messages import PUBKEY_PATH
 from pyworker.protocol.signing import SigningKey
 from pyworker.protocol.strict import (
     DEFAULT_MAX_LIFETIME,
     DEFAULT_SKEW,
-    CanonicalError,
-    PrivateKey,
     ReplayCache,
     SignedRequest,
     StrictVerifier,
     canonical_message,
-    canonical_number,
-    load_public_key,
-    sign_message,
     strict_fields,
 )
 from pyworker.serving.compose import Worker, compose_worker
@@ -394,7 +392,7 @@ async def strict_worker(model_server: ModelServer) -> AsyncIterator[StrictFactor
             return web.Response(body=pem)
 
         keys = web.Application()
-        keys.router.add_get("/pubkey/", pubkey)
+        keys.router.add_get(PUBKEY_PATH, pubkey)
         key_server = TestServer(keys, host="127.0.0.1")
         await key_server.start_server()
         cleanups.append(key_server.close)

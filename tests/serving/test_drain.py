@@ -21,6 +21,7 @@ from pyworker.config import WorkerConfig
 from pyworker.config.environment import Environment, InvalidEnvironment
 from pyworker.lifecycle.accounting import Outcome
 from pyworker.lifecycle.state import WorkerState
+from pyworker.protocol.messages import DELETE_REQUESTS_PATH, PUBKEY_PATH, STATUS_PATH
 from pyworker.serving.compose import compose_worker
 from pyworker.serving.drain import drain, run_hooks
 from pyworker.serving.server import RUNNER_OPTIONS
@@ -206,9 +207,9 @@ async def test_the_last_report_reaches_the_autoscaler_before_the_drain_ends(
         return web.json_response({})
 
     autoscaler_app = web.Application()
-    autoscaler_app.router.add_get("/pubkey/", pubkey)
-    autoscaler_app.router.add_post("/worker_status/", record)
-    autoscaler_app.router.add_post("/delete_requests/", record)
+    autoscaler_app.router.add_get(PUBKEY_PATH, pubkey)
+    autoscaler_app.router.add_post(STATUS_PATH, record)
+    autoscaler_app.router.add_post(DELETE_REQUESTS_PATH, record)
     autoscaler = TestServer(autoscaler_app, host="127.0.0.1")
     await autoscaler.start_server()
     environ = {

@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from pyworker.devtools.demo.model_server import LOADED_LINE
+from pyworker.protocol.messages import DELETE_REQUESTS_PATH, PUBKEY_PATH, STATUS_PATH
 from pyworker.protocol.strict import SignedRequest, strict_fields
 from tests.conftest import KeyPair, wait_until
 
@@ -93,9 +94,9 @@ class RecordingAutoscaler:
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_get("/pubkey/", self._pubkey)
-        app.router.add_post("/worker_status/", self._worker_status)
-        app.router.add_post("/delete_requests/", self._delete_requests)
+        app.router.add_get(PUBKEY_PATH, self._pubkey)
+        app.router.add_post(STATUS_PATH, self._worker_status)
+        app.router.add_post(DELETE_REQUESTS_PATH, self._delete_requests)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)

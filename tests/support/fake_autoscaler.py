@@ -20,6 +20,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from pyworker.protocol.messages import DELETE_REQUESTS_PATH, PUBKEY_PATH, STATUS_PATH
+
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -85,9 +87,9 @@ class FakeAutoscaler:
 
     def _create_app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/worker_status/", self._recorder(self.worker_status))
-        app.router.add_post("/delete_requests/", self._recorder(self.delete_requests))
-        app.router.add_get("/pubkey/", self._pubkey)
+        app.router.add_post(STATUS_PATH, self._recorder(self.worker_status))
+        app.router.add_post(DELETE_REQUESTS_PATH, self._recorder(self.delete_requests))
+        app.router.add_get(PUBKEY_PATH, self._pubkey)
         return app
 
     def _recorder(self, bodies: list[dict[str, Any]]) -> Handler:

@@ -1,1 +1,2 @@
-"""The `pyworker` subcommands beyond `run`: `dev` (everything locally), `call` and `load`."""
+"""The `pyworker` subcommands beyond `run`: `dev` (everything locally, a package), `call`,
+`load`, `bench`, and the configuration reference."""

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from pyworker.devtools.commands.devstate import DevState
+from pyworker.devtools.commands.dev.state import DevState
 from pyworker.devtools.commands.routing import NoAutoscaler, Target
 
 DEFAULT_WAIT = 60.0

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from pyworker.devtools.commands.arguments import add_command, add_target_arguments, resolve_target
-from pyworker.devtools.commands.devstate import find_state
+from pyworker.devtools.commands.dev.state import find_state
 from pyworker.devtools.commands.routing import (
     DataError,
     RoutingError,

@@ -32,7 +32,7 @@ import orjson
 from pyworker.config import BenchmarkConfig
 from pyworker.config.dataset import BenchmarkError, load_dataset
 from pyworker.devtools.commands.arguments import add_command, add_target_arguments, resolve_target
-from pyworker.devtools.commands.devstate import DevState
+from pyworker.devtools.commands.dev.state import DevState
 from pyworker.devtools.commands.progress import ProgressBar
 from pyworker.devtools.commands.routing import (
     DataError,

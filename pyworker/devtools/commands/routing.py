@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pyworker.devtools.commands.devstate import (
+from pyworker.devtools.commands.dev.state import (
     DEFAULT_AUTOSCALER,
     DEFAULT_ENDPOINT,
     DevState,

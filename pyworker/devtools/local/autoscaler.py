@@ -38,8 +38,10 @@ from pyworker.devtools.local.dashboard import DASHBOARD_HTML, FLEET_PATH
 from pyworker.devtools.local.fleet import FinishedRequest, Fleet, WorkerPhase, WorkerRecord
 from pyworker.devtools.local.messages import DELETE_REQUESTS, ROUTE_REQUEST, WORKER_REPORT
 from pyworker.devtools.local.table import LiveTable, watch
+from pyworker.protocol.keys import PrivateKey
+from pyworker.protocol.messages import DELETE_REQUESTS_PATH, PUBKEY_PATH, STATUS_PATH
 from pyworker.protocol.signing import SigningKey
-from pyworker.protocol.strict import PrivateKey, SignedRequest, strict_fields
+from pyworker.protocol.strict import SignedRequest, strict_fields
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +219,7 @@ class LocalAutoscaler:
 
     @property
     def pubkey_url(self) -> str:
-        return self.url + "/pubkey/"
+        return self.url + PUBKEY_PATH
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -315,11 +317,11 @@ def create_app(autoscaler: LocalAutoscaler | None = None) -> web.Application:
     app[AUTOSCALER_KEY] = autoscaler or LocalAutoscaler()
     app.router.add_get("/", _dashboard)
     app.router.add_get(FLEET_PATH, _fleet)
-    app.router.add_get("/pubkey/", _pubkey)
-    app.router.add_get("/pubkey", _pubkey)
+    app.router.add_get(PUBKEY_PATH, _pubkey)
+    app.router.add_get(PUBKEY_PATH.rstrip("/"), _pubkey)
     app.router.add_post("/route/", _route)
-    app.router.add_post("/worker_status/", _worker_status)
-    app.router.add_post("/delete_requests/", _delete_requests)
+    app.router.add_post(STATUS_PATH, _worker_status)
+    app.router.add_post(DELETE_REQUESTS_PATH, _delete_requests)
     return app
 
 

@@ -20,12 +20,12 @@ from pyworker.lifecycle.benchmark import BenchmarkResult
 from pyworker.lifecycle.gpu import GpuInventory, GpuMonitor
 from pyworker.lifecycle.in_process import InProcessModel
 from pyworker.lifecycle.logfollow import LogFollower
+from pyworker.lifecycle.public_key import KeyFetch
 from pyworker.lifecycle.readiness.benchmarking import BenchmarkRunner
 from pyworker.lifecycle.readiness.health import wait_until_healthy, watch_while_ready
 from pyworker.lifecycle.readiness.loading import LoadWatch
 from pyworker.lifecycle.state import LifecycleEvent, WorkerState, WorkerStatus
 from pyworker.lifecycle.supervision import Backoff, describe, run_all
-from pyworker.protocol.auth import KeyFetch
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__package__)

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pyworker.devtools.commands.devstate import find_state
+from pyworker.devtools.commands.dev.state import find_state
 from pyworker.devtools.commands.routing import no_autoscaler_message
 
 ENDPOINT = "hello_world"

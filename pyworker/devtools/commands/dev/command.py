@@ -19,9 +19,9 @@ import sys
 from typing import Any
 
 from pyworker.devtools.commands.arguments import add_command
-from pyworker.devtools.commands.devplan import DEFAULT_WORKER, DevOptions, ModelServerMode
-from pyworker.devtools.commands.devsession import DevSession
-from pyworker.devtools.commands.devstate import STATE_DIR
+from pyworker.devtools.commands.dev.plan import DEFAULT_WORKER, DevOptions, ModelServerMode
+from pyworker.devtools.commands.dev.session import DevSession
+from pyworker.devtools.commands.dev.state import STATE_DIR
 
 
 def add_parser(commands: Any) -> None:

@@ -6,7 +6,8 @@ goes only where the operator's list says, and another host's 200 never counts as
 An answer is read up to `MAX_ANSWER` bytes, then dropped with its connection (a key is under
 a kilobyte, a report's answer is ignored), and no content coding is asked for, so a small
 compressed body cannot unfold into a large one. `attempts` tries each address in turn, a few
-times each, yielding every try: the reporter and the public key fetch share it.
+times each, yielding every try: the reporter and the public key fetch
+(pyworker.lifecycle.public_key) share it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
+
+from pyworker.protocol.messages import status_problem
 
 MAX_ANSWER = 64 * 1024
 """Bytes of an answer read; the rest is never read (the connection is closed)."""
@@ -81,8 +84,7 @@ async def call(
         return Reply(url, None, b"", True, error.__class__.__name__ or "timeout")
     if 200 <= status < 300:
         return Reply(url, status, body, True, "")
-    problem = f"HTTP {status}" + (" (a redirect, not followed)" if 300 <= status < 400 else "")
-    return Reply(url, status, body, True, problem)
+    return Reply(url, status, body, True, status_problem(status))
 
 
 async def attempts(

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 
 from pyworker.devtools.commands.children import Child, Children
-from pyworker.devtools.commands.devoutput import shown
-from pyworker.devtools.commands.devplan import DevError
+from pyworker.devtools.commands.dev.output import shown
+from pyworker.devtools.commands.dev.plan import DevError
 from pyworker.devtools.commands.progress import Spinner
 from pyworker.devtools.local.autoscaler import LocalAutoscaler
 from pyworker.devtools.local.fleet import WorkerPhase

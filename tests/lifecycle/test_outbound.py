@@ -1,4 +1,4 @@
-"""Calls to the autoscaler's addresses trust nothing they are told (pyworker.protocol.outbound).
+"""Calls to the autoscaler's addresses trust nothing they are told (pyworker.lifecycle.outbound).
 
 Fake autoscalers on loopback redirect to another host, answer without end, or fail; the public
 key is fetched over REPORT_ADDR as reports are: each address in turn, a redirect never
@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from pyworker.protocol import outbound
-from pyworker.protocol.auth import AuthData, KeyFetch, SignatureVerifier, Verdict, fetch_public_key
+from pyworker.lifecycle import outbound
+from pyworker.lifecycle.public_key import KeyFetch, fetch_public_key
+from pyworker.protocol.auth import AuthData, SignatureVerifier, Verdict
+from pyworker.protocol.messages import PUBKEY_PATH
 from tests.conftest import KeyPair
 from tests.support.fake_autoscaler import FakeAutoscaler
 from tests.support.recording_host import Handler, RecordingHost, endless, redirect_to
@@ -97,3 +101,29 @@ async def test_a_failed_round_says_why_then_the_key_loads_when_it_comes(
                 task.cancel()
     assert key.loaded.is_set() and signed_by(verifier, keypair)
     assert len(first.requests) >= 2  # every round asks the first address first
+
+
+async def test_fetch_retries_with_backoff_until_the_key_loads(keypair: KeyPair) -> None:
+    attempts = 0
+
+    async def pubkey(request: web.Request) -> web.Response:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            return web.Response(status=503)
+        return web.Response(body=keypair.pem)
+
+    app = web.Application()
+    app.router.add_get(PUBKEY_PATH, pubkey)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    verifier = SignatureVerifier()
+    try:
+        async with aiohttp.ClientSession() as session:
+            base = str(server.make_url("")).rstrip("/")
+            await asyncio.wait_for(
+                fetch_public_key(session, [base], verifier, first_delay=0.01), timeout=10
+            )
+    finally:
+        await server.close()
+    assert attempts == 3 and verifier.has_key

@@ -11,7 +11,7 @@ from typing import Any
 
 from pyworker.backports import StrEnum
 from pyworker.config import WorkerConfig
-from pyworker.devtools.commands.devstate import STATE_DIR
+from pyworker.devtools.commands.dev.state import STATE_DIR
 
 DEFAULT_WORKER = "hello_world"
 

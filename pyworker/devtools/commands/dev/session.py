@@ -23,10 +23,10 @@ import aiohttp
 from pyworker.config.dataset import BenchmarkError, load_dataset
 from pyworker.config.loader import ConfigError, WorkerNotFound, load_config
 from pyworker.devtools.commands.children import Child, ChildExited, Children
-from pyworker.devtools.commands.devoutput import exchange_text, how_to_call, shown, token_text
-from pyworker.devtools.commands.devplan import DevError, DevOptions, ModelServerMode, Plan
-from pyworker.devtools.commands.devready import WORKER_ID, ReadyWatch
-from pyworker.devtools.commands.devstate import (
+from pyworker.devtools.commands.dev.output import exchange_text, how_to_call, shown, token_text
+from pyworker.devtools.commands.dev.plan import DevError, DevOptions, ModelServerMode, Plan
+from pyworker.devtools.commands.dev.ready import WORKER_ID, ReadyWatch
+from pyworker.devtools.commands.dev.state import (
     DevState,
     find_state,
     remove_state,

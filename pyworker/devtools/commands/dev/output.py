@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from pyworker.devtools.commands.devplan import Plan
+from pyworker.devtools.commands.dev.plan import Plan
 from pyworker.devtools.commands.routing import default_cost
 
 MAX_SHOWN_ANSWER = 4000
