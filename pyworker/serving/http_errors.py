@@ -58,9 +58,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return render(refusals.internal_error())
 
 
-def _phrase(status: int) -> str:
+def _phrase(http_status: int) -> str:
     try:
-        return HTTPStatus(status).phrase.lower()
+        return HTTPStatus(http_status).phrase.lower()
     except ValueError:
         return "error"
 

@@ -174,10 +174,10 @@ def describe(error: BaseException) -> str:
     return getattr(error, "message", None) or error.__class__.__name__
 
 
-async def _apply_hook(hook: ResponseHook | None, status: int, answer: bytes) -> bytes:
+async def _apply_hook(hook: ResponseHook | None, http_status: int, answer: bytes) -> bytes:
     if hook is None:
         return answer
-    changed = hook(status, answer)
+    changed = hook(http_status, answer)
     return await changed if inspect.isawaitable(changed) else changed
 
 
@@ -204,7 +204,7 @@ async def _relay_stream(request: web.Request, upstream: Answer) -> Relayed:
         await response.prepare(request)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise ClientGone from None
-    status = upstream.status
+    http_status = upstream.status
     try:
         while chunk := await upstream.next_chunk():
             await response.write(chunk)
@@ -220,4 +220,4 @@ async def _relay_stream(request: web.Request, upstream: Answer) -> Relayed:
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise ClientGone from None
-    return Relayed(response, status)
+    return Relayed(response, http_status)
