@@ -4,7 +4,8 @@ Each stage of the request path (the body, the envelope, the signature, the sessi
 the route's hooks, its workload and gate, the model server) refuses by raising `Refused`; the
 `refusal_answers` middleware renders it, and counts it as rejected load when it says so. The
 functions below are the status policy: which refusal is which HTTP status, with the message,
-`Retry-After` and extra members of its JSON body, to be read against docs/protocol.md.
+`Retry-After` and extra members of its JSON body, in the order of the table of the README's
+"The request path" (docs/protocol.md gives the reference's codes, and the session routes').
 
 A refusal raised before the ledger receives a request never reaches a report, so malformed,
 unsigned and unready requests cannot move `cur_load` or the reported request ids; only a signed
