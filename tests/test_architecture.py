@@ -379,3 +379,76 @@ def test_tests_mirror_the_package_layout() -> None:
     )
     untested = sorted(subpackages - folders)
     assert not untested, f"pyworker subpackages without a tests/<name>/ folder: {untested}"
+
+
+# --- one refusal (docs/architecture.md, "The path of a request") ----------------------------
+SERVING = PACKAGE / "serving"
+REFUSALS = SERVING / "refusals.py"
+ANSWERS = frozenset({"Response", "StreamResponse", "json_response"})
+"""What builds an HTTP answer in serving: aiohttp's classes and pyworker.serving.responses."""
+NOT_REFUSALS = {("routes.py", 499)}
+"""Codes that are no answer to a client: 499 is the ledger's word for a client that left."""
+
+
+def _literal_statuses(tree: ast.Module) -> Iterator[tuple[int, int]]:
+    """(line, code) of every answer built with an error status spelled in the module: a
+    literal, or a module-level constant."""
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+        for target in node.targets
+        if isinstance(target, ast.Name) and isinstance(node.value.value, int)
+    }
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        called = node.func
+        name = called.attr if isinstance(called, ast.Attribute) else getattr(called, "id", "")
+        if name not in ANSWERS:
+            continue
+        given = [*node.args[:1], *(k.value for k in node.keywords if "status" in (k.arg or ""))]
+        for value in given:
+            code = value.value if isinstance(value, ast.Constant) else None
+            if isinstance(value, ast.Name):
+                code = constants.get(value.id)
+            if isinstance(code, int) and not isinstance(code, bool) and code >= 400:
+                yield node.lineno, code
+
+
+def test_only_the_refusals_module_decides_an_error_status() -> None:
+    """A stage that turns a request away raises `Refused`; it never builds its own 4xx/5xx."""
+    found = [
+        f"serving/{path.name}:{line} answers {code}"
+        for path in sorted(SERVING.glob("*.py"))
+        if path != REFUSALS
+        for line, code in _literal_statuses(ast.parse(path.read_text(encoding="utf-8")))
+        if (path.name, code) not in NOT_REFUSALS
+    ]
+    assert not found, (
+        "an error answer built outside pyworker/serving/refusals.py: add a refusal there (the "
+        "status policy) and raise it:\n  " + "\n  ".join(found)
+    )
+
+
+def test_refused_is_the_only_exception_that_carries_an_answer() -> None:
+    """No other exception in serving holds a response or an HTTP status for its handler."""
+    carriers = []
+    for path in sorted(SERVING.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ClassDef) or node.name == "Refused":
+                continue
+            stores = {
+                target.attr
+                for target in ast.walk(node)
+                if isinstance(target, ast.Attribute)
+                and isinstance(target.ctx, ast.Store)
+                and isinstance(target.value, ast.Name)
+                and target.value.id == "self"
+            }
+            if stores & {"response", "status", "http_status"}:
+                carriers.append(f"serving/{path.name}: {node.name}")
+    assert not carriers, (
+        "classes in serving that carry an answer besides Refused (raise a refusal from "
+        "pyworker/serving/refusals.py instead):\n  " + "\n  ".join(carriers)
+    )

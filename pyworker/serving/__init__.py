@@ -1,1 +1,1 @@
-"""The aiohttp side: the application, the admission pipeline, sessions, limits and responses."""
+"""The aiohttp side: the application, admission, refusals, sessions, limits and responses."""

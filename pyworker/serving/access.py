@@ -16,20 +16,12 @@ from enum import Enum
 from aiohttp import web
 
 from pyworker.config.environment import Environment
-from pyworker.serving.responses import json_response
+from pyworker.serving import refusals
 
 
 class Access(Enum):
     ANONYMOUS = "anonymous"
     OPERATOR = "operator"
-
-
-class TokenRefused(Exception):
-    """The request bore a token that is not the worker's; `response` says so."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
 
 
 def bearer_token(header: str) -> str:
@@ -43,10 +35,6 @@ def bearer_token(header: str) -> str:
 def token_bytes(text: str) -> bytes:
     """Header text as the bytes that came in; aiohttp keeps non-UTF-8 bytes as surrogates."""
     return text.encode("utf-8", "surrogateescape")
-
-
-def invalid_token() -> web.Response:
-    return json_response(401, {"error": "invalid token"}, {"WWW-Authenticate": "Bearer"})
 
 
 class MasterToken:
@@ -64,15 +52,13 @@ class MasterToken:
         return hmac.compare_digest(given, self.expected)
 
     def access(self, request: web.Request) -> Access:
-        """What this request may see; raises `TokenRefused` for a token that is not ours."""
+        """What this request may see; `Refused` for a token that is not ours."""
         if self.open:
             return Access.OPERATOR
         if "Authorization" not in request.headers:
             return Access.ANONYMOUS
         if self.expected is None:
-            raise TokenRefused(
-                json_response(403, {"error": "details are disabled: MASTER_TOKEN is not set"})
-            )
+            raise refusals.details_disabled()
         if not self.matches(request):
-            raise TokenRefused(invalid_token())
+            raise refusals.invalid_token()
         return Access.OPERATOR

@@ -17,8 +17,9 @@ from pathlib import Path
 from aiohttp import web
 
 from pyworker.config.environment import Environment
-from pyworker.serving.access import MasterToken, bearer_token, invalid_token
-from pyworker.serving.responses import error_response, json_response
+from pyworker.serving import refusals
+from pyworker.serving.access import MasterToken, bearer_token
+from pyworker.serving.responses import json_response
 
 __all__ = ["UPDATE_PATH", "bearer_token", "update_handler"]
 
@@ -33,14 +34,14 @@ def update_handler(environment: Environment) -> Callable[[web.Request], Awaitabl
 
     async def update(request: web.Request) -> web.Response:
         if token.expected is None:
-            return error_response(403, "updates are disabled: MASTER_TOKEN is not set")
+            raise refusals.updates_disabled()
         if not token.matches(request):
-            return invalid_token()
+            raise refusals.invalid_token()
         try:
             await asyncio.to_thread(_write_marker, marker)
         except OSError as error:
             logger.error("cannot write the update marker %s: %s", marker, error.strerror)
-            return error_response(500, "cannot write the update marker")
+            raise refusals.update_marker_unwritable() from None
         logger.info("update requested: wrote %s", marker)
         return json_response(200, {"ok": True})
 

@@ -1,93 +1,101 @@
-"""Admission per route: FIFO or bounded concurrency, a bounded queue, and the wait estimate.
+"""Admission: the checks every signed request passes before the worker does any work for it.
 
-A plain `asyncio.Semaphore` gives no ordering promise across Python versions; this gate keeps
-its waiters in a deque so FIFO routes really serve in arrival order, and a waiter that is
-cancelled (its client hung up) leaves the queue without taking or leaking a slot.
+One `Admission` serves the routes of the config (pyworker.serving.routes) and `/session/create`
+(pyworker.serving.session_routes), in the order of docs/protocol.md, cheapest and most hostile
+input first; each check refuses by raising `Refused` (pyworker.serving.refusals says which
+status each gets):
+
+1. the body, read within the budget of unverified bytes: too large, too slow
+   (pyworker.serving.limits), or the budget spent (pyworker.serving.unverified);
+2. the envelope, every field that is wrong named (pyworker.protocol.envelope);
+3. the signature, once the public key is loaded; the auth_data a session was created with
+   passes for that session's requests;
+4. the session, when the request names one: it must be open, and its expiry is pushed back;
+5. readiness: the worker must be ready.
+
+The route then runs its hooks, workload and gate. The session routes that take no signature
+(`/session/get`, `/health`, `/end`) read their body with `read` (step 1).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from pyworker.backports import StrEnum
-from pyworker.protocol.workload import WorkloadTotal
+from aiohttp import web
+
+from pyworker.lifecycle.state import WorkerStatus
+from pyworker.protocol.auth import AuthData, Verdict, Verifier
+from pyworker.protocol.envelope import Envelope, EnvelopeError, parse_envelope
+from pyworker.serving import refusals
+from pyworker.serving.sessions import Session, SessionStore
+from pyworker.serving.unverified import UnverifiedBytes
+
+T = TypeVar("T")
 
 
-class Refusal(StrEnum):
-    QUEUE_FULL = "queue is full"
-    WAIT_TOO_LONG = "estimated wait exceeds max_queue_time"
+Admitted = tuple[Envelope, Session | None]
+"""A request that passed admission: its envelope, and the open session it was made on (a
+tuple: the cheapest thing to make once per request)."""
 
 
-@dataclass(slots=True, eq=False)
-class RouteGate:
-    """Slots for one route; `limit=None` means unlimited (no queue at all)."""
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Admission for the requests of one body limit; built once per route, not per request."""
 
-    limit: int | None
-    max_queue: int
-    max_queue_time: float | None
-    active: int = field(default=0, init=False)
-    _load: WorkloadTotal = field(default_factory=WorkloadTotal, init=False)
-    _waiters: deque[asyncio.Future[None]] = field(default_factory=deque, init=False)
+    unverified: UnverifiedBytes
+    verifier: Verifier | None
+    """None when signatures are not checked (UNSECURED)."""
+    sessions: SessionStore
+    status: WorkerStatus
+    max_size: int
+    parse: Callable[[bytes], Envelope] = parse_envelope
+    """Step 2; `/session/create` also checks its options here, before the signature."""
+    on_sessions: bool = True
+    """False where a `session_id` means nothing (`/session/create` opens a session)."""
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
+    def limited(
+        self,
+        max_size: int,
+        parse: Callable[[bytes], Envelope] = parse_envelope,
+        sessions: bool = True,
+    ) -> Admission:
+        """The same checks for other routes: another body limit, parser, or no sessions."""
+        return replace(self, max_size=max_size, parse=parse, on_sessions=sessions)
 
-    @property
-    def workload(self) -> float:
-        """Workload admitted on this route, running and queued; exactly 0 when none is."""
-        return self._load.value
+    async def admit(self, request: web.Request) -> Admitted:
+        """Steps 1 to 5: the admitted request; `Refused` by the first check it fails."""
+        envelope = await self.read(request, self.parse)
+        sessions = self.sessions
+        session_id = envelope.session_id if self.on_sessions else None
+        verifier = self.verifier
+        if verifier is not None and (
+            session_id is None or sessions.bound(session_id, envelope.auth_fields) is None
+        ):
+            verify(verifier, envelope.auth)
+        session = None
+        if session_id is not None:
+            session = sessions.extend(session_id)
+            if session is None:
+                raise refusals.session_not_open()
+        status = self.status
+        if not status.ready:
+            raise refusals.not_ready(str(status.state))
+        return envelope, session
 
-    def refuse(self, workload: float, perf: float) -> Refusal | None:
-        """Why this request may not even queue, if it may not.
-
-        The estimated wait is the workload already admitted on this route (running and
-        queued) over the measured throughput; with no throughput measured yet there is no
-        estimate, and only the queue bound applies.
-        """
-        if self.limit is not None and self.active >= self.limit and self.waiting >= self.max_queue:
-            return Refusal.QUEUE_FULL
-        limit = self.max_queue_time
-        if limit is not None and perf > 0 and self.workload / perf > limit:
-            return Refusal.WAIT_TOO_LONG
-        return None
-
-    @asynccontextmanager
-    async def slot(self, workload: float) -> AsyncIterator[None]:
-        self._load.add(workload)
+    async def read(self, request: web.Request, parse: Callable[[bytes], T]) -> T:
+        """Step 1 and `parse` (which raises EnvelopeError for a 422): for unsigned bodies too."""
         try:
-            await self._acquire()
-            try:
-                yield
-            finally:
-                self._release()
-        finally:
-            self._load.remove(workload)
+            return await self.unverified.read(request, self.max_size, parse)
+        except EnvelopeError as error:
+            raise refusals.invalid_body(error) from None
 
-    async def _acquire(self) -> None:
-        if self.limit is None or (self.active < self.limit and not self._waiters):
-            self.active += 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release()  # the slot was handed over just as we were cancelled
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
-            raise
-        # The releaser counted this slot for us when it woke us.
 
-    def _release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # hand the slot over: `active` stays the same
-                return
-        self.active -= 1
+def verify(verifier: Verifier, auth: AuthData) -> None:
+    """Step 3: `Refused` unless `auth` passes; in strict mode this uses the auth_data up."""
+    if not verifier.has_key:
+        raise refusals.key_not_loaded()
+    verdict = verifier.check(auth)
+    if verdict is not Verdict.ACCEPTED:
+        raise refusals.signature_refused(verdict)

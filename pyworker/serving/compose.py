@@ -3,7 +3,7 @@
 `compose_worker(config, environment)` makes every part once and hands each only the parts it
 uses; `Worker` is the handle on them that pyworker.serving.server and the tests hold, and
 `create_app` / `create_side_app` make the aiohttp applications from them. No part imports this
-module: the request path (pyworker.serving.pipeline, then pyworker.serving.routes), the drain,
+module: the request path (pyworker.serving.admission, then pyworker.serving.routes), the drain,
 the session routes and the worker's own routes each get their narrow collaborators here.
 """
 
@@ -30,13 +30,14 @@ from pyworker.lifecycle.supervision import Supervisor, describe
 from pyworker.protocol.auth import SignatureVerifier, Verifier
 from pyworker.protocol.strict import StrictVerifier
 from pyworker.serving.admin import UPDATE_PATH, update_handler
-from pyworker.serving.admission import RouteGate
+from pyworker.serving.admission import Admission
 from pyworker.serving.drain import Drainable
+from pyworker.serving.gate import RouteGate
 from pyworker.serving.http_errors import expect_handler, json_errors
 from pyworker.serving.inflight import InFlight
-from pyworker.serving.limits import body_deadline
+from pyworker.serving.limits import body_deadline, quiet_malformed_requests
 from pyworker.serving.observability import Observed, register_observability_routes
-from pyworker.serving.pipeline import Pipeline
+from pyworker.serving.refusals import refusal_answers
 from pyworker.serving.routes import RouteParts, route_handler
 from pyworker.serving.session_routes import SessionRoutes
 from pyworker.serving.session_routes import create_side_app as session_side_app
@@ -164,14 +165,22 @@ def compose_worker(
 
 
 def create_app(worker: Worker) -> web.Application:
-    """The worker's application: the config's routes, the session routes, its own routes."""
+    """The worker's application: the config's routes, the session routes, its own routes.
+
+    Every `Refused` a handler raises (or the body deadline) is answered by `refusal_answers`;
+    whatever else escapes, and aiohttp's own errors, by `json_errors`."""
     config = worker.config
+    quiet_malformed_requests()
     app = web.Application(
         client_max_size=config.max_body_size,
-        middlewares=[json_errors, body_deadline(worker.environment.body_timeout)],
+        middlewares=[
+            json_errors,
+            refusal_answers(worker.ledger),
+            body_deadline(worker.environment.body_timeout),
+        ],
     )
     parts = RouteParts(
-        _pipeline(worker), worker.ledger, worker.status, worker.in_flight, worker.model
+        _admission(worker), worker.ledger, worker.status, worker.in_flight, worker.model
     )
     expect = expect_handler(config.max_body_size)
     for route in config.routes:
@@ -192,8 +201,8 @@ def create_side_app(worker: Worker) -> web.Application:
     return session_side_app(_session_routes(worker))
 
 
-def _pipeline(worker: Worker) -> Pipeline:
-    return Pipeline(
+def _admission(worker: Worker) -> Admission:
+    return Admission(
         worker.unverified,
         None if worker.environment.unsecured else worker.verifier,
         worker.sessions,
@@ -203,7 +212,7 @@ def _pipeline(worker: Worker) -> Pipeline:
 
 
 def _session_routes(worker: Worker) -> SessionRoutes:
-    return SessionRoutes(_pipeline(worker), worker.sessions, worker.ledger)
+    return SessionRoutes(_admission(worker), worker.sessions, worker.ledger)
 
 
 def _observed(worker: Worker) -> Observed:

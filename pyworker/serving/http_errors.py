@@ -21,9 +21,11 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
+from pyworker.serving import refusals
 from pyworker.serving.aiohttp_internals import RemadeServerRunner, connection_handler, remake_server
 from pyworker.serving.limits import BodyAbandoned
-from pyworker.serving.responses import error_response, json_response
+from pyworker.serving.refusals import render
+from pyworker.serving.responses import json_response
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +52,15 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             "malformed request body from %s: %s (400)", request.remote, type(problem).__name__
         )
         request.content.set_exception(BodyAbandoned())
-        response = error_response(400, "malformed request body")
-        response.force_close()
-        return response
+        return render(refusals.malformed_body())
     except Exception:
         logger.exception("%s %s failed inside the worker", request.method, request.path)
-        return error_response(500, "internal error in the worker")
+        return render(refusals.internal_error())
 
 
-def _phrase(status: int) -> str:
+def _phrase(http_status: int) -> str:
     try:
-        return HTTPStatus(status).phrase.lower()
+        return HTTPStatus(http_status).phrase.lower()
     except ValueError:
         return "error"
 
@@ -72,16 +72,14 @@ def expect_handler(max_body: int) -> ExpectHandler:
         if request.version != HttpVersion11:
             return None
         expectation = request.headers.get("Expect", "")
+        # A refusal closes the connection: the client may send the body anyway.
         if expectation.lower() != "100-continue":
-            refusal = error_response(417, "only Expect: 100-continue is understood")
-        elif request.content_length is not None and request.content_length > max_body:
-            refusal = error_response(413, f"request body over {max_body} bytes")
-        else:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # the interim answer is not the answer
-            return None
-        refusal.force_close()  # the client may send the body anyway: do not wait for it
-        return refusal
+            return render(refusals.expectation_failed())
+        if request.content_length is not None and request.content_length > max_body:
+            return render(refusals.body_too_large(max_body))
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the answer
+        return None
 
     return expect
 

@@ -4,11 +4,12 @@ aiohttp bounds the request line and the headers (`HTTP_LIMITS`, 400 beyond them)
 connection that stays idle, or stuck in its headers, for `keepalive_timeout` seconds. It puts no
 bound on how long a body may take, so a client trickling one byte a second would hold its
 handler for ever: `body_deadline` gives every body a deadline, past which reading it fails with
-`BodyTimeout` and the client gets 408 on a connection that is then closed. Nothing a request
-refused here sends reaches the ledger, so it cannot change reported load or request ids.
+`BodyTimeout` and the request is refused (408) on a connection that is then closed. Nothing a
+request refused here sends reaches the ledger, so it cannot change reported load or request ids.
 
 aiohttp logs a malformed request at ERROR with a traceback that quotes the offending bytes,
-which may be a header holding someone's token: the server's logger (`HTTP_LOGGER`) turns that
+which may be a header holding someone's token: `quiet_malformed_requests`, called where the
+application is made (pyworker.serving.compose), has the server's logger (`HTTP_LOGGER`) turn that
 into one INFO line that names the problem only.
 """
 
@@ -23,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler, Middleware
 
-from pyworker.serving.responses import error_response
+from pyworker.serving import refusals
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,13 @@ class _MalformedRequests(logging.Filter):
 
 HTTP_LOGGER = logging.getLogger("pyworker.http")
 """The logger of the worker's HTTP server (aiohttp's `logger` handler option)."""
-HTTP_LOGGER.addFilter(_MalformedRequests())
+
+
+def quiet_malformed_requests() -> None:
+    """Have `HTTP_LOGGER` report a malformed request in one INFO line; once, however often."""
+    if not any(isinstance(known, _MalformedRequests) for known in HTTP_LOGGER.filters):
+        HTTP_LOGGER.addFilter(_MalformedRequests())
+
 
 HTTP_LIMITS: dict[str, Any] = {
     "logger": HTTP_LOGGER,
@@ -76,7 +83,7 @@ class BodyAbandoned(asyncio.TimeoutError):
 
 
 def body_deadline(seconds: float) -> Middleware:
-    """A middleware that answers 408 when a request's body is not received in `seconds`."""
+    """A middleware that refuses a request whose body is not received in `seconds` (408)."""
 
     @web.middleware
     async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -88,9 +95,7 @@ def body_deadline(seconds: float) -> Middleware:
             return await handler(request)
         except BodyTimeout:
             logger.info("%s: body not received in %g s: 408", request.path, seconds)
-            response = error_response(408, f"request body not received within {seconds:g} s")
-            response.force_close()
-            return response
+            raise refusals.body_too_slow(seconds) from None
         finally:
             timer.cancel()
 

@@ -24,8 +24,9 @@ from pyworker.lifecycle.metrics import Exposition, RequestMetrics, scaled
 from pyworker.lifecycle.readiness import Readiness
 from pyworker.lifecycle.reporter import Reporter
 from pyworker.lifecycle.state import WorkerState, WorkerStatus
-from pyworker.serving.access import Access, MasterToken, TokenRefused
-from pyworker.serving.admission import RouteGate
+from pyworker.serving import refusals
+from pyworker.serving.access import Access, MasterToken
+from pyworker.serving.gate import RouteGate
 from pyworker.serving.responses import json_response
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -67,11 +68,7 @@ def register_observability_routes(app: web.Application, worker: Observed) -> Non
 
     async def metrics(access: Access) -> web.Response:
         if access is Access.ANONYMOUS:
-            return json_response(
-                401,
-                {"error": "/metrics needs Authorization: Bearer <MASTER_TOKEN>"},
-                {"WWW-Authenticate": "Bearer"},
-            )
+            raise refusals.metrics_need_token()
         text = await metrics_text(worker)
         return web.Response(text=text, headers={"Content-Type": PROMETHEUS_TYPE})
 
@@ -84,14 +81,10 @@ def register_observability_routes(app: web.Application, worker: Observed) -> Non
 def _checked(
     token: MasterToken, handler: Callable[[Access], Awaitable[web.Response]]
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """A route that answers a refused token itself and tells `handler` what the request may see."""
+    """A route that refuses a token not ours and tells `handler` what the request may see."""
 
     async def checked(request: web.Request) -> web.Response:
-        try:
-            access = token.access(request)
-        except TokenRefused as refused:
-            return refused.response
-        return await handler(access)
+        return await handler(token.access(request))
 
     return checked
 

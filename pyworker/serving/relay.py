@@ -4,6 +4,10 @@ An answer of known length up to `BUFFERED_LIMIT` that is not a stream type is re
 passed through the route's response hook, and sent in one response. Any other is streamed:
 its headers sent at once, its body chunk by chunk as it arrives from the model server. Bodies
 go as the model server sent them (no decompression); headers of one hop are dropped.
+
+When there is no answer to relay (the model server unreachable, timed out, broken; a function
+that raised), `relay_route` raises `Refused`: `model_refusal` is the one place an upstream
+failure becomes a refusal.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from multidict import CIMultiDict
 from pyworker.config import JSONObject, ModelHandler, ResponseHook, RouteConfig
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.config.hooks import call_hook
+from pyworker.serving import refusals
 from pyworker.upstream.errors import UpstreamError
 from pyworker.upstream.functions import FunctionAnswer
 from pyworker.upstream.model import Answer, ModelClient
@@ -51,8 +56,36 @@ class ClientGone(Exception):
 @dataclass(slots=True)
 class Relayed:
     response: web.StreamResponse
-    status: int
+    http_status: int
     """The model server's status, or 502 if its stream broke after the headers were sent."""
+
+
+async def relay_route(
+    model: ModelClient,
+    request: web.Request,
+    route: RouteConfig,
+    payload: JSONObject,
+    forwarded: bytes | EncodedBody,
+) -> Relayed:
+    """The answer of `route`: its function's, its handler's, or the model server's. Raises
+    `Refused` when there is none, `ClientGone` when the client leaves while a stream is written."""
+    try:
+        if route.function is not None:
+            return await relay_function(model, request, route, payload)
+        if route.handler is not None:
+            return await relay_handler(
+                model, route.handler, payload, route.read_timeout, route.response_hook
+            )
+        return await relay(
+            model, request, route.model_path, forwarded, route.read_timeout, route.response_hook
+        )
+    except UpstreamError as error:  # a function's failure (FunctionFailed) is one too
+        raise model_refusal(error) from None
+
+
+def model_refusal(error: UpstreamError) -> refusals.Refused:
+    """What the client is told when the model server or the route's function gave no answer."""
+    return refusals.model_failed(error.status, error.message)
 
 
 async def relay(
@@ -139,10 +172,10 @@ def describe(error: BaseException) -> str:
     return getattr(error, "message", None) or error.__class__.__name__
 
 
-async def _apply_hook(hook: ResponseHook | None, status: int, answer: bytes) -> bytes:
+async def _apply_hook(hook: ResponseHook | None, http_status: int, answer: bytes) -> bytes:
     if hook is None:
         return answer
-    return await call_hook(hook, status, answer)
+    return await call_hook(hook, http_status, answer)
 
 
 def _is_stream(upstream: Answer) -> bool:
@@ -168,7 +201,7 @@ async def _relay_stream(request: web.Request, upstream: Answer) -> Relayed:
         await response.prepare(request)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise ClientGone from None
-    status = upstream.status
+    http_status = upstream.status
     try:
         while chunk := await upstream.next_chunk():
             await response.write(chunk)
@@ -184,4 +217,4 @@ async def _relay_stream(request: web.Request, upstream: Answer) -> Relayed:
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise ClientGone from None
-    return Relayed(response, status)
+    return Relayed(response, http_status)

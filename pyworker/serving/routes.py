@@ -1,11 +1,12 @@
 """The routes of the config: a request from admission to the model server's answer.
 
-A request passes admission first (pyworker.serving.pipeline: body, envelope, signature,
-session, readiness), then its route's request hook and body encoder (422 for a payload they
-refuse), its workload (422), and its gate (429). Only then is it accounted (received,
-started, finished) and relayed to the model server (pyworker.serving.relay over
-pyworker.upstream.model), or answered by the route's function in the worker's own process.
-A request whose client hangs up is accounted Cancelled with 499.
+A request passes admission first (pyworker.serving.admission: body, envelope, signature,
+session, readiness), then its route's request hook and body encoder, its workload, and its gate;
+any of them refuses by raising `Refused` (pyworker.serving.refusals), answered by one
+middleware. Only then is it accounted (received, started, finished) and relayed to the model
+server (pyworker.serving.relay over pyworker.upstream.model), or answered by the route's
+function in the worker's own process. A request whose client hangs up is accounted Cancelled
+with 499.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from pyworker.lifecycle.accounting import Ledger, Outcome
 from pyworker.lifecycle.state import WorkerStatus
 from pyworker.protocol.auth import AuthData
 from pyworker.protocol.workload import WorkloadError
-from pyworker.serving.admission import Refusal, RouteGate
+from pyworker.serving import refusals
+from pyworker.serving.admission import Admission
+from pyworker.serving.gate import RouteGate
 from pyworker.serving.inflight import InFlight
-from pyworker.serving.pipeline import Pipeline
-from pyworker.serving.relay import ClientGone, relay, relay_function, relay_handler
-from pyworker.serving.responses import error_response, json_response
-from pyworker.upstream.errors import UpstreamError
-from pyworker.upstream.functions import FunctionFailed
+from pyworker.serving.refusals import Refused
+from pyworker.serving.relay import ClientGone, relay_route
 from pyworker.upstream.model import ModelClient
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ CLIENT_CLOSED = 499  # nginx's word for "client closed request"; seen only in ou
 class RouteParts:
     """What every route's handler uses besides its own gate."""
 
-    pipeline: Pipeline
+    admission: Admission
     ledger: Ledger
     status: WorkerStatus
     in_flight: InFlight
@@ -53,100 +53,88 @@ class RouteParts:
 
 def route_handler(route: RouteConfig, gate: RouteGate, parts: RouteParts) -> Handler:
     """The aiohttp handler of `route`: everything it uses is bound here, once."""
-    admit, path = parts.pipeline.admit, route.path
-    ledger, in_flight, model = parts.ledger, parts.in_flight, parts.model
-    model_path, read_timeout, hook = route.model_path, route.read_timeout, route.response_hook
+    admit, path = parts.admission.admit, route.path
+    ledger, in_flight, model, status = parts.ledger, parts.in_flight, parts.model, parts.status
     prepares = route.request_hook is not None or route.body_encoder is not None
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        admitted = await admit(request)
-        if isinstance(admitted, web.Response):
-            return admitted
-        envelope, session = admitted
-        payload = envelope.payload
+        envelope, session = await admit(request)
+        auth, payload = envelope.auth, envelope.payload
         forwarded: bytes | EncodedBody = envelope.payload_bytes
         if prepares:
-            prepared = await _prepare(route, payload, envelope.payload_bytes)
-            if isinstance(prepared, web.Response):
-                return prepared
-            payload, forwarded = prepared
-        workload = _admit_workload(route, gate, parts, payload, envelope.auth)
-        if isinstance(workload, web.Response):
-            return workload
+            payload, forwarded = await _prepare(route, payload, envelope.payload_bytes)
+        workload = _workload(route, payload, auth)
+        _pass_gate(gate, workload, status.max_perf, auth.request_idx, path)
 
-        record = ledger.receive(envelope.auth.request_idx, path, workload)
+        record = ledger.receive(auth.request_idx, path, workload)
         in_flight.enter(session)  # from here a drain waits for it, a session close cuts it
-        outcome, code = Outcome.ERROR, 500
+        outcome, http_status = Outcome.ERROR, 500
         try:
             async with gate.slot(workload):
                 ledger.start(record)
-                if route.function is not None:
-                    relayed = await relay_function(model, request, route, payload)
-                elif route.handler is not None:
-                    relayed = await relay_handler(model, route.handler, payload, read_timeout, hook)
-                else:
-                    relayed = await relay(model, request, model_path, forwarded, read_timeout, hook)
-            code = relayed.status
-            outcome = Outcome.SUCCESS if code < 400 else Outcome.ERROR
+                relayed = await relay_route(model, request, route, payload, forwarded)
+            http_status = relayed.http_status
+            outcome = Outcome.SUCCESS if http_status < 400 else Outcome.ERROR
             return relayed.response
-        except (UpstreamError, FunctionFailed) as error:
-            code = error.status
-            return error_response(error.status, error.message)
+        except Refused as refused:  # no answer from the model server or the function
+            http_status = refused.http_status
+            raise
         except ClientGone:
-            outcome, code = Outcome.CANCELLED, CLIENT_CLOSED
+            outcome, http_status = Outcome.CANCELLED, CLIENT_CLOSED
             return web.Response(status=CLIENT_CLOSED)
         except asyncio.CancelledError:
-            outcome, code = Outcome.CANCELLED, CLIENT_CLOSED
+            outcome, http_status = Outcome.CANCELLED, CLIENT_CLOSED
             raise
         except Exception:
             logger.exception("request on %s failed inside the worker", path)
-            return error_response(500, "internal error in the worker")
+            raise refusals.internal_error() from None
         finally:
             in_flight.leave()
-            ledger.finish(record, outcome, code)
+            ledger.finish(record, outcome, http_status)
 
     return handle
 
 
-def _admit_workload(
-    route: RouteConfig, gate: RouteGate, parts: RouteParts, payload: JSONObject, auth: AuthData
-) -> float | web.Response:
-    """The request's workload if its gate lets it in: 422 when the payload has none, else 429
-    (accounted as rejected) when the gate is full or its queue would wait too long."""
+def _workload(route: RouteConfig, payload: JSONObject, auth: AuthData) -> float:
+    """The request's workload; `Refused` when the payload has none."""
     try:
-        workload = route.compute_workload(payload, auth.cost)
+        return route.compute_workload(payload, auth.cost)
     except WorkloadError as error:
-        return json_response(422, {"error": "invalid request", **error.fields()})
-    perf = parts.status.max_perf
-    refusal = gate.refuse(workload, perf)
-    if refusal is None:
-        return workload
-    parts.ledger.reject(auth.request_idx, route.path, workload, 429)
-    return _refused(refusal, gate, perf)
+        raise refusals.invalid_workload(error) from None
+
+
+def _pass_gate(gate: RouteGate, workload: float, perf: float, request_idx: int, path: str) -> None:
+    """`Refused`, counted as rejected load, when the gate is full or its queue would wait too
+    long (the estimate is the route's admitted workload over the measured throughput)."""
+    reason = gate.refuse(workload, perf)
+    if reason is not None:
+        wait = gate.workload / perf if perf > 0 else None
+        rejection = refusals.Rejection(request_idx, path, workload)
+        raise refusals.gate_full(reason.value, wait, rejection)
 
 
 async def _prepare(
     route: RouteConfig, payload: JSONObject, forwarded: bytes
-) -> tuple[JSONObject, bytes | EncodedBody] | web.Response:
+) -> tuple[JSONObject, bytes | EncodedBody]:
     """The payload after the route's request hook and what to forward: the client's bytes, the
-    hook's payload re-encoded, or the body encoder's body; else the answer saying why not."""
+    hook's payload re-encoded, or the body encoder's body; `Refused` when they will not."""
     if route.request_hook is not None:
         try:
             payload, forwarded = await _apply_request_hook(route, payload, forwarded)
         except ValueError as error:
-            return error_response(422, f"invalid payload: {error}")
+            raise refusals.payload_refused_by_hook(error) from None
         except Exception:
             logger.exception("request hook of %s failed", route.path)
-            return error_response(500, "the worker's request hook failed")
+            raise refusals.hook_failed() from None
     if route.body_encoder is None:
         return payload, forwarded
     try:
         encoded: EncodedBody = await call_hook(route.body_encoder, payload)
     except PayloadRefused as error:
-        return json_response(error.status, error.body())
+        raise refusals.payload_not_encodable(error.status, error.message, error.fields) from None
     except Exception:
         logger.exception("body encoder of %s failed", route.path)
-        return error_response(500, "the worker's body encoder failed")
+        raise refusals.encoder_failed() from None
     return payload, encoded
 
 
@@ -163,8 +151,3 @@ async def _apply_request_hook(
         return hooked, b""  # the encoder makes the body from the payload
     after = orjson.dumps(hooked)
     return hooked, forwarded if after == before else after
-
-
-def _refused(refusal: Refusal, gate: RouteGate, perf: float) -> web.Response:
-    wait = gate.workload / perf if perf > 0 else None
-    return error_response(429, refusal.value, retry_after=wait or 1.0, estimated_wait=wait)

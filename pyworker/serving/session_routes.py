@@ -2,7 +2,7 @@
 
 Unlike the reference, `/session/create` is a signed request like any other (422 for a bad
 body, 401 for a bad signature, 503 while not ready, 429 at the session limit), admitted by the
-same pipeline as every route (pyworker.serving.pipeline). Bodies are capped at
+same admission as every route (pyworker.serving.admission). Bodies are capped at
 `sessions.max_body_size` and read within the budget of unverified bytes. `/session/end` is
 also served on the plain-HTTP side port (`create_side_app`), for webhooks that cannot speak TLS.
 """
@@ -26,9 +26,11 @@ from pyworker.protocol.envelope import (
     parse_object,
 )
 from pyworker.protocol.passthrough import TooDeep, encodable
+from pyworker.serving import refusals
+from pyworker.serving.admission import Admission
 from pyworker.serving.http_errors import expect_handler, json_errors
-from pyworker.serving.pipeline import Pipeline
-from pyworker.serving.responses import error_response, json_response
+from pyworker.serving.refusals import Rejection, refusal_answers
+from pyworker.serving.responses import json_response
 from pyworker.serving.sessions import (
     SESSION_ROUTE,
     Session,
@@ -37,7 +39,6 @@ from pyworker.serving.sessions import (
     check_close_route,
 )
 
-FULL_RETRY_AFTER = 30.0
 MAX_SESSION_ID = 256
 
 
@@ -82,13 +83,13 @@ class SessionRequest(Envelope):
 class SessionRoutes:
     """The four session routes; `/session/create` is admitted as any signed request is."""
 
-    def __init__(self, pipeline: Pipeline, store: SessionStore, ledger: Ledger) -> None:
+    def __init__(self, admission: Admission, store: SessionStore, ledger: Ledger) -> None:
         max_lifetime = store.config.max_lifetime
         max_body = store.config.max_body_size
-        self.admission = pipeline.limited(
+        self.admission = admission.limited(
             max_body, partial(parse_create, max_lifetime=max_lifetime), sessions=False
         )
-        self.reader = pipeline.limited(max_body)
+        self.reader = admission.limited(max_body)
         self.store = store
         self.ledger = ledger
         self.max_body = max_body
@@ -102,10 +103,7 @@ class SessionRoutes:
 
     # --- routes -------------------------------------------------------------------------
     async def create(self, request: web.Request) -> web.Response:
-        admitted = await self.admission.admit(request)
-        if isinstance(admitted, web.Response):
-            return admitted
-        envelope, _ = admitted
+        envelope, _ = await self.admission.admit(request)
         assert isinstance(envelope, SessionRequest)  # parse_create made it
         auth, options = envelope.auth, envelope.options
         try:
@@ -117,57 +115,48 @@ class SessionRoutes:
                 envelope.auth_fields,
             )
         except SessionLimit:
-            self.ledger.reject(auth.request_idx, SESSION_ROUTE, auth.cost, 429)
-            return error_response(429, "too many open sessions", retry_after=FULL_RETRY_AFTER)
+            rejection = Rejection(auth.request_idx, SESSION_ROUTE, auth.cost)
+            raise refusals.sessions_full(rejection) from None
         return json_response(
             201, {"session_id": session.session_id, "expiration": session.expiration}
         )
 
     async def get(self, request: web.Request) -> web.Response:
         query = await self.reader.read(request, parse_query)
-        if isinstance(query, web.Response):
-            return query
         found = self._authorized_session(query)
-        if isinstance(found, web.Response):
-            return found
         return json_response(200, found.describe())
 
     async def health(self, request: web.Request) -> web.Response:
         query = await self.reader.read(request, parse_query)
-        if isinstance(query, web.Response):
-            return query
         session = self.store.find(query.session_id)
         if session is None:
             return json_response(200, {"ok": False})
         if not self.store.authorized(session, query.session_auth):
-            return error_response(401, "session_auth is not valid")
+            raise refusals.session_auth_refused()
         return json_response(200, {"ok": True})
 
     async def end(self, request: web.Request) -> web.Response:
         query = await self.reader.read(request, parse_query)
-        if isinstance(query, web.Response):
-            return query
         if self.store.was_closed(query.session_id):
-            return error_response(410, "session already closed")
+            raise refusals.session_closed()
         found = self._authorized_session(query)
-        if isinstance(found, web.Response):
-            return found
         self.store.close(found)
         return json_response(200, {"ended": True, "removed_session": found.session_id})
 
-    def _authorized_session(self, query: SessionQuery) -> Session | web.Response:
-        """The open session the query names and proves; else the answer saying why not."""
+    def _authorized_session(self, query: SessionQuery) -> Session:
+        """The open session the query names and proves; else `Refused` saying why not."""
         session = self.store.find(query.session_id)
         if session is None:
-            return error_response(400, "session does not exist")
+            raise refusals.session_unknown()
         if not self.store.authorized(session, query.session_auth):
-            return error_response(401, "session_auth is not valid")
+            raise refusals.session_auth_refused()
         return session
 
 
 def create_side_app(routes: SessionRoutes) -> web.Application:
     """The plain-HTTP side port's app: `/session/end` and nothing else."""
-    app = web.Application(client_max_size=routes.max_body, middlewares=[json_errors])
+    middlewares = [json_errors, refusal_answers(routes.ledger)]
+    app = web.Application(client_max_size=routes.max_body, middlewares=middlewares)
     app.router.add_post("/session/end", routes.end, expect_handler=expect_handler(routes.max_body))
     return app
 

@@ -264,11 +264,11 @@ class SessionStore:
         body = {**(session.on_close_payload or {}), "session_id": session.session_id}
         async with self._notify_slots:
             try:
-                status = await self.model.notify(
+                http_status = await self.model.notify(
                     session.on_close_route, orjson.dumps(body), self.config.close_timeout
                 )
-                if status >= 400:
-                    logger.warning("session close route answered %d", status)
+                if http_status >= 400:
+                    logger.warning("session close route answered %d", http_status)
             except UpstreamError as error:
                 logger.warning("session close route failed: %s", error.message)
             except ValueError as error:

@@ -2,7 +2,7 @@
 
 Anyone can send a body; only a signed one is worth memory. Each body's bytes are counted, as
 they arrive, against one budget shared by every request whose signature is not yet checked
-(`UnverifiedBytes`). A body that does not fit is answered `503` with `Retry-After` at once (a
+(`UnverifiedBytes`). A body that does not fit is refused (`503` with `Retry-After`) at once (a
 declared length) or as soon as it passes the budget (a streamed one), so sixteen 30 MB bodies
 with bad signatures hold at most the budget, not 480 MB. The bytes are given back as soon as
 the body is parsed (before the signature check), and after large bodies the freed memory is
@@ -20,20 +20,12 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from pyworker.serving import refusals
 from pyworker.serving.memory import Trimmer
-from pyworker.serving.responses import error_response
 
 T = TypeVar("T")
 LARGE_BODY = 1024 * 1024
 """Releasing a body this large schedules a trim (pyworker.serving.memory)."""
-
-
-class BodyRefused(Exception):
-    """The body was not read whole: `response` says why (413 or 503)."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
 
 
 class UnverifiedBytes:
@@ -60,14 +52,14 @@ class UnverifiedBytes:
     async def read(self, request: web.Request, max_size: int, parse: Callable[[bytes], T]) -> T:
         """`parse` of the body (decoded), its bytes held in the budget until `parse` returns.
 
-        Raises `BodyRefused`: 413 over `max_size` (declared, streamed or decoded), 503 with
-        Retry-After when the budget cannot hold it now. What `parse` raises passes through.
+        Raises `Refused` over `max_size` (declared, streamed or decoded), and when the budget
+        cannot hold it now. What `parse` raises passes through.
         """
         declared = request.content_length
         if declared is not None and declared > max_size:
-            raise BodyRefused(_too_large(max_size))
+            raise refusals.body_too_large(max_size)
         if declared and not self.take(declared):
-            raise BodyRefused(self._busy())
+            raise self._busy()
         held = declared or 0
         chunks: list[bytes] = []
         size = 0
@@ -75,10 +67,10 @@ class UnverifiedBytes:
             async for chunk in request.content.iter_any():
                 size += len(chunk)
                 if size > max_size:
-                    raise BodyRefused(_too_large(max_size))
+                    raise refusals.body_too_large(max_size)
                 if size > held:
                     if not self.take(size - held):
-                        raise BodyRefused(self._busy())
+                        raise self._busy()
                     held = size
                 chunks.append(chunk)
             return parse(b"".join(chunks))
@@ -86,15 +78,6 @@ class UnverifiedBytes:
             chunks.clear()  # parsing does not wait: the budget is free again as it returns
             self.give_back(held)
 
-    def _busy(self) -> web.Response:
+    def _busy(self) -> refusals.Refused:
         self.refused += 1
-        message = "the worker holds too many unverified request bodies: retry"
-        response = error_response(503, message, retry_after=1.0)
-        response.force_close()  # the rest of the body is not worth reading
-        return response
-
-
-def _too_large(max_size: int) -> web.Response:
-    response = error_response(413, f"request body over {max_size} bytes")
-    response.force_close()
-    return response
+        return refusals.unverified_budget_spent()

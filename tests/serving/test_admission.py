@@ -1,76 +1,77 @@
+"""One admission: a route of the config and `/session/create` answer bad input alike.
+
+Both are admitted by pyworker.serving.admission, so the same bad request gets the same status,
+body and Retry-After from each, in the same order of checks (413, 422, 401, 503).
+"""
+
 from __future__ import annotations
 
-import asyncio
+from typing import Any
 
-from pyworker.serving.admission import Refusal, RouteGate
+import pytest
 
+from pyworker.lifecycle.state import LifecycleEvent
+from tests.conftest import KeyPair, RunningWorker, WorkerFactory
 
-async def test_unlimited_gate_never_waits() -> None:
-    gate = RouteGate(None, max_queue=0, max_queue_time=None)
-    async with gate.slot(1), gate.slot(1):
-        assert gate.active == 2 and gate.workload == 2
-    assert gate.workload == 0
-
-
-async def test_fifo_order_and_cancelled_waiters_leak_nothing() -> None:
-    gate = RouteGate(1, max_queue=10, max_queue_time=None)
-    order: list[int] = []
-    release = asyncio.Event()
-
-    async def use(n: int) -> None:
-        async with gate.slot(1):
-            order.append(n)
-            if n == 0:
-                await release.wait()
-
-    tasks = [asyncio.create_task(use(0))]
-    await asyncio.sleep(0)
-    for n in range(1, 6):
-        tasks.append(asyncio.create_task(use(n)))
-        await asyncio.sleep(0)
-    assert gate.waiting == 5
-    tasks[2].cancel()
-    tasks[4].cancel()
-    release.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    assert order == [0, 1, 3, 5]
-    assert gate.active == 0 and gate.waiting == 0 and gate.workload == 0
+LIMIT = 4096
+SIGNED_ROUTES = ("/echo", "/session/create")
 
 
-async def test_cancelled_just_after_handover_releases_the_slot() -> None:
-    gate = RouteGate(1, max_queue=10, max_queue_time=None)
-    first = gate.slot(1)
-    await first.__aenter__()
-    waiter = asyncio.create_task(gate.slot(1).__aenter__())
-    await asyncio.sleep(0)
-    await first.__aexit__(None, None, None)  # hands the slot to the waiter
-    waiter.cancel()  # ...which is cancelled before it runs
-    await asyncio.gather(waiter, return_exceptions=True)
-    assert gate.active == 0
-    async with gate.slot(1):
-        assert gate.active == 1
+async def _answers(
+    worker: RunningWorker, paths: tuple[str, ...], body: Any
+) -> list[tuple[int, bytes, str | None]]:
+    answers = []
+    for path in paths:
+        async with worker.post(path, body) as response:
+            answers.append(
+                (response.status, await response.read(), response.headers.get("Retry-After"))
+            )
+    return answers
 
 
-async def test_refusals() -> None:
-    gate = RouteGate(1, max_queue=1, max_queue_time=2.0)
-    assert gate.refuse(1, perf=0) is None
-    gate.active = 1
-    gate._load.add(30.0)
-    assert gate.refuse(1, perf=0) is None  # no perf measured: no estimate
-    assert gate.refuse(1, perf=10) is Refusal.WAIT_TOO_LONG
-    assert gate.refuse(1, perf=100) is None
-    gate._waiters.append(asyncio.get_running_loop().create_future())
-    assert gate.refuse(1, perf=100) is Refusal.QUEUE_FULL
+@pytest.fixture
+async def worker(start_worker: WorkerFactory) -> RunningWorker:
+    return await start_worker(max_body_size=LIMIT, sessions={"max_body_size": LIMIT})
 
 
-async def test_queued_load_returns_to_exactly_zero_whatever_the_sizes() -> None:
-    """Float sums drift: 1e16 + 1 - 1e16 - 1 is -1. The gate's load must not."""
-    gate = RouteGate(None, max_queue=10, max_queue_time=None)
-    sizes = (1e9, 0.1, 1e-6, 0.2, 123456.789, 1.0, 1e9 - 1)
-    for size in sizes:
-        async with gate.slot(size):
-            assert gate.workload > 0
-    assert gate.workload == 0.0
-    async with gate.slot(1e9), gate.slot(1.0), gate.slot(0.3):
-        pass
-    assert gate.workload == 0.0
+async def test_a_body_over_the_limit_is_413_on_every_route(
+    worker: RunningWorker, keypair: KeyPair
+) -> None:
+    body = {"auth_data": keypair.auth_data(), "payload": {"x": "a" * LIMIT}}
+    answers = await _answers(worker, (*SIGNED_ROUTES, "/session/get"), body)
+    assert {status for status, _, _ in answers} == {413}
+    assert len(set(answers)) == 1, answers
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        {"payload": {}},
+        {"auth_data": {"cost": True}, "payload": []},
+        {"auth_data": {}, "payload": {}, "session_id": 7},
+    ],
+)
+async def test_a_bad_envelope_is_the_same_422(worker: RunningWorker, body: Any) -> None:
+    answers = await _answers(worker, SIGNED_ROUTES, body)
+    assert answers[0][0] == 422 and answers[0] == answers[1], answers
+
+
+async def test_a_bad_signature_is_the_same_401_before_readiness(
+    worker: RunningWorker, keypair: KeyPair
+) -> None:
+    forged = keypair.auth_data(signature=KeyPair().sign("http://127.0.0.1:1"))
+    worker.worker.status.handle(LifecycleEvent.DRAIN_REQUESTED)  # 401 comes before 503
+    answers = await _answers(worker, SIGNED_ROUTES, {"auth_data": forged, "payload": {}})
+    assert answers[0][0] == 401 and answers[0] == answers[1], answers
+
+
+async def test_a_worker_that_is_not_ready_answers_the_same_503(
+    worker: RunningWorker, keypair: KeyPair
+) -> None:
+    worker.worker.status.handle(LifecycleEvent.DRAIN_REQUESTED)
+    body = {"auth_data": keypair.auth_data(), "payload": {}}
+    answers = await _answers(worker, SIGNED_ROUTES, body)
+    assert answers[0][0] == 503 and answers[0] == answers[1], answers
+    assert answers[0][2] is not None  # Retry-After
+    assert worker.worker.ledger.in_progress == 0 and not worker.worker.ledger.take_finished()

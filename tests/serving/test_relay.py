@@ -106,7 +106,7 @@ class Scene:
                 relayed = await relay(self.client, request, path, body, 0.5, self.hook)
         except UpstreamError as error:
             return web.Response(status=error.status, text=error.message)
-        self.statuses.append(relayed.status)
+        self.statuses.append(relayed.http_status)
         return relayed.response
 
     async def close(self) -> None:
