@@ -86,7 +86,12 @@ class Harness:
     ) -> Running:
         config = build_worker({"OPENAI_SERVER": "vllm", **(environ or {})})
         server_config = config.model_server.model_copy(update={"base_url": self.engine_url})
-        config = config.model_copy(update={"model_server": server_config, "perf": perf})
+        # A short benchmark budget: these tests are about what the ramp sends, not its figure
+        # (the default minute, with a loaded machine's flat steps, outlasts the wait below).
+        benchmark = config.benchmark.model_copy(update={"max_seconds": 5.0})
+        config = config.model_copy(
+            update={"model_server": server_config, "perf": perf, "benchmark": benchmark}
+        )
         environment = Environment.from_env(
             {
                 "REPORT_ADDR": self.autoscaler.url,
