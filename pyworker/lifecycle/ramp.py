@@ -278,8 +278,15 @@ async def ramp(send: Send, payloads: Iterator[JSONObject], settings: RampSetting
 
 
 async def confirm(loop: ClosedLoop, chosen: Step | None, settings: RampSettings) -> Step | None:
-    """The chosen N measured again with longer windows, within what is left of the budget."""
-    if chosen is None or time.monotonic() >= settings.deadline:
+    """The chosen N measured again with longer windows, within what is left of the budget;
+    None when too little is left for two windows as long as the step's own (shorter ones
+    would scatter more than the figure they replace)."""
+    if chosen is None:
+        return None
+    n = chosen.concurrency
+    window = chosen.p50 * max(WINDOW_LATENCIES, WINDOW_REQUESTS / n)
+    if settings.deadline - time.monotonic() < 2 * window or time.monotonic() >= settings.deadline:
+        logger.info("benchmark: no time left to measure %d in flight again", n)
         return None
     step = await measure_step(loop, chosen.concurrency, settings, scale=CONFIRM_WINDOW_SCALE)
     if not step.windows or step.failed > FAILED_SHARE * max(step.requests, 1):

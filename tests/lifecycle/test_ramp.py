@@ -106,4 +106,7 @@ async def test_no_time_left_is_no_confirmation() -> None:
     spent = RampSettings(ceiling=8, deadline=time.monotonic() - 1)
     assert await confirm(loop, Step(2, perf=1.0, windows=[1.0]), spent) is None
     assert await confirm(loop, None, RampSettings(ceiling=8, deadline=time.monotonic() + 5)) is None
+    # 5 s left, and the step's requests took 2 s: its windows were 6 s, two of them do not fit.
+    slow = Step(2, perf=1.0, p50=2.0, windows=[1.0])
+    assert await confirm(loop, slow, RampSettings(ceiling=8, deadline=time.monotonic() + 5)) is None
     await loop.close()
