@@ -368,7 +368,7 @@ async def measure_step(
         latency = statistics.fmean(warm or [0.0])
         wanted = scale * latency * max(WINDOW_LATENCIES, WINDOW_REQUESTS / concurrency)
         left = (settings.deadline - time.monotonic()) / 3
-        window = max(MIN_WINDOW, min(wanted, left))
+        window = max(MIN_WINDOW * scale, min(wanted, left))
         start = time.monotonic()
         loop.records = [r for r in loop.records if r.ended > start]
         while len(step.windows) < MAX_WINDOWS:
