@@ -50,6 +50,8 @@ MAX_LATENCIES = 50_000
 """Latencies kept per step for its percentiles."""
 CONFIRM_WINDOW_SCALE = 2.0
 """The confirming measurement's windows are twice a step's: half the noise of a window."""
+CONFIRM_WINDOWS = 3
+"""Windows at most when measuring the chosen N again: two that agree, else their median."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +273,8 @@ async def ramp(send: Send, payloads: Iterator[JSONObject], settings: RampSetting
             if verdict:
                 stopped = verdict
                 break
-        confirmed = await confirm(loop, best, settings)
+        # One step is no choice: its figure is not the highest of several, nothing to undo.
+        confirmed = await confirm(loop, best, settings) if len(steps) > 1 else None
     finally:
         await loop.close()
     return RampOutcome(steps, best, stopped, confirmed)
@@ -288,7 +291,9 @@ async def confirm(loop: ClosedLoop, chosen: Step | None, settings: RampSettings)
     if settings.deadline - time.monotonic() < 2 * window or time.monotonic() >= settings.deadline:
         logger.info("benchmark: no time left to measure %d in flight again", n)
         return None
-    step = await measure_step(loop, chosen.concurrency, settings, scale=CONFIRM_WINDOW_SCALE)
+    step = await measure_step(
+        loop, n, settings, scale=CONFIRM_WINDOW_SCALE, max_windows=CONFIRM_WINDOWS
+    )
     if not step.windows or step.failed > FAILED_SHARE * max(step.requests, 1):
         return None
     logger.info(
@@ -350,6 +355,7 @@ async def measure_step(
     settings: RampSettings,
     first: bool = False,
     scale: float = 1.0,
+    max_windows: int = MAX_WINDOWS,
 ) -> Step:
     """Warm up at `concurrency`, then measure windows until two agree or the budget ends.
 
@@ -371,7 +377,7 @@ async def measure_step(
         window = max(MIN_WINDOW * scale, min(wanted, left))
         start = time.monotonic()
         loop.records = [r for r in loop.records if r.ended > start]
-        while len(step.windows) < MAX_WINDOWS:
+        while len(step.windows) < max_windows:
             end = start + window
             await asyncio.sleep(max(0.0, end - time.monotonic()))
             await loop.wait_until_started_after(end, settings.deadline if step.windows else patient)

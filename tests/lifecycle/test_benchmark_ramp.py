@@ -198,6 +198,7 @@ async def test_a_fifo_route_stays_at_one_in_flight(
     result = await _bench(engine.url, _route(fifo=True), max_concurrency=64)
     assert [step.concurrency for step in result.curve] == [1]
     assert result.ceiling == "1 (fifo route)"
+    assert result.confirmed is None  # one step is no choice: nothing to measure again
     assert 0.7 < result.perf / engine.model.throughput(1) < 1.05  # round trips: see above
     assert (await engine.stats())["peak_in_flight"] == 1
 
