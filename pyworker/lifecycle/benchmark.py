@@ -25,7 +25,8 @@ from pyworker.config.dataset import BenchmarkError
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.config.hooks import call_hook
 from pyworker.config.worker import MAX_BENCHMARK_CONCURRENCY
-from pyworker.lifecycle.ramp import Done, RampOutcome, RampSettings, Step, ramp
+from pyworker.lifecycle.closed_loop import Done
+from pyworker.lifecycle.ramp import RampOutcome, RampSettings, Step, ramp
 from pyworker.lifecycle.regular_files import (
     OnceWarnings,
     UnusableFile,

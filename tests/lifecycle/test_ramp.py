@@ -9,17 +9,14 @@ import time
 import pytest
 
 from pyworker.config import JSONObject
+from pyworker.lifecycle.closed_loop import ClosedLoop, Completion, Done, prorata
 from pyworker.lifecycle.ramp import (
-    ClosedLoop,
-    Completion,
-    Done,
     RampSettings,
     Step,
     concurrency_steps,
     confirm,
     measure_step,
     over_latency_limit,
-    prorata,
 )
 
 
