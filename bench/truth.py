@@ -111,9 +111,10 @@ def start_llama_server(binary: Path, model: Path, slots: int, folder: Path) -> S
         "--parallel", str(slots),
         "--ctx-size", str(slots * CONTEXT_PER_SLOT),
         "--threads", "1",
-        "--threads-http", "4",
         "--no-webui",
     ]  # fmt: skip
+    # Its own number of HTTP threads (the slots plus 2), as users start it: each is held by an
+    # open connection, and the worker keeps to them (`LimitProbe.spare_connections`).
     return ServerProcess("llama-server", command, folder / "llama-server.log", core=None)
 
 

@@ -96,6 +96,12 @@ class ModelServerConfig(_Model):
     """Consecutive failed health checks of a ready worker that make it ERRORED."""
     ready_timeout: float = Field(default=600.0, gt=0)
     """How long a loaded model may take to answer its health check before that is an error."""
+    max_connections: int | None = Field(default=None, ge=1, le=65_536)
+    """The most connections the worker holds open to the model server, idle ones included;
+    past it a request waits for one to come free, first come first served. For a server with
+    a thread per connection (llama-server: `--threads-http`), where a connection past its
+    threads waits while the others go on. None: no cap, or the engine's declared limit plus
+    `benchmark.limit_probe.spare_connections` where that is set."""
 
     @property
     def readiness_source(self) -> Literal["log", "health"]:
@@ -279,6 +285,11 @@ class LimitProbe(_Model):
     """The model server path to GET, e.g. `/props`."""
     field: str
     """The dotted JSON field holding the number, e.g. `total_slots`."""
+    spare_connections: int | None = Field(default=None, ge=0, le=64)
+    """For a server with a thread per connection, held while the connection is open
+    (llama-server has its slots plus 2 by default): the worker holds at most the declared
+    number plus this many connections to it, health checks aside (`model_server.max_connections`
+    overrides). None: no cap."""
 
     @field_validator("path")
     @classmethod

@@ -53,6 +53,23 @@ async def declared_limit(model: ModelClient, probe: LimitProbe) -> int | None:
     return min(value, MAX_BENCHMARK_CONCURRENCY)
 
 
+def limit_connections(model: ModelClient, config: BenchmarkConfig, declared: int | None) -> None:
+    """Where the engine serves each connection with a thread of its own (its probe says
+    `spare_connections`), hold the worker's connections to it to the threads it has."""
+    probe = config.limit_probe
+    if declared is None or probe is None or probe.spare_connections is None:
+        return
+    limit = declared + probe.spare_connections
+    if model.max_connections != limit and model.limit_connections(limit):
+        logger.info(
+            "model server: at most %d connections open to it (%d declared at %s, plus %d)",
+            limit,
+            declared,
+            probe.path,
+            probe.spare_connections,
+        )
+
+
 def still_declared(measured: int | None, declared: int | None) -> bool:
     """Whether the engine declares now (`declared`) what it did when a cached figure was
     measured: an engine started with more slots (llama-server's --parallel, SGLang's

@@ -115,7 +115,9 @@ def compose_worker(
     ledger = Ledger(observer=metrics.observe)
     key = KeyFetch()
     server = config.model_server
-    model = ModelClient(server.base_url, server.connect_timeout, config.function_threads)
+    model = ModelClient(
+        server.base_url, server.connect_timeout, config.function_threads, server.max_connections
+    )
     in_process = InProcessModel.from_config(config, model)
     unload = in_process.unload if in_process is not None else None
     sessions = SessionStore(config.sessions, ledger, model)

@@ -1,9 +1,11 @@
 """The model server as the rest of the worker sees it: one object with a few calls.
 
 `ModelClient` is the only way to the model server. Requests travel on keep-alive connections
-(pyworker.upstream.pool) with no cap on their number: a cap would throttle a thousand
-concurrent generations. Answers come back as the model server sent them (no decompression),
-bodies chunk by chunk as they arrive; relaying them to the client is the serving layer's work
+(pyworker.upstream.pool) with no cap on their number (a cap would throttle a thousand
+concurrent generations), except for a server with a thread per connection: there the cap is
+its threads (`max_connections`, or what the engine declares, `LimitProbe.spare_connections`).
+Answers come back as the model server sent them (no decompression), bodies chunk by chunk as
+they arrive; relaying them to the client is the serving layer's work
 (pyworker.serving.relay). A route's custom handler gets an aiohttp session to the same server,
 made only when first needed. Nothing outside this package sees the pool or that session, nor
 their exceptions: every failure is one of upstream's own errors (pyworker.upstream.errors).
@@ -41,12 +43,26 @@ class ModelClient:
     timeout, in `collect_function` too).
     """
 
-    __slots__ = ("_base_url", "_connect_timeout", "_functions", "_pool", "_session")
+    __slots__ = (
+        "_base_url",
+        "_configured_limit",
+        "_connect_timeout",
+        "_functions",
+        "_pool",
+        "_session",
+    )
 
-    def __init__(self, base_url: str, connect_timeout: float, function_threads: int = 4) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        connect_timeout: float,
+        function_threads: int = 4,
+        max_connections: int | None = None,
+    ) -> None:
         self._base_url = base_url
         self._connect_timeout = connect_timeout
-        self._pool = ConnectionPool(base_url, connect_timeout)
+        self._pool = ConnectionPool(base_url, connect_timeout, max_connections=max_connections)
+        self._configured_limit = max_connections is not None
         self._session: aiohttp.ClientSession | None = None
         self._functions = FunctionRunner(function_threads)
 
@@ -62,6 +78,19 @@ class ModelClient:
     def get(self, path: str, read_timeout: float | None = None) -> Exchange:
         """`async with model.get(path) as answer`, as `post` without a body."""
         return Exchange(self._pool, "GET", path, b"", read_timeout)
+
+    @property
+    def max_connections(self) -> int | None:
+        """The most connections held open to the model server at once (None: no cap)."""
+        return self._pool.max_connections
+
+    def limit_connections(self, limit: int) -> bool:
+        """Cap the open connections at what the engine declared (its threads), unless the
+        config set the cap; True when this one holds."""
+        if self._configured_limit:
+            return False
+        self._pool.limit(limit)
+        return True
 
     async def probe(self, path: str, timeout: float) -> int:
         """The status of a GET of the health `path`, its answer read whole within `timeout`;

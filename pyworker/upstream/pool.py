@@ -13,7 +13,11 @@ aiohttp session instead (pyworker.upstream.model).
 
 Bounds: idle connections are capped and expire before common model servers close them (5 s
 in uvicorn, vLLM and llama.cpp), so a request is never written into a connection the server
-is closing.
+is closing. Open connections are not capped unless `max_connections` is set: a server with a
+thread per connection holds the thread while the connection is open, idle or not, so a
+connection past its threads carries a request that waits, up to 20 s seen on llama-server
+with 12 at once to 6 threads, while the others go on. At the cap a request waits instead
+for the first connection to come free, in order of arrival (the connection is handed over).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from urllib.parse import urlsplit
 from pyworker import backports
 from pyworker.config.encoded_body import EncodedBody
 from pyworker.upstream.connection import Answer, Connection, State
-from pyworker.upstream.errors import connect_errors
+from pyworker.upstream.errors import ConnectFailed, ReadTimedOut, connect_errors
 
 IDLE_TIMEOUT = 4.0
 """Seconds an idle connection is kept: under the 5 s keep-alive of uvicorn and llama.cpp."""
@@ -64,7 +68,9 @@ class Origin:
 @dataclass(slots=True, eq=False)
 class Exchange:
     """`async with Exchange(pool, "POST", path, body, read_timeout) as answer` (what
-    `ModelClient.post` and `get` return): the connection goes back to the pool after."""
+    `ModelClient.post` and `get` return): the connection goes back to the pool after. A GET
+    (a health check, the engine's limit) never waits at the pool's cap: a health check that
+    waited behind long generations would fail a busy worker."""
 
     _pool: ConnectionPool
     _method: str
@@ -80,9 +86,7 @@ class Exchange:
             head = pool.head(self._method, self._path, body.length, body.content_type)
         else:
             head = pool.head(self._method, self._path, len(body))  # may refuse the path
-        connection = pool.take_idle()
-        if connection is None:
-            connection = await pool.connect()
+        connection = await pool.acquire(self._read_timeout, urgent=self._method == "GET")
         self._connection = connection
         try:
             if isinstance(body, EncodedBody):
@@ -114,15 +118,23 @@ class ConnectionPool:
         connect_timeout: float,
         max_idle: int = MAX_IDLE,
         idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
         self.origin = Origin.parse(base_url)
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        """Open connections at most, idle ones included (None: no cap)."""
         self.opened = 0
         """Connections made so far: what the tests read to see reuse."""
         self._idle: deque[Connection] = deque()
         self._busy: set[Connection] = set()
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        """Requests waiting for a connection at the cap, first come first served: each gets
+        a connection, or None where one closed (its place is theirs to connect)."""
+        self._placed = 0
+        """Places at the cap held for a connection being made (or about to be)."""
         self._heads: dict[tuple[str, str], bytes] = {}
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -171,6 +183,86 @@ class ConnectionPool:
             connection.close()  # closed by the server, or too old to trust
         return None
 
+    @property
+    def waiting(self) -> int:
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
+    def limit(self, max_connections: int) -> None:
+        """Set the cap; where it grew, the first in line connect in the new places."""
+        self.max_connections = max_connections
+        while self._waiters and self.open_connections() < max_connections:
+            self._pass_place()
+
+    def open_connections(self) -> int:
+        return len(self._busy) + len(self._idle) + self._placed
+
+    async def acquire(self, wait_timeout: float | None = None, urgent: bool = False) -> Connection:
+        """An idle connection, else a new one, else (at `max_connections`) the first to come
+        free; the wait is bounded by `wait_timeout` (ReadTimedOut past it). An `urgent` call
+        never waits: it may go one over the cap, and its connection is closed after."""
+        limit = self.max_connections
+        if limit is None or urgent or not self._waiters:
+            connection = self.take_idle()
+            if connection is not None:
+                return connection
+            if urgent:
+                return await self.connect()
+            if limit is None or self.open_connections() < limit:
+                return await self._connect_placed()
+        connection = await self._wait_turn(wait_timeout)
+        if connection is not None:
+            return connection
+        return await self._connect_placed(held=True)
+
+    async def _connect_placed(self, held: bool = False) -> Connection:
+        """`connect`, its place at the cap counted while the connection is being made."""
+        if not held:
+            self._placed += 1
+        try:
+            connection = await self.connect()
+        except BaseException:
+            self._placed -= 1
+            self._pass_place()
+            raise
+        self._placed -= 1
+        return connection
+
+    async def _wait_turn(self, timeout: float | None) -> Connection | None:
+        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with backports.timeout(timeout):
+                return await waiter
+        except BaseException as error:
+            if not waiter.done() or waiter.cancelled():
+                waiter.cancel()  # skipped when its turn comes
+            elif (handed := waiter.result()) is not None:
+                self._busy.add(handed)  # given, not taken: back to the next in line
+                handed.state = State.DONE
+                self.release(handed)
+            else:
+                self._placed -= 1
+                self._pass_place()
+            if isinstance(error, TimeoutError | asyncio.TimeoutError):
+                raise ReadTimedOut("no connection to the model server came free") from None
+            raise
+
+    def _next_waiter(self) -> asyncio.Future[Connection | None] | None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                return waiter
+        return None
+
+    def _pass_place(self) -> None:
+        """A place at the cap came free: the first waiter connects in it."""
+        limit = self.max_connections
+        if limit is not None and self.open_connections() < limit:
+            waiter = self._next_waiter()
+            if waiter is not None:
+                self._placed += 1
+                waiter.set_result(None)
+
     async def connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         origin = self.origin
@@ -187,8 +279,16 @@ class ConnectionPool:
     def release(self, connection: Connection) -> None:
         """Back to the pool if its answer was read whole and the server keeps it open."""
         self._busy.discard(connection)
-        if not connection.reusable() or len(self._idle) >= self.max_idle:
+        limit = self.max_connections
+        surplus = limit is not None and self.open_connections() >= limit  # an urgent one's
+        if surplus or not connection.reusable() or len(self._idle) >= self.max_idle:
             connection.close()
+            self._pass_place()
+            return
+        if (waiter := self._next_waiter()) is not None:
+            connection.state = State.IDLE
+            self._busy.add(connection)
+            waiter.set_result(connection)
             return
         connection.state = State.IDLE
         connection.idle_since = asyncio.get_running_loop().time()
@@ -206,6 +306,8 @@ class ConnectionPool:
         for connection in list(self._busy):
             connection.close()
         self._busy.clear()
+        while (waiter := self._next_waiter()) is not None:
+            waiter.set_exception(ConnectFailed("the worker closed its connections"))
 
     def _schedule_sweep(self, when: float) -> None:
         self._sweeper = asyncio.get_running_loop().call_at(when, self._sweep)
@@ -219,6 +321,7 @@ class ConnectionPool:
             idle[0].state is not State.IDLE or idle[0].idle_since + self.idle_timeout <= now
         ):
             idle.popleft().close()
+            self._pass_place()
         if idle:
             self._schedule_sweep(idle[0].idle_since + self.idle_timeout)
 

@@ -25,6 +25,8 @@ from pyworker.upstream.model import ModelClient
 from tests.conftest import ModelServer
 from tests.support.model_server import Recorder, create_app
 
+pytestmark = pytest.mark.exclusive  # throughput against latency, each as measured
+
 
 def usage_tokens(document: dict[str, Any]) -> float | None:
     usage = document.get("usage")

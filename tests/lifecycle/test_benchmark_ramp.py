@@ -31,6 +31,8 @@ from tests.fakes.nvml import FakeNvml
 from tests.support.batching_engine import BatchingEngine
 from tests.support.processes import spawn, stop
 
+pytestmark = pytest.mark.exclusive
+
 TOKENS = (6, 12, 8, 14, 7, 10, 13, 10)
 """Answer lengths, in turn: they vary, and average 10 tokens."""
 DATASET = [{"max_tokens": n} for n in TOKENS]

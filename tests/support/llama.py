@@ -152,8 +152,14 @@ def spawn_llama_server(
     slots: int = 4,
     context_per_slot: int = 512,
     extra: tuple[str, ...] = (),
+    default_threads: bool = False,
 ) -> Process:
-    """Start llama-server with its output appended to `log`; do not wait for it."""
+    """Start llama-server with its output appended to `log`; do not wait for it.
+
+    It has a thread per connection, held while the connection is open: a client with more
+    connections than threads has the surplus wait. It gets twice the slots and 4, room for the
+    tests' own polls of `/slots` beside the worker's connections, unless `default_threads`
+    says to start it as users do, with its own default (the slots plus 2)."""
     command = [
         str(binary),
         "--model", str(model),
@@ -163,8 +169,8 @@ def spawn_llama_server(
         "--parallel", str(slots),
         "--ctx-size", str(slots * context_per_slot),
         "--threads", "1",
-        "--threads-http", "4",
         "--no-webui",
+        *(() if default_threads else ("--threads-http", str(2 * slots + 4))),
         *extra,
     ]  # fmt: skip
     with log.open("ab") as output:
@@ -183,11 +189,19 @@ def start_llama_server(
     slots: int = 4,
     context_per_slot: int = 512,
     extra: tuple[str, ...] = (),
+    default_threads: bool = False,
 ) -> Process:
     """Start llama-server (on a port of its choosing unless told) and wait until it listens,
     which it does once the model is loaded."""
     server = spawn_llama_server(
-        binary, model, log, port=port, slots=slots, context_per_slot=context_per_slot, extra=extra
+        binary,
+        model,
+        log,
+        port=port,
+        slots=slots,
+        context_per_slot=context_per_slot,
+        extra=extra,
+        default_threads=default_threads,
     )
     offset = log.stat().st_size if log.exists() else 0  # the log may hold an earlier run's lines
     try:

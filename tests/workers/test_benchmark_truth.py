@@ -37,7 +37,7 @@ from tests.support.llama import (
 from tests.support.tiny_gguf import ModelShape, write_model
 
 # The build, when CI must do it here, takes minutes; every wait below has its own deadline.
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.exclusive]
 
 SHAPE = ModelShape(n_embd=256, n_layer=4, n_ff=1024, n_ctx=512)
 TOLERANCE = 0.20

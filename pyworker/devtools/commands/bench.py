@@ -22,7 +22,7 @@ from pyworker.config.environment import Environment, InvalidEnvironment
 from pyworker.config.loader import ConfigError, load_config
 from pyworker.devtools.commands.arguments import add_command
 from pyworker.lifecycle.benchmark import Benchmark, BenchmarkResult
-from pyworker.lifecycle.declared import probe_declared
+from pyworker.lifecycle.declared import limit_connections, probe_declared
 from pyworker.upstream.model import ModelClient
 
 
@@ -65,10 +65,13 @@ async def bench(config: WorkerConfig) -> BenchmarkResult:
     settings = config.benchmark
     route = next((r for r in config.routes if r.path == settings.route), config.routes[0])
     server = config.model_server
-    model = ModelClient(server.base_url, server.connect_timeout)
+    model = ModelClient(
+        server.base_url, server.connect_timeout, max_connections=server.max_connections
+    )
     try:
         payloads = await asyncio.to_thread(load_dataset, settings)
         declared = await probe_declared(model, route, settings)
+        limit_connections(model, settings, declared)  # as the worker holds them
         return await Benchmark(model, route, settings, declared).run(payloads)
     finally:
         await model.close()

@@ -20,7 +20,7 @@ from pyworker.lifecycle.benchmark import (
     write_cache,
     write_marker,
 )
-from pyworker.lifecycle.declared import probe_declared, still_declared
+from pyworker.lifecycle.declared import limit_connections, probe_declared, still_declared
 from pyworker.lifecycle.gpu import GpuInventory, GpuMonitor, GpuSampleSummary
 from pyworker.upstream.model import ModelClient
 
@@ -54,6 +54,7 @@ class BenchmarkRunner:
         route = self.route
         key, cache_file = self.cache_entry()
         declared = await probe_declared(self.model, route, settings)
+        limit_connections(self.model, settings, declared)
         cached = await asyncio.to_thread(read_cache, cache_file, key)
         if cached is not None and still_declared(cached.declared, declared):
             logger.info("benchmark cache hit: perf %.2f/s", cached.perf)

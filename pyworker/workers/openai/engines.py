@@ -158,10 +158,12 @@ ENGINE_BENCHMARKS: dict[ServerKind, EngineBenchmark] = {
     ),
     # llama-server would answer the benchmark's few cycled prompts from its slots' caches
     # (`cache_prompt`) while `usage` still counts every prompt token: a figure that real,
-    # distinct prompts never reach. Each benchmark prompt is computed in full.
+    # distinct prompts never reach. Each benchmark prompt is computed in full. Its HTTP threads
+    # are its slots plus 2, each held by an open connection: the worker keeps to one more
+    # connection than the slots, and its health checks to the last thread.
     ServerKind.LLAMACPP: EngineBenchmark(
         {"ignore_eos": True, "cache_prompt": False},
-        LimitProbe(path="/props", field="total_slots"),
+        LimitProbe(path="/props", field="total_slots", spare_connections=1),
     ),
     ServerKind.TGI: EngineBenchmark(
         limit_probe=LimitProbe(path="/info", field="max_concurrent_requests")
