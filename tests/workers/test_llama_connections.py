@@ -74,8 +74,13 @@ def envelope(payload: dict[str, Any]) -> dict[str, Any]:
     return {"auth_data": {**auth, "url": "http://127.0.0.1:1"}, "payload": payload}
 
 
+@pytest.mark.parametrize(
+    "setting",
+    ["benchmark.max_seconds=5", "perf=500"],
+    ids=["measured", "perf-set-no-benchmark"],
+)
 async def test_a_burst_past_the_slots_waits_in_the_worker_not_behind_llamas_threads(
-    llama: Process, tmp_path: Path
+    llama: Process, tmp_path: Path, setting: str
 ) -> None:
     environ = {
         "MODEL_SERVER_URL": llama.url,
@@ -89,7 +94,7 @@ async def test_a_burst_past_the_slots_waits_in_the_worker_not_behind_llamas_thre
         tmp_path / "worker.log",
         environ,
         "--set",
-        "benchmark.max_seconds=5",
+        setting,
         worker="llama",
     )
     try:

@@ -49,6 +49,15 @@ class BenchmarkRunner:
         wanted = self.config.benchmark.route
         return next((r for r in self.config.routes if r.path == wanted), self.config.routes[0])
 
+    async def limit_connections(self) -> None:
+        """Where no benchmark runs (a set `perf`), the engine's limit is still read where it
+        caps the worker's connections (`LimitProbe.spare_connections`)."""
+        settings = self.config.benchmark
+        if settings.limit_probe is None or settings.limit_probe.spare_connections is None:
+            return
+        declared = await probe_declared(self.model, self.route, settings)
+        limit_connections(self.model, settings, declared)
+
     async def measure(self) -> BenchmarkResult:
         settings = self.config.benchmark
         route = self.route

@@ -185,7 +185,11 @@ class Readiness:
     async def _readiness_pass(self) -> None:
         self.status.handle(LifecycleEvent.PASS_STARTED)
         self.status.handle(LifecycleEvent.BENCHMARK_STARTED)
-        perf = self.config.perf or (await self.benchmarks.measure()).perf
+        if self.config.perf:
+            await self.benchmarks.limit_connections()
+            perf = self.config.perf
+        else:
+            perf = (await self.benchmarks.measure()).perf
         self.status.set_perf(perf)
         server = self.config.model_server
         path = server.health_path
