@@ -8,7 +8,7 @@ waits. The model server here answers each request when the test says.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -46,8 +46,14 @@ class HeldServer(ScriptedServer):
         self.turns.put_nowait(None)
 
 
+Held = Callable[..., Awaitable[tuple[HeldServer, str]]]
+"""Starts a `HeldServer` (`close_after` its answers or not): the server and its URL."""
+Capped = Callable[[str, int], ModelClient]
+"""A model client of a URL whose pool holds at most so many connections."""
+
+
 @pytest.fixture
-async def held() -> AsyncIterator[Callable[..., asyncio.Future[tuple[HeldServer, str]]]]:
+async def held() -> AsyncIterator[Held]:
     servers: list[HeldServer] = []
 
     async def start(close_after: bool = False) -> tuple[HeldServer, str]:
@@ -55,13 +61,13 @@ async def held() -> AsyncIterator[Callable[..., asyncio.Future[tuple[HeldServer,
         servers.append(server)
         return server, await server.start()
 
-    yield start  # type: ignore[misc]
+    yield start
     for server in servers:
         await server.stop()
 
 
 @pytest.fixture
-async def capped() -> AsyncIterator[Callable[[str, int], ModelClient]]:
+async def capped() -> AsyncIterator[Capped]:
     made: list[ModelClient] = []
 
     def make(base_url: str, limit: int) -> ModelClient:
@@ -80,8 +86,7 @@ async def post(model: ModelClient, body: bytes, read_timeout: float | None = Non
 
 
 async def test_at_the_cap_requests_wait_their_turn_on_the_connections_there_are(
-    held: Callable[..., asyncio.Future[tuple[HeldServer, str]]],
-    capped: Callable[[str, int], ModelClient],
+    held: Held, capped: Capped
 ) -> None:
     server, url = await held()
     model = capped(url, 2)
@@ -100,20 +105,18 @@ async def test_at_the_cap_requests_wait_their_turn_on_the_connections_there_are(
 
 
 async def test_a_wait_ends_at_the_read_timeout_or_with_its_client_and_the_next_goes_on(
-    held: Callable[..., asyncio.Future[tuple[HeldServer, str]]],
-    capped: Callable[[str, int], ModelClient],
+    held: Held, capped: Capped
 ) -> None:
     server, url = await held()
     model = capped(url, 1)
     pool = pool_of(model)
     first = asyncio.create_task(post(model, b"first"))
     await wait_until(lambda: len(server.requests) == 1)
-    timed = asyncio.create_task(post(model, b"timed", read_timeout=0.2))
     cancelled = asyncio.create_task(post(model, b"cancelled"))
     last = asyncio.create_task(post(model, b"last"))
-    await wait_until(lambda: pool.waiting == 3)
+    await wait_until(lambda: pool.waiting == 2)
     with pytest.raises(ReadTimedOut) as raised:
-        await timed
+        await post(model, b"timed", read_timeout=0.2)
     assert raised.value.status == 504 and "came free" in raised.value.message
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -128,8 +131,7 @@ async def test_a_wait_ends_at_the_read_timeout_or_with_its_client_and_the_next_g
 
 
 async def test_a_connection_that_closes_leaves_its_place_to_the_next_in_line(
-    held: Callable[..., asyncio.Future[tuple[HeldServer, str]]],
-    capped: Callable[[str, int], ModelClient],
+    held: Held, capped: Capped
 ) -> None:
     server, url = await held(close_after=True)
     model = capped(url, 1)
@@ -142,8 +144,7 @@ async def test_a_connection_that_closes_leaves_its_place_to_the_next_in_line(
 
 
 async def test_a_get_never_waits_at_the_cap_and_leaves_no_connection_over_it(
-    held: Callable[..., asyncio.Future[tuple[HeldServer, str]]],
-    capped: Callable[[str, int], ModelClient],
+    held: Held, capped: Capped
 ) -> None:
     server, url = await held()
     model = capped(url, 1)
@@ -165,7 +166,7 @@ async def test_a_get_never_waits_at_the_cap_and_leaves_no_connection_over_it(
 
 
 async def test_the_configured_cap_holds_over_the_engines_and_closing_ends_every_wait(
-    held: Callable[..., asyncio.Future[tuple[HeldServer, str]]],
+    held: Held,
 ) -> None:
     _server, url = await held()
     model = ModelClient(url, connect_timeout=2.0, max_connections=1)
@@ -185,8 +186,7 @@ async def test_the_configured_cap_holds_over_the_engines_and_closing_ends_every_
 
 
 async def test_a_cap_that_grows_lets_the_first_in_line_connect_at_once(
-    held: Callable[..., asyncio.Future[tuple[HeldServer, str]]],
-    capped: Callable[[str, int], ModelClient],
+    held: Held, capped: Capped
 ) -> None:
     server, url = await held()
     model = capped(url, 1)
