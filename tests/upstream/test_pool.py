@@ -23,6 +23,7 @@ from pyworker.upstream.errors import BadAnswer, ConnectFailed, Disconnected, Rea
 from pyworker.upstream.model import ModelClient
 from pyworker.upstream.pool import ConnectionPool
 from tests.conftest import wait_until
+from tests.upstream.conftest import Started
 
 Script = Callable[["Exchange"], Awaitable[bool]]
 """Answers one request; returns whether to keep the connection open for the next one."""
@@ -90,18 +91,12 @@ def answer(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+ServeFixture = Callable[[Script], Awaitable[tuple[ScriptedServer, str]]]
+
+
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Script], Awaitable[tuple[ScriptedServer, str]]]]:
-    servers: list[ScriptedServer] = []
-
-    async def start(script: Script) -> tuple[ScriptedServer, str]:
-        server = ScriptedServer(script)
-        servers.append(server)
-        return server, await server.start()
-
-    yield start
-    for server in servers:
-        await server.stop()
+def serve(started: Started) -> ServeFixture:
+    return lambda script: started.start(ScriptedServer(script))
 
 
 @pytest.fixture
@@ -124,7 +119,6 @@ def pool_of(model: ModelClient) -> ConnectionPool:
     return model._pool
 
 
-ServeFixture = Callable[[Script], Awaitable[tuple[ScriptedServer, str]]]
 ModelFixture = Callable[..., ModelClient]
 
 

@@ -15,6 +15,7 @@ import pytest
 from pyworker.upstream.errors import ConnectFailed, Disconnected, ReadTimedOut
 from pyworker.upstream.model import ModelClient
 from tests.conftest import wait_until
+from tests.upstream.conftest import Started
 from tests.upstream.test_pool import Exchange, ScriptedServer, answer, pool_of
 
 
@@ -53,17 +54,8 @@ Capped = Callable[[str, int], ModelClient]
 
 
 @pytest.fixture
-async def held() -> AsyncIterator[Held]:
-    servers: list[HeldServer] = []
-
-    async def start(close_after: bool = False) -> tuple[HeldServer, str]:
-        server = HeldServer(close_after)
-        servers.append(server)
-        return server, await server.start()
-
-    yield start
-    for server in servers:
-        await server.stop()
+def held(started: Started) -> Held:
+    return lambda close_after=False: started.start(HeldServer(close_after))
 
 
 @pytest.fixture
@@ -83,6 +75,17 @@ async def capped() -> AsyncIterator[Capped]:
 async def post(model: ModelClient, body: bytes, read_timeout: float | None = None) -> bytes:
     async with model.post("/", body, read_timeout) as upstream:
         return await upstream.read()
+
+
+async def one_busy(
+    held: Held, capped: Capped, body: bytes
+) -> tuple[HeldServer, ModelClient, asyncio.Task[bytes]]:
+    """A model client capped at one connection, that one busy with a request of `body`."""
+    server, url = await held()
+    model = capped(url, 1)
+    busy = asyncio.create_task(post(model, body))
+    await wait_until(lambda: len(server.requests) == 1)
+    return server, model, busy
 
 
 async def test_at_the_cap_requests_wait_their_turn_on_the_connections_there_are(
@@ -107,11 +110,8 @@ async def test_at_the_cap_requests_wait_their_turn_on_the_connections_there_are(
 async def test_a_wait_ends_at_the_read_timeout_or_with_its_client_and_the_next_goes_on(
     held: Held, capped: Capped
 ) -> None:
-    server, url = await held()
-    model = capped(url, 1)
+    server, model, first = await one_busy(held, capped, b"first")
     pool = pool_of(model)
-    first = asyncio.create_task(post(model, b"first"))
-    await wait_until(lambda: len(server.requests) == 1)
     cancelled = asyncio.create_task(post(model, b"cancelled"))
     last = asyncio.create_task(post(model, b"last"))
     await wait_until(lambda: pool.waiting == 2)
@@ -146,11 +146,8 @@ async def test_a_connection_that_closes_leaves_its_place_to_the_next_in_line(
 async def test_a_get_never_waits_at_the_cap_and_leaves_no_connection_over_it(
     held: Held, capped: Capped
 ) -> None:
-    server, url = await held()
-    model = capped(url, 1)
+    server, model, busy = await one_busy(held, capped, b"busy")
     pool = pool_of(model)
-    busy = asyncio.create_task(post(model, b"busy"))
-    await wait_until(lambda: len(server.requests) == 1)
 
     async def health() -> int:
         async with model.get("/health") as upstream:
