@@ -13,9 +13,10 @@ most). Fewer in flight never came near on any curve measured here (`python -m be
 sweeps from 1); the time goes to longer windows at the levels that matter, which scatter less.
 
 llama-server runs on one core, the worker and this load on another (`cores_apart`), as a GPU
-engine's work is out of the worker's way (`python -m bench.truth --pin` gives ratios within
-1 % where the machine holds still; bench/README.md). This test's own windows are shorter: its
-ratios were 0.82 to 1.09 not pinned (six), 0.88 to 1.10 pinned (eight, four beside a CPU hog).
+engine's work is out of the worker's way (`python -m bench.truth --pin`: four ratios of six
+within 1 %, then 1.07, and 1.26 in a minute this VM ran unsteady; bench/README.md). This
+test's own windows are shorter: its ratios were 0.82 to 1.09 not pinned (six), 0.88 to 1.10
+pinned (eight, four beside a CPU hog).
 """
 
 from __future__ import annotations
