@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -32,15 +32,37 @@ def usable_cores() -> list[int]:
 
 def pin(pid: int, core: int | None) -> None:
     """Pin every thread of `pid` to `core` (a thread keeps the mask it was created with)."""
-    if core is None:
-        return
+    if core is not None:
+        allow(pid, {core})
+
+
+def allow(pid: int, cores: set[int]) -> None:
+    """Let every thread of `pid` run on `cores`."""
     try:
         thread_ids = [int(name) for name in os.listdir(f"/proc/{pid}/task")]
     except OSError:
         thread_ids = [pid]
     for thread_id in thread_ids:
         with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(thread_id, {core})
+            os.sched_setaffinity(thread_id, cores)
+
+
+@contextlib.contextmanager
+def cores_apart(engine: int) -> Iterator[None]:
+    """The process `engine` on the first usable core, this process (every thread) and what it
+    starts from now on (a child inherits the mask) on the second, as a GPU engine's work is
+    out of its front's way; this process's cores are given back after. Nothing moves on one
+    core."""
+    cores = usable_cores()
+    if len(cores) < 2:
+        yield
+        return
+    pin(engine, cores[0])
+    pin(os.getpid(), cores[1])
+    try:
+        yield
+    finally:
+        allow(os.getpid(), set(cores))
 
 
 def raise_open_files_limit() -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import aiohttp
 
 from bench import autoscaler
 from bench.capacity import ClosedLoop, Step, Sweep, Target, concurrency_levels
-from bench.processes import Fleet, ServerProcess, usable_cores
+from bench.processes import Fleet, ServerProcess, cores_apart
 from bench.run import auth_data, stand_in_autoscaler, worker_environment
 from pyworker.protocol.usage import processed_tokens
 from pyworker.workers.llama.worker import worker as llama_worker
@@ -77,39 +76,19 @@ class Readiness:
 
 
 @dataclass(frozen=True, slots=True)
-class Cores:
-    """Where the processes run: llama-server on one core, the worker and this load on another
-    (None: wherever the scheduler puts them)."""
-
-    engine: int | None = None
-    front: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Measured:
-    sweep: Sweep
-    again: Step | None
-    """The sweep's best N measured once more: the truth, where it was measured."""
-
-    @property
-    def sustained(self) -> Step:
-        return self.again if self.again is not None else self.sweep.best
-
-
-@dataclass(frozen=True, slots=True)
 class Row:
     slots: int
     readiness: Readiness
-    measured: Measured
+    sweep: Sweep
 
     @property
     def ratio(self) -> float:
-        best = self.measured.sustained.produced
+        best = self.sweep.sustained.produced
         return self.readiness.max_perf / best if best > 0 else 0.0
 
     @property
     def ratio_to_sweep(self) -> float:
-        best = self.measured.sweep.best.produced
+        best = self.sweep.best.produced
         return self.readiness.max_perf / best if best > 0 else 0.0
 
 
@@ -134,9 +113,7 @@ def write_model(folder: Path) -> Path:
     return path
 
 
-def start_llama_server(
-    binary: Path, model: Path, slots: int, folder: Path, core: int | None
-) -> ServerProcess:
+def start_llama_server(binary: Path, model: Path, slots: int, folder: Path) -> ServerProcess:
     command = [
         str(binary),
         "--model", str(model),
@@ -150,7 +127,7 @@ def start_llama_server(
     ]  # fmt: skip
     # Its own number of HTTP threads (the slots plus 2), as users start it: each is held by an
     # open connection, and the worker keeps to them (`LimitProbe.spare_connections`).
-    return ServerProcess("llama-server", command, folder / "llama-server.log", core)
+    return ServerProcess("llama-server", command, folder / "llama-server.log", None)
 
 
 async def wait_ready(worker: str, process: ServerProcess, timeout: float) -> Readiness:
@@ -192,50 +169,40 @@ def client_target(worker: str, signer: autoscaler.Signer) -> Target:
     )
 
 
-def choose_cores(pin: bool) -> Cores:
-    """With `pin` and two cores or more: the first for llama-server, the second for the rest
-    (this process included, from now on)."""
-    cores = usable_cores()
-    if not pin or len(cores) < 2:
-        return Cores()
-    os.sched_setaffinity(0, {cores[1]})
-    return Cores(cores[0], cores[1])
-
-
-async def measure(
-    slots: int, model: Path, binary: Path, folder: Path, options: Options, cores: Cores
-) -> Row:
+async def measure(slots: int, model: Path, binary: Path, folder: Path, options: Options) -> Row:
     """One slot count: llama-server, the worker before it, READY, then the sweep."""
     signer, reports, fleet = autoscaler.Signer(), autoscaler.Reports(), Fleet()
     async with stand_in_autoscaler(signer, reports) as report_addr:
         try:
-            server = fleet.add(start_llama_server(binary, model, slots, folder, cores.engine))
+            server = fleet.add(start_llama_server(binary, model, slots, folder))
             server_url = await server.wait_listening(60)
-            server.move_to(cores.engine)  # its threads started since: each keeps its own mask
-            environ = worker_environment(report_addr, folder / "cache")
-            environ.update(MODEL_SERVER_URL=server_url, MODEL_LOG=str(server.log_path))
-            environ.update(MASTER_TOKEN=TOKEN, WORKER_HOST="127.0.0.1")
-            arguments = ["-m", "pyworker", "run", "llama", "--port", "0"]
-            worker = fleet.add(
-                ServerProcess.python(
-                    "pyworker", arguments, folder / "worker.log", cores.front, environ, REPOSITORY
+            with cores_apart(server.popen.pid) if options.pin else contextlib.nullcontext():
+                worker = fleet.add(start_worker(server, server_url, report_addr))
+                worker_url = await worker.wait_listening(60)
+                readiness = await wait_ready(worker_url, worker, options.ready_timeout)
+                reported = float(reports.last_status.get("max_perf") or 0.0)
+                readiness = replace(readiness, reported_perf=reported)
+                print(
+                    f"{slots} slots: READY, max_perf {readiness.max_perf:,.0f} in /status,"
+                    f" {reported:,.0f} in the last report",
+                    flush=True,
                 )
-            )
-            worker_url = await worker.wait_listening(60)
-            worker.move_to(cores.front)
-            readiness = await wait_ready(worker_url, worker, options.ready_timeout)
-            reported = float(reports.last_status.get("max_perf") or 0.0)
-            readiness = replace(readiness, reported_perf=reported)
-            print(
-                f"{slots} slots: READY, max_perf {readiness.max_perf:,.0f} in /status,"
-                f" {reported:,.0f} in the last report",
-                flush=True,
-            )
-            print(worker_curve(readiness.benchmark), flush=True)
-            measured = await closed_loop(worker_url, signer, slots, options)
+                print(worker_curve(readiness.benchmark), flush=True)
+                sweep = await closed_loop(worker_url, signer, slots, options)
         finally:
             await fleet.stop()
-    return Row(slots, readiness, measured)
+    return Row(slots, readiness, sweep)
+
+
+def start_worker(server: ServerProcess, server_url: str, report_addr: str) -> ServerProcess:
+    """`pyworker run llama` in front of `server`, on this process's cores (it inherits them)."""
+    folder = server.log_path.parent
+    environ = worker_environment(report_addr, folder / "cache")
+    environ.update(MODEL_SERVER_URL=server_url, MODEL_LOG=str(server.log_path))
+    environ.update(MASTER_TOKEN=TOKEN, WORKER_HOST="127.0.0.1")
+    arguments = ["-m", "pyworker", "run", "llama", "--port", "0"]
+    log = folder / "worker.log"
+    return ServerProcess.python("pyworker", arguments, log, None, environ, REPOSITORY)
 
 
 def worker_curve(benchmark: dict[str, Any]) -> str:
@@ -259,7 +226,7 @@ def worker_curve(benchmark: dict[str, Any]) -> str:
 
 async def closed_loop(
     worker: str, signer: autoscaler.Signer, slots: int, options: Options
-) -> Measured:
+) -> Sweep:
     def show(step: Step) -> None:
         print(
             f"  {step.in_flight:>3} in flight: {step.produced:8,.0f} produced/s"
@@ -272,14 +239,13 @@ async def closed_loop(
     async with aiohttp.ClientSession(connector=connector) as session:
         loop = ClosedLoop(client_target(worker, signer), session)
         levels = concurrency_levels(2 * slots)
-        sweep = await loop.sweep(levels, options.warmup, options.window, options.windows, show)
-        if options.confirm_windows < 1:
-            return Measured(sweep, None)
-        n = sweep.best.in_flight
-        again = await loop.step(n, options.warmup, options.window, options.confirm_windows)
-        print("  again:", end="")
-        show(again)
-        return Measured(sweep, again)
+        sweep = await loop.sweep(
+            levels, options.warmup, options.window, options.windows, show, options.confirm_windows
+        )
+        if sweep.again is not None:
+            print("  again:", end="")
+            show(sweep.again)
+        return sweep
 
 
 def benchmark_duration(readiness: Readiness) -> str:
@@ -300,7 +266,7 @@ def table(rows: Sequence[Row]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        best, again = row.measured.sweep.best, row.measured.again
+        best, again = row.sweep.best, row.sweep.again
         chosen = row.readiness.benchmark.get("concurrency")
         at = f" (at {chosen})" if chosen else ""
         measured_again = f"{again.produced:,.0f} tok/s" if again is not None else "-"
@@ -316,16 +282,15 @@ def table(rows: Sequence[Row]) -> str:
 async def run(options: Options) -> list[Row]:
     binary = llama_binary()
     rows: list[Row] = []
-    cores = choose_cores(options.pin)
     with tempfile.TemporaryDirectory(prefix="bench-truth-") as directory:
         folder = Path(directory)
         model = await asyncio.to_thread(write_model, folder)
         for slots in options.slots:
             run_folder = folder / f"slots-{slots}"
             run_folder.mkdir()
-            row = await measure(slots, model, binary, run_folder, options, cores)
+            row = await measure(slots, model, binary, run_folder, options)
             rows.append(row)
-            curve = row.measured.sweep.table()
+            curve = row.sweep.table()
             print(f"\n{slots} slots, the closed-loop curve:\n{curve}\n", flush=True)
     return rows
 

@@ -123,3 +123,17 @@ def test_levels_double_up_to_the_ceiling() -> None:
     assert concurrency_levels(32) == [1, 2, 4, 8, 16, 32]
     assert concurrency_levels(12) == [1, 2, 4, 8, 12]
     assert concurrency_levels(1) == [1]
+
+
+async def test_a_sweep_measures_its_best_in_flight_again(engine: tuple[Engine, str]) -> None:
+    fake, url = engine
+    async with aiohttp.ClientSession() as session:
+        loop = ClosedLoop(target(url), session)
+        once = await loop.sweep([1, 2], 0.1, 0.3)
+        sweep = await loop.sweep([1, 2], 0.1, 0.3, again=3)
+    assert once.again is None and once.sustained is once.best
+    assert sweep.best.in_flight == 2  # 200 tokens/s at most against 100
+    assert sweep.again is not None and sweep.sustained is sweep.again
+    assert sweep.again.in_flight == 2 and len(sweep.again.windows) == 3
+    assert sweep.again.started > sweep.steps[-1].ended  # a fresh measurement, after the sweep
+    assert fake.most_in_flight == 2

@@ -3,35 +3,37 @@
 `max_perf` is what the autoscaler scales and routes on (issue 19): the worker's own benchmark
 must find what the engine completes in steady state through the worker. Here a real
 llama-server (the tiny random-weight model at 256x4, one thread) runs with 4 and with 16
-slots; once the worker is READY, bench/capacity.py keeps slots / 2, slots and 2 x slots signed
-requests in flight through it, the worker's own benchmark payloads, and counts the tokens the
-answers' `usage` reports (the unit of the worker's benchmark) in time windows after a warm-up.
-The best of those N, measured once more (the best of three noisy figures leans high, as the
-worker's own ramp knows), is the truth the worker's figure must meet, within 20 %, or within
-the scatter of that measurement's own windows where a loaded machine makes it larger (25 % at
-most). Fewer in flight never came near on any curve measured here (`python -m bench.truth`
-sweeps from 1); the time goes to longer windows at the levels that matter, which scatter less.
+slots. A pair is measured: a worker started with nothing cached benchmarks it; once the worker
+is READY, bench/capacity.py keeps slots / 2, slots and 2 x slots signed requests in flight
+through it, the worker's own benchmark payloads, and counts the tokens the answers' `usage`
+reports (the unit of the worker's benchmark) in time windows after a warm-up. The best of
+those N, measured once more (the best of three noisy figures leans high, as the worker's own
+ramp knows), is the truth the worker's figure must meet, within 10 %. Fewer in flight never
+came near on any curve measured here (`python -m bench.truth` sweeps from 1); the time goes to
+longer windows at the levels that matter, which scatter less.
+
+The two figures of a pair are a minute apart, and a loaded VM's speed can move by 10 % in a
+minute: where a pair disagrees, another is measured (three at most), and the geometric mean
+of their ratios decides. The noise of one pair averages out; a worker that measures wrong is
+wrong in every pair.
 
 llama-server runs on one core, the worker and this load on another (`cores_apart`), as a GPU
-engine's work is out of the worker's way (`python -m bench.truth --pin`: four ratios of six
-within 1 %, then 1.07, and 1.26 in a minute this VM ran unsteady; bench/README.md). This
-test's own windows are shorter: its ratios were 0.82 to 1.09 not pinned (six), 0.88 to 1.10
-pinned (eight, four beside a CPU hog).
+engine's work is out of the worker's way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from bench.capacity import ClosedLoop, Step, Sweep, Target
-from bench.processes import pin
+from bench.capacity import ClosedLoop, Sweep, Target
+from bench.processes import cores_apart
 from pyworker.protocol.usage import processed_tokens
 from pyworker.workers.llama.worker import worker as llama_worker
 from pyworker.workers.openai.worker import workload
@@ -50,11 +52,9 @@ from tests.support.tiny_gguf import ModelShape, write_model
 pytestmark = [pytest.mark.timeout(1800), pytest.mark.exclusive]
 
 SHAPE = ModelShape(n_embd=256, n_layer=4, n_ff=1024, n_ctx=512)
-TOLERANCE = 0.20
-"""Issue 19 asks 10 %; on this 2-core VM the machine's own speed moves by about 10 % within a
-minute, pinned or not (ratios 0.25-0.64 before the closed-loop ramp)."""
-MAX_TOLERANCE = 0.25
-MEASUREMENTS = 2
+TOLERANCE = 0.10
+PAIRS = 3
+"""Pairs measured at most: a worker started afresh and the closed loop through it."""
 READY_TIMEOUT = 150.0
 WARMUP = 2.0
 """Seconds at each N before its windows: enough for the lanes to fall out of step."""
@@ -91,16 +91,53 @@ async def test_max_perf_is_the_capacity_sustained_through_the_worker(
     server: tuple[Process, int], tmp_path: Path, keypair: KeyPair
 ) -> None:
     llama, slots = server
+    pairs: list[Pair] = []
     with cores_apart(llama.process.pid):
-        ratio, tolerance, report = await measure_both(llama, slots, tmp_path, keypair)
-    assert 1 - tolerance <= ratio <= 1 + tolerance, report
+        for number in range(PAIRS):
+            folder = tmp_path / f"pair-{number + 1}"
+            folder.mkdir()
+            pairs.append(await measure_pair(llama, slots, folder, keypair))
+            if abs(mean_ratio(pairs) - 1) <= TOLERANCE:
+                break
+    report = "\n\n".join(pair.report for pair in pairs)
+    print(f"{slots} slots: the mean ratio of {len(pairs)} pairs, {mean_ratio(pairs):.2f}")
+    assert abs(mean_ratio(pairs) - 1) <= TOLERANCE, report
 
 
-async def measure_both(
-    llama: Process, slots: int, tmp_path: Path, keypair: KeyPair
-) -> tuple[float, float, str]:
-    """The worker's max_perf and the closed loop's figure: their ratio, the tolerance, and
-    what was measured in words."""
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One worker's max_perf, and the closed loop's figure through it right after."""
+
+    max_perf: float
+    sweep: Sweep
+    benchmark: dict[str, object]
+
+    @property
+    def ratio(self) -> float:
+        return self.max_perf / self.sweep.sustained.produced
+
+    @property
+    def report(self) -> str:
+        sustained, best = self.sweep.sustained, self.sweep.best
+        windows = ", ".join(f"{figure:.0f}" for figure in sustained.windows)
+        return (
+            f"max_perf {self.max_perf:.0f} tokens/s, sustained {sustained.produced:.0f} at"
+            f" {sustained.in_flight} in flight (ratio {self.ratio:.2f}; to the sweep's best"
+            f" step, {self.max_perf / best.produced:.2f}; to the requested tokens,"
+            f" {self.max_perf / sustained.requested:.2f})\n{self.sweep.table()}\n"
+            f"{sustained.in_flight} in flight again: windows {windows}\n"
+            f"the worker's benchmark: {self.benchmark}"
+        )
+
+
+def mean_ratio(pairs: list[Pair]) -> float:
+    """The geometric mean of the pairs' ratios: 0.9 and 1.1 say the same error."""
+    return math.prod(pair.ratio for pair in pairs) ** (1 / len(pairs))
+
+
+async def measure_pair(llama: Process, slots: int, folder: Path, keypair: KeyPair) -> Pair:
+    """A worker with nothing cached benchmarks the engine; its max_perf as the autoscaler
+    receives it, then the closed loop through it."""
     async with FakeAutoscaler(keypair.pem) as autoscaler:
         environ = {
             "MODEL_SERVER_URL": llama.url,
@@ -109,60 +146,23 @@ async def measure_both(
             "CONTAINER_ID": "7",
             "MASTER_TOKEN": "token",
             "UNSECURED": "false",
-            "PYWORKER_CACHE_DIR": str(tmp_path / "cache"),
+            "PYWORKER_CACHE_DIR": str(folder / "cache"),
         }
         worker = await asyncio.to_thread(
-            spawn_worker, tmp_path / "worker.log", environ, worker="llama"
+            spawn_worker, folder / "worker.log", environ, worker="llama"
         )
         try:
             await asyncio.to_thread(wait_until_ready, worker.url, worker.process, READY_TIMEOUT)
             ready = await autoscaler.wait_report(lambda report: report["max_perf"] > 0)
-            # A loaded machine's speed drifts between the worker's measurement and this one:
-            # a second measurement decides when the first disagrees (each is held alike).
-            for _attempt in range(MEASUREMENTS):
-                sweep, again = await closed_loop(worker.url, keypair, slots)
-                ratio, tolerance = agreement(ready["max_perf"], again)
-                if abs(ratio - 1) <= tolerance:
-                    break
+            sweep = await closed_loop(worker.url, keypair, slots)
             benchmark = await worker_benchmark(worker.url)
         finally:
             assert await asyncio.to_thread(worker.stop) == 0, worker.log_text()[-3000:]
-
-    steps = [*sweep.steps, again]
-    windows = ", ".join(f"{figure:.0f}" for figure in again.windows)
-    curve = f"\n{sweep.table()}\n{again.in_flight} in flight again: windows {windows}"
-    assert all(step.failures == 0 and step.missing_usage == 0 for step in steps), curve
-    measured = (
-        f"{slots} slots: max_perf {ready['max_perf']:.0f} tokens/s, sustained"
-        f" {again.produced:.0f} at {again.in_flight} in flight (ratio {ratio:.2f}; to the"
-        f" sweep's best step, {ready['max_perf'] / sweep.best.produced:.2f}; to the requested"
-        f" tokens, {ready['max_perf'] / again.requested:.2f})"
-    )
-    print(measured)  # pytest -rP shows it for a test that passed
-    return ratio, tolerance, f"{measured}{curve}\nthe worker's benchmark: {benchmark}"
-
-
-@contextlib.contextmanager
-def cores_apart(engine: int) -> Iterator[None]:
-    """The process `engine` on the first core, this one and what it starts from now on (the
-    worker) on the second, where there are two; this process's cores are given back after."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        yield
-        return
-    pin(engine, cores[0])
-    os.sched_setaffinity(0, {cores[1]})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, set(cores))
-
-
-def agreement(max_perf: float, sustained: Step) -> tuple[float, float]:
-    """max_perf over the sustained figure, and the tolerance: 20 %, or what this measurement
-    scattered by itself (a loaded machine), up to 25 % (the figure before the ramp was off by
-    35 to 75 %)."""
-    return max_perf / sustained.produced, min(MAX_TOLERANCE, max(TOLERANCE, sustained.spread))
+    pair = Pair(float(ready["max_perf"]), sweep, benchmark)
+    steps = [*sweep.steps, sweep.sustained]
+    assert all(step.failures == 0 and step.missing_usage == 0 for step in steps), pair.report
+    print(f"{slots} slots: {pair.report.splitlines()[0]}")  # pytest -rP shows it
+    return pair
 
 
 async def worker_benchmark(url: str) -> dict[str, object]:
@@ -178,7 +178,7 @@ async def worker_benchmark(url: str) -> dict[str, object]:
     return {key: benchmark.get(key) for key in ("curve", "stopped", "ceiling", "seconds")}
 
 
-async def closed_loop(url: str, keypair: KeyPair, slots: int) -> tuple[Sweep, Step]:
+async def closed_loop(url: str, keypair: KeyPair, slots: int) -> Sweep:
     """The worker's benchmark payloads, signed as the autoscaler signs them for a client: the
     sweep, and its best N measured again."""
     signed = keypair.auth_data(url=url)
@@ -194,6 +194,4 @@ async def closed_loop(url: str, keypair: KeyPair, slots: int) -> tuple[Sweep, St
     async with aiohttp.ClientSession(connector=connector) as session:
         loop = ClosedLoop(target, session)
         levels = [slots // 2, slots, 2 * slots]
-        sweep = await loop.sweep(levels, WARMUP, WINDOW, WINDOWS)
-        again = await loop.step(sweep.best.in_flight, WARMUP, WINDOW, AGAIN_WINDOWS)
-        return sweep, again
+        return await loop.sweep(levels, WARMUP, WINDOW, WINDOWS, again=AGAIN_WINDOWS)
