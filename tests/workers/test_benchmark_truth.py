@@ -19,7 +19,7 @@ wrong in every pair.
 
 llama-server runs on one core, the worker and this load on another (`cores_apart`), as a GPU
 engine's work is out of the worker's way. Ratios seen on a steady 2-core VM: 0.96 to 1.05 with
-one pair each (twelve), beside a CPU hog 4 slots 0.90 then 1.02 (mean 0.96); on a VM whose
+one pair each (fourteen), beside a CPU hog 4 slots 0.90 then 1.02 (mean 0.96); on a VM whose
 speed moved more, 0.88 to 1.10 (bench/README.md).
 """
 
