@@ -127,7 +127,7 @@ def start_llama_server(binary: Path, model: Path, slots: int, folder: Path) -> S
     ]  # fmt: skip
     # Its own number of HTTP threads (the slots plus 2), as users start it: each is held by an
     # open connection, and the worker keeps to them (`LimitProbe.spare_connections`).
-    return ServerProcess("llama-server", command, folder / "llama-server.log", None)
+    return ServerProcess("llama-server", command, folder / "llama-server.log", core=None)
 
 
 async def wait_ready(worker: str, process: ServerProcess, timeout: float) -> Readiness:
@@ -202,7 +202,9 @@ def start_worker(server: ServerProcess, server_url: str, report_addr: str) -> Se
     environ.update(MASTER_TOKEN=TOKEN, WORKER_HOST="127.0.0.1")
     arguments = ["-m", "pyworker", "run", "llama", "--port", "0"]
     log = folder / "worker.log"
-    return ServerProcess.python("pyworker", arguments, log, None, environ, REPOSITORY)
+    return ServerProcess.python(
+        "pyworker", arguments, log, core=None, environ=environ, cwd=REPOSITORY
+    )
 
 
 def worker_curve(benchmark: dict[str, Any]) -> str:
